@@ -14,8 +14,10 @@ from mpi4py import MPI
 
 from .errors import CollectiveTimeoutError, CommunicationError
 
-# Blocking method -> its non-blocking twin, where the name is not simply "I" + name.
-_NONBLOCKING = {"Mprobe": "Improbe"}
+
+def nonblocking(method: str) -> str:
+    """mpi4py's non-blocking twin of a blocking method: ``Allreduce`` -> ``Iallreduce``."""
+    return "I" + method[0].lower() + method[1:]
 
 
 class Caller:
@@ -44,7 +46,7 @@ class Caller:
         try:
             if self.timeout is None:
                 return getattr(comm, method)(*args)
-            start = getattr(comm, _NONBLOCKING.get(method, "I" + method))
+            start = getattr(comm, nonblocking(method))
             if method == "Mprobe":
                 return self._poll(operation, lambda: start(*args), args)
             request = start(*args)
