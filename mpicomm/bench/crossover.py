@@ -27,7 +27,7 @@ def run(args, comm, device: torch.device, auto_comm) -> dict:
     entry = ENTRIES["all_reduce"]
     comms = {"auto": auto_comm}
     for algo in ("native", "bytes"):
-        comms[algo] = env.make_communicator(device, algo)[0]
+        comms[algo] = env.make_communicator(device, algo)
     switch = all(getattr(comms[a], "allreduce_algo", None) == a for a in ("native", "bytes"))
     sched = Schedule(args.iters, args.min_iters, args.iter_bytes)
     rows = []

@@ -17,16 +17,13 @@ import mpicomm
 
 
 def make_communicator(device: torch.device, algo: str | None = None):
-    """An ``MPICommunicator`` over COMM_WORLD (or the stand-in while the core is absent).
+    """An ``MPICommunicator`` over COMM_WORLD (collective: it duplicates the communicator).
 
     ``algo`` selects the all-reduce algorithm (``native``/``bytes``/``auto``) through
-    ``MPICOMM_ALLREDUCE_ALGO`` at construction and the ``allreduce_algo`` attribute.
-    Returns ``(communicator, is_standin)``.
+    ``MPICOMM_ALLREDUCE_ALGO`` at construction and the ``allreduce_algo`` attribute; ``None``
+    keeps the user's setting.
     """
-    cls = getattr(mpicomm, "MPICommunicator", None)
-    standin = cls is None
-    if standin:
-        from ._standin import StandinCommunicator as cls
+    cls = mpicomm.MPICommunicator
     saved = os.environ.get("MPICOMM_ALLREDUCE_ALGO")
     try:
         if algo is not None:
@@ -41,7 +38,7 @@ def make_communicator(device: torch.device, algo: str | None = None):
             os.environ["MPICOMM_ALLREDUCE_ALGO"] = saved
     if algo is not None and hasattr(comm, "allreduce_algo"):
         comm.allreduce_algo = algo
-    return comm, standin
+    return comm
 
 
 def init_gloo(comm: MPI.Comm) -> str | None:

@@ -381,15 +381,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args, argv, comm: MPI.Comm, device: torch.device) -> int:
     rank0 = comm.rank == 0
     meta = env.metadata(comm, argv, device)
-    communicator = standin = None
+    communicator = None
     if "mpicomm" in args.backends or args.crossover:
-        communicator, standin = env.make_communicator(device)
-        meta["standin"] = standin
-        if standin and rank0:
-            print(
-                "warning: mpicomm.MPICommunicator not found; benchmarking the stand-in",
-                file=sys.stderr,
-            )
+        communicator = env.make_communicator(device)
+        meta["allreduce_algo"] = getattr(communicator, "allreduce_algo", None)
     gloo_error = None
     if "gloo" in args.backends and not args.crossover:
         gloo_error = env.init_gloo(comm)

