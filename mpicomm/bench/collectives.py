@@ -76,7 +76,7 @@ def pattern(count: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
 
 def summed(count: int, nranks: int, dtype: torch.dtype) -> torch.Tensor:
     """The exact sum over ranks of :func:`pattern` (computed on one period, then repeated)."""
-    period = sum(pattern(5, r, torch.float64) for r in range(nranks))
+    period = sum(pattern(5, r, dtype).to(torch.float64) for r in range(nranks))
     reps = -(-count // 5) if count else 0
     return period.to(dtype).repeat(reps)[:count].contiguous()
 

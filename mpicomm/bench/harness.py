@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--iter-bytes",
         type=parse_size,
-        default=1 << 30,
+        default=256 << 20,
         help="iterations = clamp(iter_bytes / size, min_iters, iters)",
     )
     p.add_argument("--device", default="cpu", help="device of mpicomm's tensors (cpu, cuda)")

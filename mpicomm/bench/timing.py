@@ -20,7 +20,7 @@ class Schedule:
 
     max_iters: int = 100
     min_iters: int = 5
-    iter_bytes: int = 1 << 30
+    iter_bytes: int = 256 << 20
 
     def iters(self, nbytes: int) -> int:
         """``iter_bytes / nbytes`` clamped to ``[min_iters, max_iters]``: fewer for large sizes."""
