@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         if "crossover" in doc:
             print("\n".join(crossover_table(doc["crossover"])))
         if doc.get("targets"):
+            print("\nTargets by median time:")
             print("\n".join(target_table(doc["targets"])))
+        if doc.get("targets_fastest"):
+            print("\nTargets by fastest iteration:")
+            print("\n".join(target_table(doc["targets_fastest"])))
         print()
     return 0
 

@@ -13,11 +13,13 @@ MiB = 1 << 20
 GATHERS = ("all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv")
 
 
-def _index(results: list[dict]) -> dict[tuple, dict]:
+def _index(results: list[dict], stat: str = "time_us") -> dict[tuple, dict]:
+    """Measured, verified records by (collective, backend, dtype, bytes); ``time_us`` is taken
+    from ``stat`` (``time_us``: the median; ``time_us_min``: the fastest iteration)."""
     return {
-        (r["collective"], r["backend"], r["dtype"], r["bytes"]): r
+        (r["collective"], r["backend"], r["dtype"], r["bytes"]): {**r, "time_us": r[stat]}
         for r in results
-        if "time_us" in r and r.get("ok") is not False
+        if stat in r and r.get("ok") is not False
     }
 
 
@@ -54,9 +56,12 @@ def _speed_pairs(idx, collectives, baseline, dtypes=None, sizes=None, min_bytes=
     return pairs
 
 
-def evaluate(results: list[dict]) -> list[dict]:
-    """The sweep's targets (the crossover targets are in :func:`evaluate_crossover`)."""
-    idx = _index(results)
+def evaluate(results: list[dict], stat: str = "time_us") -> list[dict]:
+    """The sweep's targets (the crossover targets are in :func:`evaluate_crossover`).
+
+    ``stat`` picks the time compared: ``time_us`` (median, the headline) or ``time_us_min``.
+    """
+    idx = _index(results, stat)
     out = [
         _verdict(
             "all_reduce fp32 >= 1 MiB: >= 0.95x raw mpi4py throughput",
@@ -126,11 +131,24 @@ def evaluate(results: list[dict]) -> list[dict]:
     return out
 
 
-def evaluate_crossover(cross: dict) -> list[dict]:
-    """fp32 all_reduce: auto >= 0.95x the faster algorithm from 1 MiB; >= 1.2x raw at 64 MiB."""
+def evaluate_crossover(cross: dict, stat: str = "us") -> list[dict]:
+    """fp32 all_reduce: auto >= 0.95x the faster algorithm from 1 MiB; >= 1.2x raw at 64 MiB.
+
+    ``stat``: ``us`` (medians) or ``min_us`` (fastest iterations).
+    """
     rows = [r for r in cross["rows"] if all(r["ok"].values())]
-    best = [(r["auto_vs_best"], human(r["bytes"])) for r in rows if r["bytes"] >= MiB]
-    raw = [(r["auto_vs_mpi4py"], human(r["bytes"])) for r in rows if r["bytes"] == 64 * MiB]
+
+    def t(r, v):
+        return r[f"{v}_{stat}"]
+
+    best = [
+        (min(t(r, "native"), t(r, "bytes")) / t(r, "auto"), human(r["bytes"]))
+        for r in rows
+        if r["bytes"] >= MiB
+    ]
+    raw = [
+        (t(r, "mpi4py") / t(r, "auto"), human(r["bytes"])) for r in rows if r["bytes"] == 64 * MiB
+    ]
     return [
         _verdict(
             "fp32 all_reduce >= 1 MiB: auto >= 0.95x the faster of native/bytes",
@@ -147,9 +165,12 @@ def evaluate_crossover(cross: dict) -> list[dict]:
     ]
 
 
-def report(evaluated: list[dict]) -> list[str]:
+def report(evaluated: list[dict], stat: str = "median") -> list[str]:
     """Lines of the targets table."""
-    lines = ["", "# targets (ratios side by side in this run; speed ratio > 1 = mpicomm faster)"]
+    lines = [
+        "",
+        f"# targets by {stat} time (side by side in this run; speed ratio > 1 = mpicomm faster)",
+    ]
     for t in evaluated:
         mark = {True: "HOLDS", False: "MISSED", None: "n/a"}[t["holds"]]
         worst = "" if t["worst"] is None else f"worst {t['worst']:.3g} at {t['where']}"
