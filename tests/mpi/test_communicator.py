@@ -74,7 +74,10 @@ def equal(result, expected):
     if result.dtype in INEXACT:
         tol = 1e-5 if result.dtype in (torch.float32, torch.complex64) else 1e-12
         return torch.allclose(result, expected, rtol=tol, atol=tol)
-    return torch.equal(result.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+    if result.numel() == 0:
+        return True
+    as_bytes = [t.contiguous().reshape(-1).view(torch.uint8) for t in (result, expected)]
+    return torch.equal(*as_bytes)
 
 
 def fresh(result, source):
