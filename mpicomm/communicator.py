@@ -185,7 +185,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
         x = self._stage_in(input_)
         out = self._output(x.shape, x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        algo = reduction.choose_allreduce(info, x.nbytes, self.allreduce_algo)
         comm = self.device_group
         if algo == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
