@@ -35,11 +35,11 @@ def main(mode: str) -> int:
         total = world.allreduce(rank)
         expect = size * (size - 1) // 2
         status = "PASS" if total == expect else "FAIL"
-        print(
+        sys.stdout.write(
             f"job.py rank {rank}/{size} local {info.local_rank}/{info.local_world_size} "
-            f"env={info.env.source} sum={total} {status}",
-            flush=True,
+            f"env={info.env.source} sum={total} {status}\n"
         )
+        sys.stdout.flush()
         if comm is not None:
             comm.destroy()
         return 0 if status == "PASS" else 1
