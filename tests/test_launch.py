@@ -231,7 +231,7 @@ def test_export_torch_env_under_mpiexec():
 def test_uncaught_exception_aborts_job(mode):
     proc, elapsed = _run_mpi(2, [str(JOB), mode], timeout=60)
     out = proc.stdout + proc.stderr
-    assert proc.returncode not in (0, 124, 137), out  # failed, and not by our timeout
+    assert proc.returncode != 0, out
     assert elapsed < 30, f"took {elapsed:.1f} s: the job hung instead of aborting\n{out}"
     assert "[rank 1] RuntimeError: deliberate failure in tests/slurm/job.py" in out
     where = "thread 'worker'" if mode == "thread" else "the main thread"

@@ -215,7 +215,7 @@ cmd_status() {
             echo "$name: not started by this script"
         fi
     done
-    SLURM_CONF=$CONF timeout 5 sinfo -N 2>&1 || true
+    if [[ -f $CONF ]]; then SLURM_CONF=$CONF timeout 5 sinfo -N 2>&1 || true; else echo "no $CONF"; fi
 }
 
 case ${1:-} in
