@@ -5,8 +5,8 @@
                                       while the others wait in a barrier
     python tests/slurm/job.py thread  the same, but the exception is raised in a worker thread
 
-The failing modes must end the whole job promptly with a non-zero status: that is what
-mpicomm.launch.install_abort_on_exception() is for.
+The failing modes must end the whole job promptly with a non-zero status: creating the
+MPICommunicator installs mpicomm.launch.install_abort_on_exception(), which does that.
 """
 
 from __future__ import annotations
@@ -19,15 +19,11 @@ import time
 def main(mode: str) -> int:
     from mpi4py import MPI
 
+    import mpicomm
     from mpicomm import launch
 
-    try:  # the real communicator installs the hook itself; fall back to installing it directly
-        import mpicomm
-
-        comm = mpicomm.MPICommunicator(cpu_group=MPI.COMM_WORLD)
-    except (ImportError, AttributeError):
-        comm = None
-    launch.install_abort_on_exception()
+    # Creating a communicator installs the abort-on-exception hooks: nothing else is needed.
+    comm = mpicomm.MPICommunicator(cpu_group=MPI.COMM_WORLD)
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     info = launch.launch_info()
@@ -40,8 +36,7 @@ def main(mode: str) -> int:
             f"env={info.env.source} sum={total} {status}\n"
         )
         sys.stdout.flush()
-        if comm is not None:
-            comm.destroy()
+        comm.destroy()
         return 0 if status == "PASS" else 1
     if rank == size - 1:
         time.sleep(0.5)
