@@ -20,6 +20,12 @@ import pytest
 from mpicomm import launch
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# These tests start their own mpiexec/srun/sbatch and assume a one-process pytest.
+pytestmark = pytest.mark.skipif(
+    launch.env_ranks().world_size not in (None, 1),
+    reason="pytest itself runs under an MPI launcher; run this file with plain pytest",
+)
 JOB = ROOT / "tests" / "slurm" / "job.py"
 
 

@@ -22,7 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from mpicomm import launch
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# These tests start their own mpiexec/srun/sbatch and assume a one-process pytest.
+pytestmark = pytest.mark.skipif(
+    launch.env_ranks().world_size not in (None, 1),
+    reason="pytest itself runs under an MPI launcher; run this file with plain pytest",
+)
 RUN = ROOT / "slurm" / "run.sbatch"
 JOB = ROOT / "tests" / "slurm" / "job.py"
 JOB_LIMIT = 150  # seconds a job may take from submission to its end
