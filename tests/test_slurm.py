@@ -206,16 +206,26 @@ def test_sbatch_failing_task_fails_job(tmp_path, launcher, mode):
 
 @needs_slurm
 @pytest.mark.timeout(JOB_LIMIT + 60)
-def test_sbatch_gpu_binding_and_threads(tmp_path):
+def test_sbatch_gpu_binding_threads_and_settings(tmp_path):
     # No GPUs here: a fake CUDA_VISIBLE_DEVICES list checks the per-task binding by local rank.
-    cmd = ["bash", "-c", 'echo "TASK $SLURM_PROCID gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_NUM_THREADS"']
-    state, code, out, _ = sbatch(tmp_path, ["-n", "2", "-c", "2"], cmd, CUDA_VISIBLE_DEVICES="3,5")
+    task = "TASK $SLURM_PROCID gpu=$CUDA_VISIBLE_DEVICES omp=$OMP_NUM_THREADS mpich=$MPIR_CVAR_ENABLE_GPU"
+    state, code, out, _ = sbatch(
+        tmp_path,
+        ["-n", "2", "-c", "2"],
+        ["bash", "-c", f'echo "{task}"'],
+        CUDA_VISIBLE_DEVICES="3,5",
+        MPICOMM_CUDA_AWARE="1",
+        MPICOMM_SRUN_ARGS="--label --cpu-bind=none",
+    )
     assert (state, code) == ("COMPLETED", "0:0"), out
-    assert sorted(re.findall(r"TASK \d gpu=\S* omp=\d+", out)) == [
-        "TASK 0 gpu=3 omp=2",
-        "TASK 1 gpu=5 omp=2",
+    assert sorted(re.findall(r"TASK \d gpu=\S* omp=\d+ mpich=\S*", out)) == [
+        "TASK 0 gpu=3 omp=2 mpich=1",
+        "TASK 1 gpu=5 omp=2 mpich=1",
     ], out
+    assert re.search(r"^0: TASK 0", out, re.M), out  # srun --label took effect
+    assert "--mpi=pmi2 --label --cpu-bind=none" in out, out
     assert "threads/rank: 2" in out and "one per task" in out, out
+    assert "CUDA-aware: 1 (MPIR_CVAR_ENABLE_GPU=1)" in out, out
 
 
 @needs_slurm
