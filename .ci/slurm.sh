@@ -19,4 +19,4 @@ fi
 trap cleanup EXIT
 timeout 120 bash tests/slurm/cluster.sh up
 echo "slurm.sh: python on PATH: $(command -v python)"
-MPICOMM_REQUIRE_SLURM=1 timeout 480 python -m pytest -q -p no:cacheprovider tests/test_slurm.py
+MPICOMM_REQUIRE_SLURM=1 timeout 480 python -m pytest -q -p no:cacheprovider --durations=5 tests/test_slurm.py
