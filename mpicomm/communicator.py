@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, reduction
+from . import consistency, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
@@ -123,6 +123,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             self.device,
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
+        launch.install_abort_on_exception()  # an uncaught exception on any rank ends the job
 
     @property
     def timeout(self) -> float | None:
