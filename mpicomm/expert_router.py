@@ -149,7 +149,8 @@ class _RouterBase:
         """(n_tokens, H) in the accumulate dtype: ``sum weights[i] * rows[i]`` into ``tokens[i]``."""
         acc = _accumulate(rows.dtype)
         out = torch.zeros((n_tokens, rows.shape[1]), dtype=acc, device=device)
-        out.index_add_(0, tokens, rows.to(acc) * weights.to(acc).unsqueeze(1))
+        # bf16/fp16 rows times float32 weights promote to float32 inside the one multiply.
+        out.index_add_(0, tokens, rows * weights.to(acc).unsqueeze(1))
         return out
 
 
