@@ -99,13 +99,15 @@ def test_rejects_bad_arguments_before_mpi(comm):
         router.combine(torch.zeros(4, 2))
 
 
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_routers_under_mpiexec(ranks):
     out = _mpiexec(ranks, "tests/all2all_check.py")
     assert out.count("ALL2ALL OK") == ranks
 
 
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize("ranks", [1, 2, 3, 4])
 def test_moe_layer_example(ranks):
     out = _mpiexec(ranks, "examples/moe_layer.py")
-    assert out.count("MOE LAYER OK") == ranks
+    assert out.count("MOE LAYER OK") == 4 * ranks  # 2 backends x 2 dtypes per rank
