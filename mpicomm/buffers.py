@@ -74,6 +74,13 @@ def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
     return info
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of a contiguous tensor (empty tensors may carry any strides: replace them)."""
+    if tensor.numel() == 0:
+        return torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return tensor.reshape(-1)
+
+
 def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     """``[buffer, count, datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
 
@@ -84,7 +91,7 @@ def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     stream has been synchronised (:func:`sync_device`).
     """
     info = DTYPES[tensor.dtype]
-    flat = tensor.reshape(-1)
+    flat = _flat(tensor)
     if info.carrier is not tensor.dtype:
         flat = flat.view(info.carrier)
     buf = flat.numpy() if flat.device.type == "cpu" else flat
@@ -153,7 +160,7 @@ class Workspace:
 
 def byte_spec(tensor: torch.Tensor) -> list:
     """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
-    flat = tensor.reshape(-1).view(torch.uint8)
+    flat = _flat(tensor).view(torch.uint8)
     buf = flat.numpy() if flat.device.type == "cpu" else flat
     return [buf, flat.numel(), MPI.BYTE]
 
