@@ -1,14 +1,17 @@
 """Expert routers under mpiexec: ``timeout 120 mpiexec -n W python tests/all2all_check.py``.
 
 Every rank builds every rank's tokens from one seed, so each can compute the single-process MoE
-output and compare its own slice. Prints ``ALL2ALL OK rank r`` per rank on success; any mismatch
-raises (non-zero exit).
+output and compare its own slice. Prints ``ALL2ALL OK rank r`` per rank on success, then runs
+``examples/moe_layer.py`` in the same job (one MPI start-up for both; it prints ``MOE LAYER OK``
+four times per rank). Any mismatch aborts the job (non-zero exit).
 """
 
 from __future__ import annotations
 
+import runpy
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 from mpi4py import MPI
@@ -199,7 +202,8 @@ def main() -> int:
         check_round(ep, backend, 8 * ep.world_size, 2, torch.float32, 7 + ep.ranks[0], [0, 3, 5])
     groups.destroy()
     print(f"ALL2ALL OK rank {world_comm.Get_rank()} of {world}", flush=True)
-    return 0
+    example = Path(__file__).resolve().parent.parent / "examples" / "moe_layer.py"
+    return runpy.run_path(str(example))["main"]([])
 
 
 if __name__ == "__main__":
