@@ -108,3 +108,23 @@ def test_routers_and_moe_layer_under_mpiexec(ranks):
     out = _mpiexec(ranks, "tests/all2all_check.py")
     assert out.count("ALL2ALL OK") == ranks
     assert out.count("MOE LAYER OK") == 4 * ranks  # 2 backends x 2 dtypes per rank
+
+
+@pytest.mark.parametrize("backend", ["sparse_alltoallv", "allgather_reducescatter"])
+def test_noncontiguous_inputs_fresh_results(comm, backend):
+    """Strided inputs are accepted, never mutated, and results share no memory with them."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 10, generator=g, dtype=torch.float16)
+    x = base[:, ::2]  # (6, 5), not contiguous
+    ids = torch.randint(0, 4, (3, 6), generator=g, dtype=torch.int32).t()  # (6, 3) transposed
+    w = torch.rand(3, 6, generator=g).t()
+    saved = [t.clone() for t in (x, ids, w)]
+    router = comm.expert_router(4, backend=backend)
+    recv = router.dispatch(x, ids, w)
+    y = recv.hidden_states * 2
+    out = router.combine(y)
+    for before, after in zip(saved, (x, ids, w), strict=True):
+        assert torch.equal(before, after)
+    assert recv.hidden_states.data_ptr() != x.data_ptr() and out.data_ptr() != y.data_ptr()
+    want = (2 * x.float() * w.sum(1, keepdim=True)).to(torch.float16)
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
