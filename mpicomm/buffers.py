@@ -75,10 +75,15 @@ def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """A 1-d view of a contiguous tensor (empty tensors may carry any strides: replace them)."""
-    if tensor.numel() == 0:
-        return torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return tensor.reshape(-1)
+    """A 1-d view of a contiguous tensor with unit stride.
+
+    torch calls a tensor of 0 or 1 elements contiguous whatever its strides; those get stride 1
+    so that views to other element sizes work.
+    """
+    flat = tensor.reshape(-1)
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat
 
 
 def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:

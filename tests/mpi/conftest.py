@@ -24,7 +24,9 @@ def everywhere(flag: bool) -> bool:
 
 
 def bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    """The raw bytes of ``t`` in logical order, whatever its strides or dtype."""
+    flat = t.contiguous().reshape(-1)
+    return flat.as_strided((flat.numel(),), (1,)).view(torch.uint8).numpy().tobytes()
 
 
 def same_bits_everywhere(t: torch.Tensor) -> bool:

@@ -6,7 +6,7 @@ import zlib
 
 import pytest
 import torch
-from conftest import everywhere, same_bits_everywhere
+from conftest import bits, everywhere, same_bits_everywhere
 
 DTYPES = [
     torch.bool,
@@ -74,10 +74,7 @@ def equal(result, expected):
     if result.dtype in INEXACT:
         tol = 1e-5 if result.dtype in (torch.float32, torch.complex64) else 1e-12
         return torch.allclose(result, expected, rtol=tol, atol=tol)
-    if result.numel() == 0:
-        return True
-    as_bytes = [t.contiguous().reshape(-1).view(torch.uint8) for t in (result, expected)]
-    return torch.equal(*as_bytes)
+    return bits(result) == bits(expected)
 
 
 def fresh(result, source):
