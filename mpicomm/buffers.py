@@ -108,7 +108,9 @@ class Workspace:
         self._slots: dict[tuple[str, str], torch.Tensor] = {}
         self.allocations = 0
 
-    def raw(self, slot: str, nbytes: int, device: torch.device, pinned: bool = False) -> torch.Tensor:
+    def raw(
+        self, slot: str, nbytes: int, device: torch.device, pinned: bool = False
+    ) -> torch.Tensor:
         """A uint8 tensor of exactly ``nbytes`` on ``device``, backed by the slot's memory."""
         key = (slot, str(device))
         held = self._slots.get(key)
@@ -134,7 +136,9 @@ class Workspace:
             numel *= n
         return self.raw(slot, numel * dtype.itemsize, device, pinned).view(dtype).view(shape)
 
-    def reserve(self, nbytes: int, device: torch.device, pinned: bool, slots: tuple[str, ...]) -> None:
+    def reserve(
+        self, nbytes: int, device: torch.device, pinned: bool, slots: tuple[str, ...]
+    ) -> None:
         """Grow each of ``slots`` to at least ``nbytes`` now, so the first real call does not."""
         for slot in slots:
             self.raw(slot, nbytes, device, pinned)

@@ -111,7 +111,9 @@ class MPICommunicator(DeviceCommunicatorBase):
                     "control and payload traffic never share one"
                 )
             if relation != MPI.CONGRUENT:
-                raise ValueError("device_group must have the members of cpu_group in the same order")
+                raise ValueError(
+                    "device_group must have the members of cpu_group in the same order"
+                )
         self.all2all_manager = make_manager(all2all_backend, self)
         self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
         self._node_split: hierarchical.NodeSplit | None = None  # made on first use
@@ -286,7 +288,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         row = math.prod(x.shape[1:])
         buf = self._output((sum(sizes), *x.shape[1:]), x.dtype, tensor.device)
         counts = [s * row for s in sizes]
-        self._call("all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts))
+        self._call(
+            "all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts)
+        )
         return self._result(buf, tensor.device)
 
     def reduce_scatter(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -468,7 +472,9 @@ def _shape(size) -> tuple[int, ...]:
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size,)
     if not isinstance(size, torch.Size | tuple | list):
-        raise TypeError(f"size must be a torch.Size or a sequence of ints, got {type(size).__name__}")
+        raise TypeError(
+            f"size must be a torch.Size or a sequence of ints, got {type(size).__name__}"
+        )
     for n in size:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"size must hold non-negative ints, got {tuple(size)}")

@@ -40,7 +40,7 @@ def library_cuda_support() -> bool | None:
         candidates.append(path)
     for name in candidates:
         try:
-            query = getattr(ctypes.CDLL(name), "MPIX_Query_cuda_support")
+            query = ctypes.CDLL(name).MPIX_Query_cuda_support
         except (OSError, AttributeError):
             continue
         query.restype = ctypes.c_int

@@ -62,8 +62,9 @@ def sum_in_rank_order(
         return
     acc = workspace.tensor("accumulate", tuple(out.shape), info.accumulate, out.device)
     acc.copy_(parts[0])
+    promotes = info.itemsize > 1  # torch will not promote float8 inside add_
     for i in range(1, parts.shape[0]):
-        acc.add_(parts[i])
+        acc.add_(parts[i] if promotes else parts[i].to(info.accumulate))
     out.copy_(acc)
 
 
@@ -114,7 +115,12 @@ def all_reduce_bytes(
 
 
 def all_reduce_native(
-    call: Caller, operation: str, comm: MPI.Comm, x: torch.Tensor, out: torch.Tensor, info: DtypeInfo
+    call: Caller,
+    operation: str,
+    comm: MPI.Comm,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    info: DtypeInfo,
 ) -> None:
     """``out`` = elementwise sum of every rank's ``x`` by MPI's Allreduce."""
     call(operation, comm, "Allreduce", mpi_spec(x), mpi_spec(out), info.sum_op)
