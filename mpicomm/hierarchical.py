@@ -43,9 +43,14 @@ ACCUMULATE: dict[torch.dtype, torch.dtype] = {
     torch.float64: torch.float64,
 }
 
-# ``auto`` uses the hierarchical all_reduce from this many bytes per rank when the group spans
-# nodes with more than one rank on some node. Measured by tests/multinode/progs/hierarchical_bench.py
-# (docs/multinode.md).
+# ``auto`` uses the hierarchical all_reduce for AUTO_DTYPES when the group spans nodes, every node
+# holds at least AUTO_MIN_PER_NODE ranks and the message has at least ALLREDUCE_FROM bytes. Their
+# flat path (the bytes algorithm) is not node-aware: measured on 2 simulated hosts x 4 ranks it put
+# 1.44x the hierarchy's bytes on the network; at 2 ranks per host the hierarchy moved more (its
+# leaders send float32) and was not faster. float32/float64 go to MPI's own Allreduce, which moved
+# the same bytes as the hierarchy at 2 and 4 ranks per host: never automatic. docs/multinode.md.
+AUTO_DTYPES = (torch.float16, torch.bfloat16)
+AUTO_MIN_PER_NODE = 4
 ALLREDUCE_FROM = 64 << 10
 
 MODES = ("auto", "0", "1")
@@ -116,7 +121,8 @@ class NodeSplit:
             return False
         if how == "1":
             return True
-        return len(self.node_of) > self.num_nodes and nbytes >= ALLREDUCE_FROM
+        smallest = min(self.node_of.count(k) for k in range(self.num_nodes))
+        return dtype in AUTO_DTYPES and smallest >= AUTO_MIN_PER_NODE and nbytes >= ALLREDUCE_FROM
 
     def free(self) -> None:
         """Free the node and leader communicators (collective over ``comm``)."""

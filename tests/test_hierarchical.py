@@ -223,12 +223,15 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
             assert bool(calls) == expect, (how, nbytes)
             assert within_one_ulp(out, torch.stack([t.double() for t in inputs]).sum(0))
         c.hierarchical = "auto"
+        monkeypatch.setattr(hierarchical, "AUTO_MIN_PER_NODE", 2)
         calls.clear()
-        n = hierarchical.ALLREDUCE_FROM // 4
-        out = c.all_reduce(torch.full((n,), float(r), dtype=torch.float32))
-        # auto: only where some node holds more than one rank (from 3 ranks on)
-        assert len(calls) == (w >= 3)
-        assert torch.equal(out, torch.full((n,), w * (w - 1) / 2))
+        n = hierarchical.ALLREDUCE_FROM // 2
+        for dtype in (torch.bfloat16, torch.float32):
+            calls.clear()
+            out = c.all_reduce(torch.full((n,), float(r), dtype=dtype))
+            # auto: 16-bit floats, where every node holds AUTO_MIN_PER_NODE (here 2) ranks
+            assert len(calls) == (w >= 4 and dtype == torch.bfloat16), dtype
+            assert torch.equal(out, torch.full((n,), w * (w - 1) / 2, dtype=dtype))
     finally:
         c.destroy()
 

@@ -69,6 +69,13 @@ def main() -> int:
     c = mpicomm.MPICommunicator(cpu_group=world)
     failures: list[str] = []
     rows = []
+    if rank == 0:
+        print(
+            f"all_reduce across {topo.num_nodes} hosts x {size // topo.num_nodes} ranks "
+            f"(median of per-call max over ranks; net bytes = host {topo.hostname}'s interface)"
+        )
+        head = f"{'dtype':9} {'bytes':>9} {'flat ms':>9} {'hier ms':>9} {'flat/hier':>9}"
+        print(f"{head} {'net B flat':>11} {'net B hier':>11}  auto", flush=True)
     if topo.num_nodes < 2:
         failures.append(f"ranks are on {topo.num_nodes} node(s); this benchmark needs two or more")
     for dtype_name in args.dtypes.split(","):
@@ -100,34 +107,29 @@ def main() -> int:
             c.hierarchical = "auto"
             chosen = "hierarchical" if c._hierarchy(dtype, nbytes) is not None else "flat"
             flat, hier = (statistics.median(times[a]) for a in ("flat", "hierarchical"))
-            rows.append(
-                {
-                    "dtype": dtype_name,
-                    "bytes": nbytes,
-                    "reps": reps,
-                    "flat_ms": flat * 1e3,
-                    "hierarchical_ms": hier * 1e3,
-                    "speedup": flat / hier,
-                    "flat_net_bytes_per_call": moved["flat"] // reps,
-                    "hier_net_bytes_per_call": moved["hierarchical"] // reps,
-                    "auto_chooses": chosen,
-                }
-            )
+            row = {
+                "dtype": dtype_name,
+                "bytes": nbytes,
+                "reps": reps,
+                "flat_ms": flat * 1e3,
+                "hierarchical_ms": hier * 1e3,
+                "speedup": flat / hier,
+                "flat_net_bytes_per_call": moved["flat"] // reps,
+                "hier_net_bytes_per_call": moved["hierarchical"] // reps,
+                "auto_chooses": chosen,
+            }
+            rows.append(row)
+            if rank == 0:
+                print(
+                    f"{row['dtype']:9} {row['bytes']:>9} {row['flat_ms']:>9.3f} "
+                    f"{row['hierarchical_ms']:>9.3f} {row['speedup']:>9.2f} "
+                    f"{row['flat_net_bytes_per_call']:>11} {row['hier_net_bytes_per_call']:>11}  "
+                    f"{row['auto_chooses']}",
+                    flush=True,
+                )
     c.destroy()
     failures = sum(world.allgather(failures), [])
     if rank == 0:
-        print(
-            f"all_reduce across {topo.num_nodes} hosts x {size // topo.num_nodes} ranks "
-            f"(median of per-call max over ranks; net bytes = host {topo.hostname}'s interface)"
-        )
-        head = f"{'dtype':9} {'bytes':>9} {'flat ms':>9} {'hier ms':>9} {'flat/hier':>9}"
-        print(f"{head} {'net B flat':>11} {'net B hier':>11}  auto")
-        for r in rows:
-            print(
-                f"{r['dtype']:9} {r['bytes']:>9} {r['flat_ms']:>9.3f} {r['hierarchical_ms']:>9.3f}"
-                f" {r['speedup']:>9.2f} {r['flat_net_bytes_per_call']:>11} "
-                f"{r['hier_net_bytes_per_call']:>11}  {r['auto_chooses']}"
-            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"hosts": topo.num_nodes, "ranks": size, "rows": rows}, f, indent=1)
