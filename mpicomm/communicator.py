@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, launch, reduction
+from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
@@ -115,6 +115,8 @@ class MPICommunicator(DeviceCommunicatorBase):
                     "device_group must have the members of cpu_group in the same order"
                 )
         self.all2all_manager = make_manager(all2all_backend, self)
+        self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
+        self._node_split: hierarchical.NodeSplit | None = None  # made on first use
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -185,6 +187,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         check_device(input_, self.device)
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
         x = self._stage_in(input_)
+        split = self._hierarchy(info.dtype, x.numel() * info.itemsize)
+        if split is not None:
+            out = hierarchical.all_reduce(x, split, self._call)
+            return self._result(out, input_.device)
         out = self._output(x.shape, x.dtype, input_.device)
         algo = reduction.choose_allreduce(info, x.nbytes, self.allreduce_algo)
         comm = self.device_group
@@ -195,6 +201,21 @@ class MPICommunicator(DeviceCommunicatorBase):
                 self._call, "all_reduce", comm, x, out, info, self._workspace
             )
         return self._result(out, input_.device)
+
+    def _hierarchy(self, dtype: torch.dtype, nbytes: int) -> hierarchical.NodeSplit | None:
+        """The node split when the hierarchical all_reduce applies to this call, else ``None``.
+
+        The split is made (collectively) the first time a call qualifies; every rank decides
+        alike, from the dtype, the size and ``MPICOMM_HIERARCHICAL``.
+        """
+        how = self.hierarchical
+        if how == "0" or self.world_size < 2 or dtype not in hierarchical.ACCUMULATE:
+            return None
+        if how == "auto" and nbytes < hierarchical.ALLREDUCE_FROM:
+            return None
+        if self._node_split is None:
+            self._node_split = hierarchical.split_nodes(self.device_group)
+        return self._node_split if self._node_split.worthwhile(dtype, nbytes, how) else None
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
@@ -432,6 +453,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
+        if self._node_split is not None:
+            self._node_split.free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:
             self.device_group.Free()
 
