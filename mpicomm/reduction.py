@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from .buffers import DtypeInfo, Workspace, mpi_spec, vector_spec
+from .buffers import DtypeInfo, Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
@@ -111,6 +111,7 @@ def all_reduce_bytes(
     flat_out = out.view(-1)
     chunk = flat_out[start : start + counts[rank]]
     reduce_scatter_bytes(call, operation, comm, x, counts, chunk, info, workspace)
+    sync_device(out.device)  # the sum ran as queued kernels; MPI must read the finished chunk
     call(operation, comm, "Allgatherv", MPI.IN_PLACE, vector_spec(flat_out, counts))
 
 
