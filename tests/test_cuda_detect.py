@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,8 +97,8 @@ def test_loaded_libmpi_is_the_library_in_use():
 
 
 def _pypi_mpich() -> bool:
-    path = cuda.loaded_libmpi() or ""
-    return "MPICH" in MPI.Get_library_version() and path.startswith(sys.prefix)
+    """The wheel names itself in its version text: 'MPICH Custom Information: .../pypi.org/p/mpich'."""
+    return "pypi.org/p/mpich" in MPI.Get_library_version()
 
 
 @pytest.mark.skipif(not _pypi_mpich(), reason="the MPI in use is not the PyPI mpich wheel")
@@ -119,7 +120,9 @@ def _info(env: dict[str, str], ranks: int = 1) -> str:
     if ranks > 1:
         mpiexec = Path(sys.executable).with_name("mpiexec")
         if not mpiexec.exists():
-            pytest.skip("no mpiexec beside this python")
+            mpiexec = shutil.which("mpiexec")
+        if mpiexec is None:
+            pytest.skip("no mpiexec beside this python or on PATH")
         cmd = ["timeout", "100", str(mpiexec), "-n", str(ranks), *cmd]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -163,3 +166,44 @@ def test_info_under_mpiexec_reports_once(single_process):
     text = _info(_clean_env(), ranks=2)
     assert _line(text, "CUDA-aware MPI").startswith(("yes", "no"))
     assert _line(text, "ranks") == "2 on 1 node(s)"
+
+
+_FAKES = {
+    # MPICH >= 3.4 built without GPU support: its MPIX_Query_cuda_support may assert (abort).
+    "mpich_no_gpu": """
+        #include <stdlib.h>
+        int MPIX_GPU_query_support(int type, int *ok) { *ok = 0; return 0; }
+        int MPIX_Query_cuda_support(void) { abort(); }
+    """,
+    "mpich_cuda": """
+        int MPIX_GPU_query_support(int type, int *ok) { *ok = (type == 0); return 0; }
+        int MPIX_Query_cuda_support(void) { return 1; }
+    """,
+    "openmpi_cuda": "int MPIX_Query_cuda_support(void) { return 1; }",
+    "openmpi_plain": "int MPIX_Query_cuda_support(void) { return 0; }",
+    "no_query": "int MPI_Init(int *argc, char ***argv) { return 0; }",
+}
+
+
+@pytest.mark.parametrize(
+    ("fake", "answer"),
+    [
+        ("mpich_no_gpu", False),
+        ("mpich_cuda", True),
+        ("openmpi_cuda", True),
+        ("openmpi_plain", False),
+        ("no_query", None),
+    ],
+)
+def test_ask_library_on_fake_libraries(tmp_path, fake, answer):
+    """The query order: MPICH's GPU query first (its MPIX_Query_cuda_support can abort), then
+    MPIX_Query_cuda_support, else no answer."""
+    import ctypes
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the fake libraries")
+    src, lib = tmp_path / f"{fake}.c", tmp_path / f"lib{fake}.so"
+    src.write_text(_FAKES[fake])
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, timeout=60)
+    assert cuda.ask_library(ctypes.CDLL(str(lib))) is answer
