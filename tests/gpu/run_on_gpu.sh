@@ -72,11 +72,11 @@ if [[ "$PHASE" != bench ]]; then
     step info_n1 30 "$PY" -m mpicomm info
     step info_n2 30 mpiexec -n 2 "$PY" -m mpicomm info
     cat "$LOGS/info_n2.log" >>"$SUMMARY"
-    step detect 80 "${PYTEST[@]}" tests/test_cuda_detect.py
+    step detect 120 "${PYTEST[@]}" tests/test_cuda_detect.py
     step cuda_n2 150 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/test_cuda.py
     step cuda_n4 150 mpiexec -n 4 "${PYTEST[@]}" --with-mpi tests/test_cuda.py
-    step staging_n2 80 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/test_staging.py
-    step check_n2 50 mpiexec -n 2 "$PY" -m mpicomm check
+    step staging_n2 60 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/test_staging.py
+    step check_n2 40 mpiexec -n 2 "$PY" -m mpicomm check
     grep -h -E "^(FAILED|ERROR|SKIPPED)" "$LOGS"/*.log | sort | uniq -c | head -n 40 | tee -a "$SUMMARY"
 fi
 if [[ "$PHASE" != tests ]]; then
