@@ -147,18 +147,23 @@ def test_no_allocation_after_first_call_of_a_size(device, dtype):
         for _ in range(5):
             for call in calls:
                 call()
-        assert c._workspace.allocations == first
+        repeated = c._workspace.allocations
         if HAVE_CUDA:
             torch.cuda.synchronize(device)
-            assert torch.cuda.memory_allocated(device) == in_use
+        in_use_after = torch.cuda.memory_allocated(device) if HAVE_CUDA else 0
         big = make_input(dtype, c.rank, (64 * c.world_size, 32), 2).to(device)
+        growth = []
         for call in _device_calls(c, big):
             before = c._workspace.allocations
             call()
-            assert c._workspace.allocations - before <= len(c._workspace._slots)
+            growth.append(c._workspace.allocations - before)
         grown = c._workspace.allocations
         for call in _device_calls(c, big) + calls:
             call()
+        # every rank made every call; now check
+        assert repeated == first, "repeated calls allocated staging/scratch memory"
+        assert in_use_after == in_use, "GPU memory in use grew across repeated calls"
+        assert max(growth) <= len(c._workspace._slots), growth
         assert c._workspace.allocations == grown
     finally:
         c.destroy()
@@ -256,10 +261,11 @@ def test_waits_for_the_producing_stream(comm, device):
     world, rank = comm.world_size, comm.rank
     expected = float(world * (world + 1) // 2)
     side = torch.cuda.Stream(device)
+    wrong = []  # every rank makes every call; assert at the end
     for stream in (torch.cuda.current_stream(device), side):
         with torch.cuda.stream(stream):
             for dtype in (torch.float32, torch.bfloat16):
-                for _ in range(3):
+                for i in range(3):
                     x = torch.zeros(1 << 16, dtype=dtype, device=device)
                     torch.cuda._sleep(50_000_000)  # keep the stream busy (~25 ms)
                     x.fill_(rank + 1)
@@ -267,14 +273,17 @@ def test_waits_for_the_producing_stream(comm, device):
                     pending = summed * 2  # queued reader of the result
                     del summed
                     gathered = comm.all_gather(x, 0)
-                    assert torch.all(pending == 2 * expected).item()
-                    assert torch.equal(
-                        gathered.view(world, -1)[:, 0].float().cpu(),
-                        torch.arange(1, world + 1, dtype=torch.float32),
-                    )
                     src = comm.broadcast(x, world - 1)
-                    assert torch.all(src == world).item()
+                    label = f"{stream}/{dtype}/{i}"
+                    if not torch.all(pending == 2 * expected).item():
+                        wrong.append(f"all_reduce {label}")
+                    firsts = gathered.view(world, -1)[:, 0].float().cpu()
+                    if not torch.equal(firsts, torch.arange(1, world + 1, dtype=torch.float32)):
+                        wrong.append(f"all_gather {label}")
+                    if not torch.all(src == world).item():
+                        wrong.append(f"broadcast {label}")
         torch.cuda.synchronize(device)
+    assert not wrong, wrong
 
 
 @needs_gpu

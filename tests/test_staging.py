@@ -137,25 +137,28 @@ def _each_growth(comm: MPICommunicator, rows: int, dtype: torch.dtype) -> list[i
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_no_allocation_after_first_call_of_a_size(dtype):
     """Workspace.allocations stays flat across repeated calls of one size; a larger call grows
-    each slot it uses at most once; smaller calls afterwards allocate nothing."""
+    each slot it uses at most once; smaller calls afterwards allocate nothing. (Every rank makes
+    every call before anything is asserted, so a failure cannot leave a rank waiting.)"""
     comm = fresh()
     ws = comm._workspace
     rows = 12 * comm.world_size
+    problems = []
     try:
-        assert sum(_each_growth(comm, rows, dtype)) > 0
-        for _ in range(3):
-            assert _each_growth(comm, rows, dtype) == [0] * len(_calls(comm, rows, dtype)), (
-                "repeated calls of one size allocated staging memory"
-            )
-        grown = _each_growth(comm, 8 * rows, dtype)
-        assert sum(grown) > 0
-        assert max(grown) <= len(ws._slots), f"one call allocated {max(grown)} times"
-        for size in (8 * rows, rows, 4 * rows, 8 * rows):
-            assert sum(_each_growth(comm, size, dtype)) == 0, (
-                f"calls of {size} rows, no larger than before, allocated staging memory"
-            )
+        first = _each_growth(comm, rows, dtype)
+        repeats = [_each_growth(comm, rows, dtype) for _ in range(3)]
+        larger = _each_growth(comm, 8 * rows, dtype)
+        later = {size: _each_growth(comm, size, dtype) for size in (8 * rows, rows, 4 * rows)}
+        if sum(first) == 0:
+            problems.append("the first calls allocated nothing: not staged?")
+        if any(sum(r) for r in repeats):
+            problems.append(f"repeated calls of one size allocated staging memory: {repeats}")
+        if sum(larger) == 0 or max(larger) > len(ws._slots):
+            problems.append(f"a larger size should grow each slot at most once: {larger}")
+        if any(sum(g) for g in later.values()):
+            problems.append(f"calls no larger than before allocated staging memory: {later}")
     finally:
         comm.destroy()
+    assert not problems, problems
 
 
 def _model(world: int) -> torch.nn.Module:
@@ -232,18 +235,26 @@ def test_results_never_alias_the_workspace(staged, dtype):
     world, rank = staged.world_size, staged.rank
     xs = [make_input(dtype, i, (4 * world, 2 * world), 5) for i in range(world)]
     x, kept = xs[rank], xs[rank].clone()
+    problems = []  # every rank makes every call; assert at the end
     for name, (call, expected) in _alias_calls(staged, xs).items():
         first = call()
-        assert not _overlaps_workspace(first, staged), f"{name}: result is staging memory"
-        assert not conformance.same_storage(first, x), f"{name}: result aliases the input"
+        if _overlaps_workspace(first, staged):
+            problems.append(f"{name}: result is staging memory")
+        if conformance.same_storage(first, x):
+            problems.append(f"{name}: result aliases the input")
         outcome = conformance.Outcome(name, first.clone(), expected.contiguous(), summed=True)
-        assert conformance.matches(outcome), f"{name}: wrong result"
+        if not conformance.matches(outcome):
+            problems.append(f"{name}: wrong result")
         first.fill_(13)
         second = call()
-        assert conformance.equal_bits(second, outcome.result), f"{name}: changed by a mutation"
-        assert conformance.equal_bits(x, kept), f"{name}: the input changed"
+        if not conformance.equal_bits(second, outcome.result):
+            problems.append(f"{name}: changed by mutating the previous result")
+        if not conformance.equal_bits(x, kept):
+            problems.append(f"{name}: the input changed")
         second.zero_()
-        assert conformance.equal_bits(call(), outcome.result), f"{name}: changed by a mutation"
+        if not conformance.equal_bits(call(), outcome.result):
+            problems.append(f"{name}: changed by mutating the previous result")
+    assert not problems, problems
 
 
 def test_rejects_tensors_on_other_devices(staged):
