@@ -6,10 +6,17 @@ cover that path in CI. Written for any number of ranks:
 
     python -m pytest tests/test_staging.py
     timeout 600 mpiexec -n 3 python -m pytest --with-mpi -q tests/test_staging.py
+
+Run in one process, the file also launches itself under ``mpiexec -n 2`` and ``-n 3``
+(``test_whole_file_under_mpiexec``), so a plain ``pytest tests`` covers the multi-rank case.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -268,3 +275,29 @@ def test_rejects_tensors_on_other_devices(staged):
     assert conformance.equal_bits(
         staged.all_reduce(torch.ones(3)), torch.full((3,), float(staged.world_size))
     )
+
+
+_LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "MPICOMM_")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_whole_file_under_mpiexec(ranks):
+    """This file's other tests on ``ranks`` processes (3 gives uneven chunks in the bytes sum)."""
+    if MPI.COMM_WORLD.Get_size() > 1:
+        pytest.skip("already running under mpiexec")
+    mpiexec = Path(sys.executable).with_name("mpiexec")
+    mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec beside this python or on PATH")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_VARS)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    cmd = ["timeout", "-k", "10", "400", mpiexec, "-n", str(ranks), sys.executable, "-m"]
+    cmd += ["pytest", "--with-mpi", "-q", "-p", "no:cacheprovider", "--timeout=300"]
+    cmd += [str(Path(__file__).resolve()), "-k", "not under_mpiexec"]
+    done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=450)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    counts = re.findall(r"(\d+) passed", out)
+    assert len(counts) == ranks and len(set(counts)) == 1, out[-2000:]
+    assert " failed" not in out, out[-2000:]
