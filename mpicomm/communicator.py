@@ -18,7 +18,7 @@ from mpi4py import MPI
 from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
-from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
+from .buffers import DTYPES, Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
@@ -157,7 +157,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
-        return torch.empty(shape, dtype=dtype, device=device)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        # MPI writes device memory outside torch's stream order: kernels still queued on the
+        # stream may use this block (freed by the caching allocator before they ran).
+        sync_device(out.device)
+        return out
 
     def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
@@ -441,9 +445,28 @@ class MPICommunicator(DeviceCommunicatorBase):
         tensors = [*model.parameters(), *model.buffers()]
         if not tensors or not self._staged(self.device):
             return
-        nbytes = max(t.numel() * t.element_size() for t in tensors)
-        self._workspace.reserve(nbytes, _HOST, True, ("in", "out"))
+        for slot, nbytes, pinned in self._staging_needs(tensors):
+            self._workspace.reserve(nbytes, _HOST, pinned, (slot,))
         self.all2all_manager.prepare(model)
+
+    def _staging_needs(self, tensors: list[torch.Tensor]) -> list[tuple[str, int, bool]]:
+        """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of
+        any of ``tensors`` takes from the host workspace when staged."""
+        world = self.world_size
+        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "tails": 0}
+        for t in tensors:
+            info = DTYPES.get(t.dtype)
+            if info is None:
+                continue
+            numel, size = t.numel(), info.itemsize
+            need["in"] = need["out"] = max(need["out"], numel * size)
+            if reduction.choose_allreduce(info, numel * size, self.allreduce_algo) == "bytes":
+                chunk = -(-numel // world)  # the largest chunk of an even split
+                need["parts"] = max(need["parts"], world * chunk * size)
+                need["tails"] = max(need["tails"], world * (numel % world) * size)
+                if info.accumulate is not info.dtype:
+                    need["accumulate"] = max(need["accumulate"], chunk * info.accumulate.itemsize)
+        return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:
         """Free the payload communicator if this object made it, and all buffers. Collective when

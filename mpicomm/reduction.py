@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from .buffers import DtypeInfo, Workspace, mpi_spec, vector_spec
+from .buffers import DtypeInfo, Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
@@ -122,6 +122,7 @@ def all_reduce_bytes(
         reduce_scatter_bytes(
             call, operation, comm, flat_x[:body], [chunk] * world, mine, info, workspace
         )
+        sync_device(out.device)  # the sum ran as queued kernels; MPI must read the finished chunk
         call(operation, comm, "Allgather", MPI.IN_PLACE, mpi_spec(flat_out[:body], chunk))
     if tail:
         tails = workspace.tensor("tails", (world, tail), x.dtype, x.device)

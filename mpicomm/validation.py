@@ -78,7 +78,8 @@ def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "in
     if tensor.device.type == "cpu":
         return
     if tensor.device.type == "cuda" and device.type == "cuda":
-        if tensor.device.index != device.index:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if tensor.device.index != index:
             raise ValueError(
                 f"{argument} is on {tensor.device}, but this communicator serves {device}"
             )
