@@ -144,12 +144,12 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
         """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes)."""
-        if self._staged(tensor.device):
+        if self.staging or (tensor.is_cuda and not self.cuda_aware):
             host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
             host.copy_(tensor)
             return host
         tensor = tensor.contiguous()
-        if tensor.device.type == "cuda":
+        if tensor.is_cuda:
             sync_device(tensor.device)
         return tensor
 
@@ -157,10 +157,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
+        if device.type == "cpu":
+            return torch.empty(shape, dtype=dtype)
         out = torch.empty(shape, dtype=dtype, device=device)
         # MPI writes device memory outside torch's stream order: kernels still queued on the
         # stream may use this block (freed by the caching allocator before they ran).
-        sync_device(out.device)
+        sync_device(device)
         return out
 
     def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -190,21 +192,21 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         check_device(input_, self.device)
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        device = input_.device
         x = self._stage_in(input_)
-        split = self._hierarchy(info.dtype, x.numel() * info.itemsize)
+        nbytes = x.nbytes
+        split = self._hierarchy(info.dtype, nbytes)
         if split is not None:
-            out = hierarchical.all_reduce(x, split, self._call)
-            return self._result(out, input_.device)
-        out = self._output(x.shape, x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.nbytes, self.allreduce_algo)
+            return self._result(hierarchical.all_reduce(x, split, self._call), device)
+        out = self._output(x.shape, x.dtype, device)
         comm = self.device_group
-        if algo == "native":
+        if reduction.choose_allreduce(info, nbytes, self.allreduce_algo) == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
         else:
             reduction.all_reduce_bytes(
                 self._call, "all_reduce", comm, x, out, info, self._workspace
             )
-        return self._result(out, input_.device)
+        return self._result(out, device)
 
     def _hierarchy(self, dtype: torch.dtype, nbytes: int) -> hierarchical.NodeSplit | None:
         """The node split when the hierarchical all_reduce applies to this call, else ``None``.
