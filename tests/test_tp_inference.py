@@ -248,12 +248,35 @@ def test_multirank_matches_single_process(tmp_path, tokenizer, model_dir, nprocs
     assert torch.nn.functional.cosine_similarity(bf16, ref, dim=1).min() > 0.99
 
 
-def test_bad_arguments_exit_2_before_mpi():
-    script = str(EXAMPLES / "tp_inference.py")
-    for args in (["--dtype", "fp8"], ["--batch-size", "0"], ["--output", "x.csv"], ["--tp", "0"]):
-        proc = _run([sys.executable, script, *args], timeout=60)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert "error" in proc.stderr
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--dtype", "fp8"],
+        ["--batch-size", "0"],
+        ["--output", "x.csv"],
+        ["--tp", "0"],
+        ["--file", "/nonexistent/sentences.txt"],
+        ["--repeats", "0"],
+    ],
+)
+def test_bad_arguments_exit_2_before_mpi(args, capsys):
+    """parse_args rejects these with argparse's exit status 2; it runs before any MPI call."""
+    import tp_inference
+
+    with pytest.raises(SystemExit) as exc:
+        tp_inference.parse_args(args)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_defaults_read_the_sample_file():
+    import tp_inference
+
+    args = tp_inference.parse_args([])
+    assert len(args.sentences) == len(tp_inference.SAMPLE_FILE.read_text().splitlines()) >= 32
+    assert args.dtypes == ["fp32", "bf16"]
+    assert tp_inference.split_sizes(7, 3) == [3, 2, 2]
+    assert tp_inference.split_sizes(2, 4) == [1, 1, 0, 0]
 
 
 def test_tp_not_dividing_world_exits_2():
