@@ -131,7 +131,7 @@ def run_dtype(args, dtype_name, groups, tokenizer, sizes):
     for _ in range(args.repeats):
         MPI.COMM_WORLD.Barrier()
         t0 = time.perf_counter()
-        local = minilm.encode(model, tokenizer, mine, args.batch_size)
+        local = minilm.encode(model, tokenizer, mine, args.batch_size).to(dp.device)
         emb = dp.all_gatherv(local, dim=0, sizes=sizes) if dp.world_size > 1 else local
         MPI.COMM_WORLD.Barrier()
         times.append(time.perf_counter() - t0)
