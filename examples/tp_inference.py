@@ -110,23 +110,41 @@ def compare(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
+class _TimedAllReduce:
+    """``tp.all_reduce`` with a running total of calls and seconds spent inside it (which
+    includes waiting for the slowest rank of the group)."""
+
+    def __init__(self, comm):
+        self.comm, self.calls, self.seconds = comm, 0, 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.comm.all_reduce(x)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
 def run_dtype(args, dtype_name, groups, tokenizer, sizes):
-    """Embed all sentences with the TP/DP layout; every rank returns ``[N, 384]`` float32 and
-    the median seconds of ``args.repeats`` timed passes (barrier to barrier, so the slowest rank)."""
+    """Embed all sentences with the TP/DP layout. Every rank returns the ``[N, 384]`` float32
+    embeddings and timings: the median seconds of ``args.repeats`` timed passes (barrier to
+    barrier, so the slowest rank counts), and this rank's all_reduce calls and seconds per pass."""
     from mpi4py import MPI
 
     tp, dp = groups.tp, groups.dp
     start = sum(sizes[: dp.rank_in_group])
     mine = args.sentences[start : start + sizes[dp.rank_in_group]]
+    reduce = _TimedAllReduce(tp)
     model = minilm.MiniLM(
         args.model_dir,
         tp_rank=tp.rank_in_group,
         tp_size=tp.world_size,
-        all_reduce=tp.all_reduce,
+        all_reduce=reduce,
         dtype=DTYPES[dtype_name],
         device=tp.device,
     )
     minilm.encode(model, tokenizer, mine[: args.batch_size], args.batch_size)  # warm-up
+    reduce.calls, reduce.seconds = 0, 0.0
     times = []
     for _ in range(args.repeats):
         MPI.COMM_WORLD.Barrier()
@@ -135,7 +153,12 @@ def run_dtype(args, dtype_name, groups, tokenizer, sizes):
         emb = dp.all_gatherv(local, dim=0, sizes=sizes) if dp.world_size > 1 else local
         MPI.COMM_WORLD.Barrier()
         times.append(time.perf_counter() - t0)
-    return emb.cpu(), statistics.median(times)
+    timing = {
+        "seconds": statistics.median(times),
+        "allreduce_calls_per_pass": reduce.calls // args.repeats,
+        "allreduce_seconds_per_pass": reduce.seconds / args.repeats,
+    }
+    return emb.cpu(), timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,15 +201,15 @@ def _run(args, groups, rank: int, size: int, tp_size: int) -> int:
     tokenizer = minilm.Tokenizer(args.model_dir)
     results, ok = [], True
     for name in args.dtypes:
-        emb, seconds = run_dtype(args, name, groups, tokenizer, sizes)
+        emb, timing = run_dtype(args, name, groups, tokenizer, sizes)
         row = {
             "dtype": name,
             "world_size": size,
             "tp_size": tp_size,
             "dp_size": groups.dp.world_size,
             "sentences": n,
-            "seconds": seconds,
-            "sentences_per_s": n / seconds,
+            "sentences_per_s": n / timing["seconds"],
+            **timing,
         }
         if rank == 0:
             if not args.no_reference:
@@ -225,6 +248,11 @@ def _print_row(row: dict, emb: torch.Tensor, args) -> None:
         f"(tp={row['tp_size']}, dp={row['dp_size']}): {row['seconds'] * 1e3:.1f} ms, "
         f"{row['sentences_per_s']:.1f} sentences/s"
     )
+    if row["allreduce_calls_per_pass"]:
+        print(
+            f"  rank 0: {row['allreduce_calls_per_pass']} all_reduce calls per pass, "
+            f"{row['allreduce_seconds_per_pass'] * 1e3:.1f} ms in them"
+        )
     for i in range(min(args.show, emb.shape[0])):
         vals = ", ".join(f"{v:+.4f}" for v in emb[i, :4].tolist())
         text = args.sentences[i] if len(args.sentences[i]) <= 40 else args.sentences[i][:37] + "..."
