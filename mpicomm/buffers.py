@@ -74,6 +74,18 @@ def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
     return info
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of a contiguous tensor with unit stride.
+
+    torch calls a tensor of 0 or 1 elements contiguous whatever its strides; those get stride 1
+    so that views to other element sizes work.
+    """
+    flat = tensor.reshape(-1)
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat
+
+
 def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     """``[buffer, count, datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
 
@@ -84,7 +96,7 @@ def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     stream has been synchronised (:func:`sync_device`).
     """
     info = DTYPES[tensor.dtype]
-    flat = tensor.reshape(-1)
+    flat = _flat(tensor)
     if info.carrier is not tensor.dtype:
         flat = flat.view(info.carrier)
     buf = flat.numpy() if flat.device.type == "cpu" else flat
@@ -153,7 +165,7 @@ class Workspace:
 
 def byte_spec(tensor: torch.Tensor) -> list:
     """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
-    flat = tensor.reshape(-1).view(torch.uint8)
+    flat = _flat(tensor).view(torch.uint8)
     buf = flat.numpy() if flat.device.type == "cpu" else flat
     return [buf, flat.numel(), MPI.BYTE]
 
