@@ -13,8 +13,18 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 @pytest.mark.skipif(importlib.util.find_spec("sphinx") is None, reason="sphinx not installed")
 def test_sphinx_builds_without_warnings(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
-         str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            str(DOCS),
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
