@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.model_dir = minilm.model_dir(args.model_dir)
     except (ImportError, FileNotFoundError) as exc:
         p.error(str(exc))
+    args.num_heads = minilm.Config.load(args.model_dir).num_heads
+    if args.tp is not None and args.num_heads % args.tp:
+        p.error(f"--tp {args.tp} does not divide the model's {args.num_heads} attention heads")
     return args
 
 
@@ -172,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     tp_size = args.tp or size
+    problem = None
     if size % tp_size:
+        problem = f"--tp {tp_size} does not divide the world size {size}"
+    elif args.num_heads % tp_size:
+        problem = f"TP size {tp_size} does not divide the model's {args.num_heads} heads"
+    if problem:  # the same on every rank, so every rank returns before any collective
         if rank == 0:
-            print(f"error: --tp {tp_size} does not divide the world size {size}", file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
         return 2
     groups = mpicomm.initialize_model_parallel(
         tensor_parallel_size=tp_size, data_parallel_size=size // tp_size

@@ -257,6 +257,7 @@ def test_multirank_matches_single_process(tmp_path, tokenizer, model_dir, nprocs
         ["--tp", "0"],
         ["--file", "/nonexistent/sentences.txt"],
         ["--repeats", "0"],
+        ["--tp", "5"],
     ],
 )
 def test_bad_arguments_exit_2_before_mpi(args, capsys):
@@ -277,6 +278,15 @@ def test_defaults_read_the_sample_file():
     assert args.dtypes == ["fp32", "bf16"]
     assert tp_inference.split_sizes(7, 3) == [3, 2, 2]
     assert tp_inference.split_sizes(2, 4) == [1, 1, 0, 0]
+
+
+@pytest.mark.timeout(200)
+def test_world_not_dividing_heads_exits_2():
+    """5 ranks, default TP=5: 12 heads do not split; every rank exits 2 before any collective."""
+    cmd = [_mpiexec(), "-n", "5", sys.executable, str(EXAMPLES / "tp_inference.py"), "hi"]
+    proc = _run(cmd, timeout=150)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "does not divide the model's 12 heads" in proc.stderr
 
 
 def test_tp_not_dividing_world_exits_2():
