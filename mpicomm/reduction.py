@@ -27,8 +27,9 @@ from .calls import Caller
 _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
-# sum. Measured with `python -m mpicomm bench --crossover`; see docs/benchmarks.md.
-BYTES_ALLREDUCE_FROM = 1 << 62
+# sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
+# 64 MiB (1.25-1.47x) and tied or lost from 256 KiB to 16 MiB; see docs/benchmarks.md.
+BYTES_ALLREDUCE_FROM = 64 << 20
 
 
 def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
@@ -53,18 +54,27 @@ def sum_in_rank_order(
 ) -> None:
     """``out = parts[0] + parts[1] + ...`` left to right, accumulated in ``info.accumulate``.
 
-    ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end.
+    ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end. Narrow
+    floats are widened into a reused buffer before each add: a mixed-dtype ``add_`` is about twice
+    as slow (measured, docs/benchmarks.md).
     """
+    world = parts.shape[0]
     if info.accumulate is info.dtype:
-        out.copy_(parts[0])
-        for i in range(1, parts.shape[0]):
+        if world == 1:
+            out.copy_(parts[0])
+            return
+        torch.add(parts[0], parts[1], out=out)
+        for i in range(2, world):
             out.add_(parts[i])
         return
-    acc = workspace.tensor("accumulate", tuple(out.shape), info.accumulate, out.device)
+    shape = tuple(out.shape)
+    acc = workspace.tensor("accumulate", shape, info.accumulate, out.device)
     acc.copy_(parts[0])
-    promotes = info.itemsize > 1  # torch will not promote float8 inside add_
-    for i in range(1, parts.shape[0]):
-        acc.add_(parts[i] if promotes else parts[i].to(info.accumulate))
+    if world > 1:
+        wide = workspace.tensor("widen", shape, info.accumulate, out.device)
+        for i in range(1, world):
+            wide.copy_(parts[i])
+            acc.add_(wide)
     out.copy_(acc)
 
 
