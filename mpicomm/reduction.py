@@ -31,6 +31,11 @@ _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 # 64 MiB (1.25-1.47x) and tied or lost from 256 KiB to 16 MiB; see docs/benchmarks.md.
 BYTES_ALLREDUCE_FROM = 64 << 20
 
+# Below this many gathered bytes (W x message), the bytes algorithm gathers every rank's whole
+# input and each rank sums all of it: one MPI call instead of three (2 ranks, 8 B bf16: 56 us with
+# three calls, see docs/benchmarks.md).
+GATHER_ALL_BELOW = 64 << 10
+
 
 def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
     """``"native"`` or ``"bytes"`` for a sum of ``nbytes`` of ``info``'s dtype under ``algo``."""
@@ -122,10 +127,14 @@ def all_reduce_bytes(
     The first ``W * (n // W)`` elements travel in equal chunks (MPI's Alltoall and Allgather are
     much faster than their v-variants here); the last ``n mod W`` elements are gathered from every
     rank and summed by each rank itself, in rank order, so they too have identical bits everywhere.
+    Small inputs (``W * nbytes <= GATHER_ALL_BELOW``) are all "tail": one Allgather and a local sum.
     """
     world, rank = comm.Get_size(), comm.Get_rank()
     flat_x, flat_out = x.reshape(-1), out.view(-1)
-    chunk, tail = divmod(flat_x.numel(), world)
+    if x.nbytes * world <= GATHER_ALL_BELOW:
+        chunk, tail = 0, flat_x.numel()  # one Allgather beats three calls for small sums
+    else:
+        chunk, tail = divmod(flat_x.numel(), world)
     body = chunk * world
     if chunk:
         mine = flat_out[rank * chunk : (rank + 1) * chunk]
