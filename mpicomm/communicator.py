@@ -468,12 +468,8 @@ class MPICommunicator(DeviceCommunicatorBase):
             numel, size = t.numel(), info.itemsize
             need["in"] = need["out"] = max(need["out"], numel * size)
             if reduction.choose_allreduce(info, numel * size, self.allreduce_algo) == "bytes":
-                chunk = -(-numel // world)  # the largest chunk of an even split
-                need["parts"] = max(need["parts"], world * chunk * size)
-                need["tails"] = max(need["tails"], world * (numel % world) * size)
-                if info.accumulate is not info.dtype:
-                    wide = chunk * info.accumulate.itemsize
-                    need["accumulate"] = need["widen"] = max(need["accumulate"], wide)
+                for slot, nbytes in reduction.bytes_workspace(numel, info, world).items():
+                    need[slot] = max(need[slot], nbytes)
         return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:

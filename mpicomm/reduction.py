@@ -149,6 +149,19 @@ def all_reduce_bytes(
         sum_in_rank_order(tails, flat_out[body:], info, workspace)
 
 
+def bytes_workspace(numel: int, info: DtypeInfo, world: int) -> dict[str, int]:
+    """Bytes per workspace slot that :func:`all_reduce_bytes` (or a reduce-scatter of an even
+    split) of ``numel`` elements takes, for reserving them ahead of the first call."""
+    size, wide = info.itemsize, info.accumulate.itemsize
+    chunk = -(-numel // world)  # the largest chunk of an even split (reduce-scatter)
+    tail = numel if numel * size * world <= GATHER_ALL_BELOW else numel % world
+    widest = max(chunk, tail)
+    need = {"parts": world * chunk * size, "tails": world * tail * size}
+    if info.accumulate is not info.dtype:
+        need["accumulate"] = need["widen"] = widest * wide
+    return need
+
+
 def all_reduce_native(
     call: Caller,
     operation: str,
