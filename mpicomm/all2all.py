@@ -1,0 +1,91 @@
+"""MoE managers behind :meth:`MPICommunicator.dispatch` and :meth:`~MPICommunicator.combine`.
+
+Chosen by name (``all2all_backend``), as vLLM selects its all2all managers.
+
+``allgather_reducescatter`` (default)
+    vLLM's naive manager: ``dispatch`` all-gathers (variable rows per rank) the hidden states, the
+    router logits and any extra tensors so every rank sees every token; ``combine`` reduce-scatters
+    the expert outputs back with the sizes of the last dispatch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .validation import check_sizes, check_tensor
+
+if TYPE_CHECKING:
+    from .communicator import MPICommunicator
+
+
+class AllGatherReduceScatter:
+    """Every token to every rank; expert outputs summed back to the token's owner."""
+
+    name = "allgather_reducescatter"
+
+    def __init__(self, comm: MPICommunicator) -> None:
+        self.comm = comm
+        self.sizes: list[int] | None = None
+
+    def dispatch(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        is_sequence_parallel: bool = False,
+        extra_tensors: list[torch.Tensor] | None = None,
+        *,
+        sizes: list[int] | None = None,
+    ):
+        """(tokens_r, ...) per rank -> (sum_r tokens_r, ...) on every rank, rank-major rows."""
+        tensors = [hidden_states, router_logits, *(extra_tensors or [])]
+        names = ["hidden_states", "router_logits"]
+        names += [f"extra_tensors[{i}]" for i in range(len(tensors) - 2)]
+        for name, t in zip(names, tensors, strict=True):
+            check_tensor(t, name)
+            if t.dim() == 0 or t.shape[0] != hidden_states.shape[0]:
+                raise ValueError(
+                    f"{name} must have the {hidden_states.shape[0]} token rows of hidden_states, "
+                    f"got shape {tuple(t.shape)}"
+                )
+        rows = hidden_states.shape[0]
+        if sizes is None:
+            sizes = self.comm.exchange_rows(rows)
+        else:
+            sizes = check_sizes(sizes, self.comm.world_size)
+            if sizes[self.comm.rank] != rows:
+                raise ValueError(
+                    f"sizes[{self.comm.rank}]={sizes[self.comm.rank]} but hidden_states has "
+                    f"{rows} rows"
+                )
+        gathered = self.comm.all_gatherv(tensors, 0, sizes)
+        self.sizes = sizes
+        if extra_tensors is not None:
+            return gathered[0], gathered[1], gathered[2:]
+        return gathered[0], gathered[1]
+
+    def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False):
+        """(sum_r tokens_r, H) expert outputs -> this rank's (tokens_r, H), summed over ranks."""
+        if self.sizes is None:
+            raise ValueError("combine() called before dispatch(): no token counts to return to")
+        return self.comm.reduce_scatterv(hidden_states, 0, self.sizes)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Nothing to size ahead for this manager."""
+
+    def destroy(self) -> None:
+        self.sizes = None
+
+
+MANAGERS = {AllGatherReduceScatter.name: AllGatherReduceScatter}
+
+
+def make_manager(name: str, comm: MPICommunicator):
+    """The manager called ``name`` for ``comm``; ``ValueError`` listing the names for another."""
+    try:
+        return MANAGERS[name](comm)
+    except KeyError:
+        raise ValueError(
+            f"all2all_backend must be one of {', '.join(MANAGERS)}, got {name!r}"
+        ) from None

@@ -1,0 +1,179 @@
+"""The one place where tensors become MPI buffers.
+
+Everything that hands tensor memory to MPI goes through :func:`mpi_spec`: the dtype table (which
+MPI datatype carries each torch dtype, and whether MPI may sum it), contiguity, and the CUDA stream
+synchronisation that mpi4py does not do itself. :class:`Workspace` holds the reusable scratch and
+pinned staging memory, grown on demand and never reallocated per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    """How one torch dtype travels through MPI.
+
+    ``carrier`` is a dtype of the same size that numpy and MPI understand (16-bit and 8-bit floats
+    travel as integers: their bytes move unchanged). ``sum_op`` is the MPI op that sums the dtype
+    exactly as mpicomm promises, or ``None`` when the sum must be done by torch. ``accumulate`` is
+    the dtype torch sums in.
+    """
+
+    dtype: torch.dtype
+    carrier: torch.dtype
+    mpi: MPI.Datatype
+    sum_op: MPI.Op | None
+    accumulate: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+
+def _table() -> dict[torch.dtype, DtypeInfo]:
+    rows = [
+        (torch.bool, torch.bool, MPI.C_BOOL, MPI.LOR, torch.bool),
+        (torch.uint8, torch.uint8, MPI.UINT8_T, MPI.SUM, torch.uint8),
+        (torch.int8, torch.int8, MPI.INT8_T, MPI.SUM, torch.int8),
+        (torch.int16, torch.int16, MPI.INT16_T, MPI.SUM, torch.int16),
+        (torch.int32, torch.int32, MPI.INT32_T, MPI.SUM, torch.int32),
+        (torch.int64, torch.int64, MPI.INT64_T, MPI.SUM, torch.int64),
+        (torch.uint16, torch.uint16, MPI.UINT16_T, MPI.SUM, torch.uint16),
+        (torch.uint32, torch.uint32, MPI.UINT32_T, MPI.SUM, torch.uint32),
+        (torch.uint64, torch.uint64, MPI.UINT64_T, MPI.SUM, torch.uint64),
+        (torch.float32, torch.float32, MPI.FLOAT, MPI.SUM, torch.float32),
+        (torch.float64, torch.float64, MPI.DOUBLE, MPI.SUM, torch.float64),
+        (torch.complex64, torch.complex64, MPI.C_FLOAT_COMPLEX, MPI.SUM, torch.complex64),
+        (torch.complex128, torch.complex128, MPI.C_DOUBLE_COMPLEX, MPI.SUM, torch.complex128),
+        (torch.float16, torch.int16, MPI.INT16_T, None, torch.float32),
+        (torch.bfloat16, torch.int16, MPI.INT16_T, None, torch.float32),
+    ]
+    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+        if hasattr(torch, name):
+            rows.append((getattr(torch, name), torch.uint8, MPI.UINT8_T, None, torch.float32))
+    if hasattr(torch, "float8_e8m0fnu"):
+        # A scale format (powers of two): it moves as bytes but has no meaningful sum.
+        rows.append((torch.float8_e8m0fnu, torch.uint8, MPI.UINT8_T, None, torch.float32))
+    return {row[0]: DtypeInfo(*row) for row in rows}
+
+
+DTYPES: dict[torch.dtype, DtypeInfo] = _table()
+
+
+def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
+    """The table row for ``dtype``; ``TypeError`` naming ``argument`` for an unsupported dtype."""
+    info = DTYPES.get(dtype)
+    if info is None:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise TypeError(f"{argument}: dtype {dtype} is not supported (supported: {supported})")
+    return info
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of a contiguous tensor with unit stride.
+
+    torch calls a tensor of 0 or 1 elements contiguous whatever its strides; those get stride 1
+    so that views to other element sizes work.
+    """
+    flat = tensor.reshape(-1)
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat
+
+
+def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
+    """``[buffer, count, datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
+
+    ``count`` defaults to every element; gathers pass the count one rank contributes.
+
+    CPU memory is handed over as a numpy view (mpi4py's fastest path); device memory as the tensor
+    itself (DLPack). The caller guarantees contiguity and, for device memory, that the producing
+    stream has been synchronised (:func:`sync_device`).
+    """
+    info = DTYPES[tensor.dtype]
+    flat = _flat(tensor)
+    if info.carrier is not tensor.dtype:
+        flat = flat.view(info.carrier)
+    buf = flat.numpy() if flat.device.type == "cpu" else flat
+    return [buf, flat.numel() if count is None else count, info.mpi]
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the current stream of a CUDA ``device``; a no-op for CPU."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+class Workspace:
+    """Reusable memory: scratch space and (for CUDA without a CUDA-aware MPI) pinned host staging.
+
+    Memory is kept per ``(slot, device)`` and grown on demand: after the first call of a given size
+    no further allocation happens. ``allocations`` counts the real allocations (for tests).
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple[str, str], torch.Tensor] = {}
+        self.allocations = 0
+
+    def raw(
+        self, slot: str, nbytes: int, device: torch.device, pinned: bool = False
+    ) -> torch.Tensor:
+        """A uint8 tensor of exactly ``nbytes`` on ``device``, backed by the slot's memory."""
+        key = (slot, str(device))
+        held = self._slots.get(key)
+        if held is None or held.numel() < nbytes:
+            size = max(nbytes, 2 * held.numel() if held is not None else 0, 64)
+            pin = pinned and device.type == "cpu" and torch.cuda.is_available()
+            held = torch.empty(size, dtype=torch.uint8, device=device, pin_memory=pin)
+            self._slots[key] = held
+            self.allocations += 1
+        return held[:nbytes]
+
+    def tensor(
+        self,
+        slot: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        pinned: bool = False,
+    ) -> torch.Tensor:
+        """A contiguous tensor of ``shape`` and ``dtype`` living in the slot's memory."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        return self.raw(slot, numel * dtype.itemsize, device, pinned).view(dtype).view(shape)
+
+    def reserve(
+        self, nbytes: int, device: torch.device, pinned: bool, slots: tuple[str, ...]
+    ) -> None:
+        """Grow each of ``slots`` to at least ``nbytes`` now, so the first real call does not."""
+        for slot in slots:
+            self.raw(slot, nbytes, device, pinned)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in self._slots.values())
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+
+def byte_spec(tensor: torch.Tensor) -> list:
+    """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
+    flat = _flat(tensor).view(torch.uint8)
+    buf = flat.numpy() if flat.device.type == "cpu" else flat
+    return [buf, flat.numel(), MPI.BYTE]
+
+
+def vector_spec(tensor: torch.Tensor, counts: list[int]) -> list:
+    """``[buffer, (counts, displacements), datatype]`` for the v-collectives, in elements."""
+    displs = [0] * len(counts)
+    for i in range(1, len(counts)):
+        displs[i] = displs[i - 1] + counts[i - 1]
+    buf, _, datatype = mpi_spec(tensor)
+    return [buf, (counts, displs), datatype]

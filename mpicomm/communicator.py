@@ -1,0 +1,458 @@
+"""MPICommunicator: the device-communicator interface on MPI.
+
+Every collective follows the same order: validate the arguments (no MPI yet), optionally check that
+all ranks agree (consistency mode, on the cpu communicator), bring the input to memory MPI can read
+(contiguous; staged to pinned host memory for CUDA without a CUDA-aware MPI), run MPI on the device
+communicator, and return a fresh tensor on the input's device.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import consistency, reduction
+from .all2all import make_manager
+from .base import DeviceCommunicatorBase
+from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
+from .calls import Caller
+from .config import ALLREDUCE_ALGOS, settings
+from .cuda import cuda_aware
+from .errors import CommunicationError
+from .validation import (
+    check_device,
+    check_rank,
+    check_sizes,
+    check_tensor,
+    even_sizes,
+    normalize_dim,
+)
+
+log = logging.getLogger("mpicomm")
+
+_P2P_TAG = 7
+_HOST = torch.device("cpu")
+
+
+class MPICommunicator(DeviceCommunicatorBase):
+    """The collectives of one group, over MPI.
+
+    Parameters
+    ----------
+    cpu_group:
+        ``mpi4py.MPI.Comm`` for control traffic (row counts, fingerprints). Default ``COMM_WORLD``.
+    device:
+        ``torch.device`` or string; default ``cpu``. CUDA inputs must be on this GPU; CPU inputs
+        are always accepted. Results land on the input's device.
+    device_group:
+        ``mpi4py.MPI.Comm`` with the same members in the same order, for tensor payloads. ``None``:
+        a duplicate of ``cpu_group`` is made here (collectively) and freed by :meth:`destroy`.
+    unique_name:
+        Name used in errors and logs, e.g. ``"tp:0"``.
+    timeout:
+        Seconds bounding every collective and receive (``0``: no bound). Default: ``MPICOMM_TIMEOUT``.
+    validate:
+        Check before each collective that all ranks agree on its arguments. Default:
+        ``MPICOMM_VALIDATE``.
+    allreduce_algo:
+        ``"auto"``, ``"native"`` or ``"bytes"`` (see :mod:`mpicomm.reduction`). Default:
+        ``MPICOMM_ALLREDUCE_ALGO``.
+    staging:
+        Send every tensor through the host staging buffers, CPU tensors too (tests the staging
+        path without a GPU). Default: ``MPICOMM_STAGING``.
+    all2all_backend:
+        The MoE manager behind :meth:`dispatch` / :meth:`combine`.
+    """
+
+    def __init__(
+        self,
+        cpu_group: MPI.Comm | None = None,
+        device: torch.device | str | None = None,
+        device_group: MPI.Comm | None = None,
+        unique_name: str = "",
+        *,
+        timeout: float | None = None,
+        validate: bool | None = None,
+        allreduce_algo: str | None = None,
+        staging: bool | None = None,
+        all2all_backend: str = "allgather_reducescatter",
+    ) -> None:
+        super().__init__(cpu_group, device, device_group, unique_name)
+        env = settings()
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+                raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+            env_timeout = float(timeout) or None
+        else:
+            env_timeout = env.timeout
+        algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
+        if algo not in ALLREDUCE_ALGOS:
+            raise ValueError(f"allreduce_algo must be one of {ALLREDUCE_ALGOS}, got {algo!r}")
+        self.allreduce_algo = algo
+        self.validate = env.validate if validate is None else bool(validate)
+        self.staging = env.staging if staging is None else bool(staging)
+        self.cuda_aware = cuda_aware()
+        label = unique_name or f"comm{self.ranks}"
+        self._call = Caller(label, env_timeout)
+        self._workspace = Workspace()
+        self._destroyed = False
+        self._owns_device_group = device_group is None
+        if device_group is None:
+            self.device_group = self.cpu_group.Dup()
+        else:
+            relation = MPI.Comm.Compare(self.cpu_group, device_group)
+            if relation == MPI.IDENT:
+                raise ValueError(
+                    "device_group must be a communicator of its own (e.g. cpu_group.Dup()): "
+                    "control and payload traffic never share one"
+                )
+            if relation != MPI.CONGRUENT:
+                raise ValueError(
+                    "device_group must have the members of cpu_group in the same order"
+                )
+        self.all2all_manager = make_manager(all2all_backend, self)
+        log.debug(
+            "%s: rank %d of %d on %s; CUDA tensors %s",
+            label,
+            self.rank,
+            self.world_size,
+            self.device,
+            "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
+        )
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds bounding each call, or ``None``."""
+        return self._call.timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0):
+            raise ValueError(f"timeout must be a number of seconds >= 0, got {seconds!r}")
+        self._call.timeout = float(seconds) if seconds else None
+
+    # ----------------------------------------------------------------- memory MPI can read
+    def _staged(self, device: torch.device) -> bool:
+        return self.staging or (device.type == "cuda" and not self.cuda_aware)
+
+    def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
+        """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes)."""
+        if self._staged(tensor.device):
+            host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
+            host.copy_(tensor)
+            return host
+        tensor = tensor.contiguous()
+        if tensor.device.type == "cuda":
+            sync_device(tensor.device)
+        return tensor
+
+    def _output(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
+        if self._staged(device):
+            return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
+        if self._staged(device):
+            return out.to(device, copy=True)
+        return out
+
+    def _begin(self, operation: str, row_fn=None) -> None:
+        """Refuse a destroyed communicator; in consistency mode, make all ranks agree first."""
+        if self._destroyed:
+            raise CommunicationError(
+                f"{operation} on group {self._call.group!r}: the communicator was destroyed",
+                operation=operation,
+                group=self._call.group,
+            )
+        if self.validate and row_fn is not None:
+            consistency.agree(self._call, self.cpu_group, operation, row_fn())
+
+    # ----------------------------------------------------------------- collectives
+    def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over the group; every rank gets the same bits, shape and dtype as input.
+
+        16-bit and 8-bit floats are summed in float32 in rank order and rounded once; bool sums
+        are logical or; integer sums wrap like torch's.
+        """
+        info = check_tensor(input_)
+        check_device(input_, self.device)
+        self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        x = self._stage_in(input_)
+        out = self._output(x.shape, x.dtype, input_.device)
+        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        comm = self.device_group
+        if algo == "native":
+            reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
+        else:
+            reduction.all_reduce_bytes(
+                self._call, "all_reduce", comm, x, out, info, self._workspace
+            )
+        return self._result(out, input_.device)
+
+    def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
+        check_tensor(input_)
+        dim = normalize_dim(dim, input_.dim())
+        check_device(input_, self.device)
+        self._begin("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
+        x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
+        buf = self._output((self.world_size, *x.shape), x.dtype, input_.device)
+        self._call(
+            "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
+        )
+        return _merge_ranks(self._result(buf, input_.device), dim)
+
+    def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
+        """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
+        check_tensor(input_)
+        dim = normalize_dim(dim, input_.dim())
+        check_rank(dst, self.world_size, "dst")
+        check_device(input_, self.device)
+        self._begin("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
+        x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
+        root = self.rank == dst
+        buf = self._output((self.world_size, *x.shape), x.dtype, input_.device) if root else None
+        self._call(
+            "gather",
+            self.device_group,
+            "Gather",
+            mpi_spec(x),
+            mpi_spec(buf, x.numel()) if root else None,
+            dst,
+        )
+        return _merge_ranks(self._result(buf, input_.device), dim) if root else None
+
+    def all_gatherv(
+        self,
+        input_: torch.Tensor | list[torch.Tensor],
+        dim: int = 0,
+        sizes: list[int] | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """All-gather along dim 0 with ``sizes[i]`` rows from rank i.
+
+        ``input_`` is a tensor or a list of tensors with ``sizes[r]`` rows each (dtypes and
+        trailing shapes may differ between list entries). Output per tensor: rank 0's rows, then
+        rank 1's, ...; a list in gives a list out. ``sizes=None``: every rank has the same rows.
+        """
+        tensors = _tensor_list(input_)
+        for i, t in enumerate(tensors):
+            check_tensor(t, "input_" if isinstance(input_, torch.Tensor) else f"input_[{i}]")
+            check_device(t, self.device)
+            if t.dim() == 0:
+                raise ValueError("all_gatherv needs tensors with at least one dimension (rows)")
+        if normalize_dim(dim, tensors[0].dim()) != 0:
+            raise ValueError(f"all_gatherv supports dim=0 only, got dim={dim}")
+        rows = tensors[0].shape[0]
+        for i, t in enumerate(tensors):
+            if t.shape[0] != rows:
+                raise ValueError(f"input_[{i}] has {t.shape[0]} rows, input_[0] has {rows}")
+        sizes = [rows] * self.world_size if sizes is None else check_sizes(sizes, self.world_size)
+        if sizes[self.rank] != rows:
+            raise ValueError(f"sizes[{self.rank}]={sizes[self.rank]} but this rank has {rows} rows")
+        self._begin(
+            "all_gatherv",
+            lambda: consistency.fingerprint("all_gatherv", tensors[0], 0, sizes, rows_vary=True),
+        )
+        outs = [self._gatherv(t, sizes) for t in tensors]
+        return outs[0] if isinstance(input_, torch.Tensor) else outs
+
+    def _gatherv(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        x = self._stage_in(tensor)
+        row = math.prod(x.shape[1:])
+        buf = self._output((sum(sizes), *x.shape[1:]), x.dtype, tensor.device)
+        counts = [s * row for s in sizes]
+        self._call(
+            "all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts)
+        )
+        return self._result(buf, tensor.device)
+
+    def reduce_scatter(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """``torch.chunk(sum_over_ranks(input_), W, dim)[r]``; ``input_.shape[dim]`` divisible by W."""
+        return self._reduce_scatter("reduce_scatter", input_, dim, None)
+
+    def reduce_scatterv(
+        self, input_: torch.Tensor, dim: int = -1, sizes: list[int] | None = None
+    ) -> torch.Tensor:
+        """Sum over ranks; rank r keeps rows ``[sum(sizes[:r]), +sizes[r])`` along ``dim``.
+
+        ``len(sizes)`` must be W and ``sum(sizes)`` must be ``input_.shape[dim]``; ``None`` means
+        an even split.
+        """
+        return self._reduce_scatter("reduce_scatterv", input_, dim, sizes)
+
+    def _reduce_scatter(self, operation, input_, dim, sizes) -> torch.Tensor:
+        info = check_tensor(input_)
+        dim = normalize_dim(dim, input_.dim())
+        check_device(input_, self.device)
+        moved = input_.reshape(1) if input_.dim() == 0 else input_.movedim(dim, 0)
+        total = moved.shape[0]
+        if sizes is None:
+            sizes = even_sizes(total, self.world_size)
+        else:
+            sizes = check_sizes(sizes, self.world_size, total=total)
+        self._begin(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
+        x = self._stage_in(moved)
+        row = math.prod(x.shape[1:])
+        counts = [s * row for s in sizes]
+        out = self._output((sizes[self.rank], *x.shape[1:]), x.dtype, input_.device)
+        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        comm = self.device_group
+        if algo == "native":
+            reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
+        else:
+            reduction.reduce_scatter_bytes(
+                self._call, operation, comm, x, counts, out, info, self._workspace
+            )
+        result = self._result(out, input_.device)
+        if input_.dim() == 0:
+            return result.reshape(())
+        return result if dim == 0 else result.movedim(0, dim).contiguous()
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s tensor on every rank (all ranks pass the same shape and dtype)."""
+        check_tensor(tensor, "tensor")
+        check_rank(src, self.world_size, "src")
+        check_device(tensor, self.device, "tensor")
+        self._begin("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
+        buf = self._output(tuple(tensor.shape), tensor.dtype, tensor.device)
+        if self.rank == src:
+            buf.copy_(tensor)
+            if buf.device.type == "cuda":
+                sync_device(buf.device)
+        self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)
+        return self._result(buf, tensor.device)
+
+    # ----------------------------------------------------------------- point-to-point
+    def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
+        """Blocking send of ``tensor`` to group rank ``dst`` (default: the next rank)."""
+        check_tensor(tensor, "tensor")
+        dst = (self.rank + 1) % self.world_size if dst is None else dst
+        check_rank(dst, self.world_size, "dst")
+        check_device(tensor, self.device, "tensor")
+        self._begin("send")
+        x = self._stage_in(tensor)
+        self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)
+
+    def recv(
+        self, size: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int | None = None
+    ) -> torch.Tensor:
+        """Blocking receive of a ``size``/``dtype`` tensor from group rank ``src`` (default: the
+        previous rank), returned on the communicator's device. A message of another byte size
+        raises :class:`CommunicationError` (after it is consumed); nothing is truncated."""
+        shape = _shape(size)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        dtype_info(dtype, "dtype")
+        src = (self.rank - 1) % self.world_size if src is None else src
+        check_rank(src, self.world_size, "src")
+        self._begin("recv")
+        out = self._output(shape, dtype, self.device)
+        message, status = self._call.probe("recv", self.device_group, src, _P2P_TAG)
+        arrived, expected = status.Get_count(MPI.BYTE), out.numel() * dtype.itemsize
+        if arrived != expected:
+            self._call("recv", message, "Recv", [np.empty(arrived, np.uint8), MPI.BYTE])
+            raise CommunicationError(
+                f"recv on group {self._call.group!r}: the message from rank {src} has "
+                f"{arrived} bytes, but size={tuple(shape)} of {dtype} is {expected} bytes",
+                operation="recv",
+                group=self._call.group,
+            )
+        self._call("recv", message, "Recv", byte_spec(out))
+        return self._result(out, self.device)
+
+    # ----------------------------------------------------------------- MoE
+    def dispatch(
+        self,
+        hidden_states: torch.Tensor,
+        router_logits: torch.Tensor,
+        is_sequence_parallel: bool = False,
+        extra_tensors: list[torch.Tensor] | None = None,
+        *,
+        sizes: list[int] | None = None,
+    ):
+        """Bring every rank's tokens to every rank (see the all2all manager in use).
+
+        Returns ``(hidden_states, router_logits)``, or ``(..., extras)`` when ``extra_tensors`` is
+        given; row counts come from ``sizes`` or are exchanged on the cpu communicator.
+        """
+        return self.all2all_manager.dispatch(
+            hidden_states, router_logits, is_sequence_parallel, extra_tensors, sizes=sizes
+        )
+
+    def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False):
+        """Sum expert outputs back to the ranks that own the tokens of the last dispatch."""
+        return self.all2all_manager.combine(hidden_states, is_sequence_parallel)
+
+    def exchange_rows(self, rows: int) -> list[int]:
+        """Every rank's ``rows`` (group order), exchanged on the cpu communicator."""
+        self._begin("exchange_rows")
+        mine = np.array([rows], dtype=np.int64)
+        every = np.empty(self.world_size, dtype=np.int64)
+        self._call("exchange_rows", self.cpu_group, "Allgather", mine, every)
+        return every.tolist()
+
+    # ----------------------------------------------------------------- lifetime
+    def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:
+        """Grow the staging buffers to the model's largest tensor, so the first call allocates none.
+
+        Only does something where CUDA tensors are staged (no CUDA-aware MPI) or staging is forced.
+        """
+        tensors = [*model.parameters(), *model.buffers()]
+        if not tensors or not self._staged(self.device):
+            return
+        nbytes = max(t.numel() * t.element_size() for t in tensors)
+        self._workspace.reserve(nbytes, _HOST, True, ("in", "out"))
+        self.all2all_manager.prepare(model)
+
+    def destroy(self) -> None:
+        """Free the payload communicator if this object made it, and all buffers. Collective when
+        it frees; idempotent."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self.all2all_manager.destroy()
+        self._workspace.clear()
+        if self._owns_device_group and self.device_group != MPI.COMM_NULL:
+            self.device_group.Free()
+
+    def __repr__(self) -> str:
+        return (
+            f"MPICommunicator({self._call.group!r}, rank={self.rank}/{self.world_size}, "
+            f"device={self.device}, ranks={self.ranks})"
+        )
+
+
+def _merge_ranks(buf: torch.Tensor, dim: int) -> torch.Tensor:
+    """(W, *shape) -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
+    world, shape = buf.shape[0], buf.shape[1:]
+    merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
+    if dim == 0:
+        return buf.reshape(merged)
+    return buf.movedim(0, dim).reshape(merged).contiguous()
+
+
+def _tensor_list(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple) and value:
+        return list(value)
+    raise TypeError(f"input_ must be a tensor or a non-empty list of tensors, got {value!r:.60}")
+
+
+def _shape(size) -> tuple[int, ...]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size,)
+    if not isinstance(size, torch.Size | tuple | list):
+        raise TypeError(
+            f"size must be a torch.Size or a sequence of ints, got {type(size).__name__}"
+        )
+    for n in size:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"size must hold non-negative ints, got {tuple(size)}")
+    return tuple(size)

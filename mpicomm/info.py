@@ -1,0 +1,54 @@
+"""``python -m mpicomm info``: the MPI library, its thread level and CUDA awareness, and where
+every rank runs."""
+
+from __future__ import annotations
+
+import mpi4py
+import torch
+from mpi4py import MPI
+
+from .cuda import cuda_awareness_report, loaded_libmpi
+from .topology import default_device, node_topology
+
+_THREAD_LEVELS = {
+    MPI.THREAD_SINGLE: "single",
+    MPI.THREAD_FUNNELED: "funneled",
+    MPI.THREAD_SERIALIZED: "serialized",
+    MPI.THREAD_MULTIPLE: "multiple",
+}
+
+
+def report(comm: MPI.Comm | None = None) -> str | None:
+    """The info text on rank 0 of ``comm`` (``None`` elsewhere). Collective."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    topo = node_topology(comm)
+    device = default_device(topo.local_rank)
+    rows = comm.gather(
+        (
+            comm.Get_rank(),
+            topo.hostname,
+            topo.node_index,
+            topo.local_rank,
+            topo.local_size,
+            str(device),
+        ),
+        root=0,
+    )
+    if comm.Get_rank() != 0:
+        return None
+    version = MPI.Get_library_version().strip().splitlines()[0]
+    lines = [
+        f"MPI library      {version}",
+        f"libmpi           {loaded_libmpi() or 'unknown'}",
+        f"MPI standard     {'.'.join(map(str, MPI.Get_version()))}",
+        f"mpi4py           {mpi4py.__version__}",
+        f"thread level     {_THREAD_LEVELS.get(MPI.Query_thread(), MPI.Query_thread())}",
+        f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
+        f"CUDA-aware MPI   {cuda_awareness_report()}",
+        f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
+        "",
+        f"{'rank':>4}  {'host':<20} {'node':>4} {'local':>5} {'of':>3}  device",
+    ]
+    for rank, host, node, local, size, dev in rows:
+        lines.append(f"{rank:>4}  {host:<20} {node:>4} {local:>5} {size:>3}  {dev}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""How a sum over the group is computed.
+
+Two algorithms, chosen per call (:func:`choose_allreduce`):
+
+``native``
+    MPI's own ``Allreduce`` / ``Reduce_scatter``: used where MPI sums the dtype exactly as promised
+    (integers, bool as logical or, float32/float64, complex) and where it is the faster of the two.
+``bytes``
+    DESIGN.md principle 1: an all-to-all of raw bytes gives each rank the W slices of its chunk; torch
+    sums them in rank order in the accumulation dtype (float32 for 16-bit and 8-bit floats) and
+    rounds once; an all-gather returns the chunks. It moves the bytes of a ring all-reduce, and every
+    element is computed by exactly one rank, so all ranks hold identical bits.
+
+All functions take contiguous tensors on the work device (host memory when staging) and write into
+``out``; they never modify their input.
+"""
+
+from __future__ import annotations
+
+import torch
+from mpi4py import MPI
+
+from .buffers import DtypeInfo, Workspace, mpi_spec, vector_spec
+from .calls import Caller
+
+# Dtypes whose elementwise add torch does not implement on every device: MPI only.
+_TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
+
+# Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
+# sum. Measured with `python -m mpicomm bench --crossover`; see docs/benchmarks.md.
+BYTES_ALLREDUCE_FROM = 1 << 62
+
+
+def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
+    """``"native"`` or ``"bytes"`` for a sum of ``nbytes`` of ``info``'s dtype under ``algo``."""
+    if info.sum_op is None:
+        return "bytes"
+    if info.dtype in _TORCH_CANNOT_ADD:
+        return "native"
+    if algo == "auto":
+        return "bytes" if nbytes >= BYTES_ALLREDUCE_FROM else "native"
+    return algo
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    """``parts`` near-equal counts adding up to ``total``; the first ones get the remainder."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def sum_in_rank_order(
+    parts: torch.Tensor, out: torch.Tensor, info: DtypeInfo, workspace: Workspace
+) -> None:
+    """``out = parts[0] + parts[1] + ...`` left to right, accumulated in ``info.accumulate``.
+
+    ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end.
+    """
+    if info.accumulate is info.dtype:
+        out.copy_(parts[0])
+        for i in range(1, parts.shape[0]):
+            out.add_(parts[i])
+        return
+    acc = workspace.tensor("accumulate", tuple(out.shape), info.accumulate, out.device)
+    acc.copy_(parts[0])
+    promotes = info.itemsize > 1  # torch will not promote float8 inside add_
+    for i in range(1, parts.shape[0]):
+        acc.add_(parts[i] if promotes else parts[i].to(info.accumulate))
+    out.copy_(acc)
+
+
+def reduce_scatter_bytes(
+    call: Caller,
+    operation: str,
+    comm: MPI.Comm,
+    x: torch.Tensor,
+    counts: list[int],
+    out: torch.Tensor,
+    info: DtypeInfo,
+    workspace: Workspace,
+) -> None:
+    """Rank r gets the sum of elements ``[sum(counts[:r]), +counts[r])`` of every rank's ``x``.
+
+    ``x``: contiguous, ``sum(counts)`` elements; ``out``: ``counts[r]`` elements.
+    """
+    world, rank = comm.Get_size(), comm.Get_rank()
+    mine = counts[rank]
+    parts = workspace.tensor("parts", (world, mine), x.dtype, x.device)
+    call(
+        operation,
+        comm,
+        "Alltoallv",
+        vector_spec(x, counts),
+        vector_spec(parts, [mine] * world),
+    )
+    sum_in_rank_order(parts, out.view(-1), info, workspace)
+
+
+def all_reduce_bytes(
+    call: Caller,
+    operation: str,
+    comm: MPI.Comm,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    info: DtypeInfo,
+    workspace: Workspace,
+) -> None:
+    """``out`` = elementwise sum of every rank's ``x`` by the bytes algorithm (same shapes)."""
+    world, rank = comm.Get_size(), comm.Get_rank()
+    counts = split_evenly(x.numel(), world)
+    start = sum(counts[:rank])
+    flat_out = out.view(-1)
+    chunk = flat_out[start : start + counts[rank]]
+    reduce_scatter_bytes(call, operation, comm, x, counts, chunk, info, workspace)
+    call(operation, comm, "Allgatherv", MPI.IN_PLACE, vector_spec(flat_out, counts))
+
+
+def all_reduce_native(
+    call: Caller,
+    operation: str,
+    comm: MPI.Comm,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    info: DtypeInfo,
+) -> None:
+    """``out`` = elementwise sum of every rank's ``x`` by MPI's Allreduce."""
+    call(operation, comm, "Allreduce", mpi_spec(x), mpi_spec(out), info.sum_op)
+
+
+def reduce_scatter_native(
+    call: Caller,
+    operation: str,
+    comm: MPI.Comm,
+    x: torch.Tensor,
+    counts: list[int],
+    out: torch.Tensor,
+    info: DtypeInfo,
+) -> None:
+    """As :func:`reduce_scatter_bytes`, by MPI's Reduce_scatter."""
+    call(operation, comm, "Reduce_scatter", mpi_spec(x), mpi_spec(out), counts, info.sum_op)
