@@ -181,7 +181,9 @@ def all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     return torch.ops.mpicomm.all_reduce(x, group_name)
 
 
-def all_gather(x: torch.Tensor, group_name: str, dim: int = -1, world_size: int = -1) -> torch.Tensor:
+def all_gather(
+    x: torch.Tensor, group_name: str, dim: int = -1, world_size: int = -1
+) -> torch.Tensor:
     """Concatenation along ``dim``; ``world_size`` defaults to the registered group's size."""
     if world_size < 0:
         world_size = get_communicator(group_name).world_size

@@ -120,7 +120,8 @@ def test_real_ops_check_world_size_and_rank(comm):
 
 
 @pytest.mark.parametrize(
-    "op", ["all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv", "broadcast"]
+    "op",
+    ["all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv", "broadcast"],
 )
 def test_opcheck(comm, op):
     """torch.library.opcheck: schema, fake-vs-real shapes, AOT dispatch (real collectives run;

@@ -40,8 +40,11 @@ def test_entry_point_is_declared_in_setup_cfg():
     ("environ", "want"),
     [
         (
-            {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
-             "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            },
             {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"},
         ),
         (

@@ -43,7 +43,13 @@ from vllm.distributed.device_communicators.base_device_communicator import (
 logger = logging.getLogger(__name__)
 
 _BASE_INIT = inspect.signature(_VllmBase.__init__).parameters
-_BASE_INIT_KW = frozenset(_BASE_INIT) - {"self", "cpu_group", "device", "device_group", "unique_name"}
+_BASE_INIT_KW = frozenset(_BASE_INIT) - {
+    "self",
+    "cpu_group",
+    "device",
+    "device_group",
+    "unique_name",
+}
 TOPK_DISPATCH = "topk_ids" in inspect.signature(_VllmBase.dispatch).parameters
 """True when the installed vLLM dispatches ``(hidden_states, topk_weights, topk_ids)``."""
 
@@ -232,7 +238,10 @@ class VllmMPICommunicator(_VllmBase):
         first, second, *rest = tensors
         extras = list(rest) + list(extra_tensors or [])
         out = self.mpi.dispatch(
-            first, second, is_sequence_parallel, extras if (extras or extra_tensors is not None) else None
+            first,
+            second,
+            is_sequence_parallel,
+            extras if (extras or extra_tensors is not None) else None,
         )
         if not rest:
             return out

@@ -86,9 +86,7 @@ def torch_env_from_mpi(comm=None) -> dict[str, str]:
     num_nodes = comm.allreduce(node_leader, op=MPI.SUM)
     master = None
     if rank == 0:
-        addr = os.environ.get("MASTER_ADDR") or (
-            "127.0.0.1" if num_nodes == 1 else _host_address()
-        )
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if num_nodes == 1 else _host_address())
         port = os.environ.get("MASTER_PORT") or str(_free_port())
         master = (addr, port)
     addr, port = comm.bcast(master, root=0)

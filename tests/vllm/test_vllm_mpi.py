@@ -18,7 +18,8 @@ import pytest
 
 # vllm.distributed, not vllm: with tests/ on sys.path this very folder is a namespace "vllm"
 pytest.importorskip(
-    "vllm.distributed.parallel_state", reason="vLLM is not installed (CI job .ci/vllm.sh installs it)"
+    "vllm.distributed.parallel_state",
+    reason="vLLM is not installed (CI job .ci/vllm.sh installs it)",
 )
 
 SCRIPT = Path(__file__).with_name("vllm_groups.py")
@@ -38,8 +39,18 @@ def run(n: int, *args: str, enable: bool = True) -> str:
     env.setdefault("OMP_NUM_THREADS", "1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = ["timeout", "-k", "10", str(TIMEOUT), mpiexec(), "-n", str(n), sys.executable,
-           str(SCRIPT), *args]
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        str(TIMEOUT),
+        mpiexec(),
+        "-n",
+        str(n),
+        sys.executable,
+        str(SCRIPT),
+        *args,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT + 30)
     out = proc.stdout + proc.stderr
     tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 
@@ -89,7 +88,8 @@ def exercise_group(name: str, group, world) -> None:
         s = total(inputs)
         check(close(group.all_reduce(mine), s), f"{name}: all_reduce {dtype}")
         check(
-            close(group.all_gather(mine, dim=0), torch.cat(inputs, 0)), f"{name}: all_gather {dtype}"
+            close(group.all_gather(mine, dim=0), torch.cat(inputs, 0)),
+            f"{name}: all_gather {dtype}",
         )
         check(
             close(group.all_gather(mine, dim=-1), torch.cat(inputs, -1)),
@@ -108,8 +108,7 @@ def exercise_group(name: str, group, world) -> None:
         )
         pair = group.all_gatherv([rows[r], rows[r][:, :2].contiguous()], dim=0, sizes=sizes)
         check(
-            isinstance(pair, list)
-            and close(pair[1], torch.cat([x[:, :2] for x in rows], 0)),
+            isinstance(pair, list) and close(pair[1], torch.cat([x[:, :2] for x in rows], 0)),
             f"{name}: all_gatherv list {dtype}",
         )
         full = [make(g, (sum(sizes), 2), dtype, 20 + i) for g in ranks]
@@ -137,8 +136,16 @@ def exercise_group(name: str, group, world) -> None:
     check(close(got, make(ranks[(r - 1) % W], (3, 2), torch.float32, 99)), f"{name}: send/recv")
 
     after = comm.calls
-    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv",
-               "gather", "send", "recv"):
+    for op in (
+        "all_reduce",
+        "all_gather",
+        "reduce_scatter",
+        "all_gatherv",
+        "reduce_scatterv",
+        "gather",
+        "send",
+        "recv",
+    ):
         check(after.get(op, 0) > before.get(op, 0), f"{name}: {op} never reached mpicomm")
 
 
@@ -184,9 +191,7 @@ def exercise_moe(cfg, ep_group, dp_group, tp_group) -> None:
                 contrib = [make(4000 + j, (sum(counts), 8), dtype, i) for j in range(D)]
                 back = ep_group.combine(contrib[d])
                 start = sum(counts[:d])
-                check(
-                    close(back, total(contrib)[start : start + n]), f"moe: combine {dtype}"
-                )
+                check(close(back, total(contrib)[start : start + n]), f"moe: combine {dtype}")
             finally:
                 if sized is not None:
                     sized.__exit__(None, None, None)
