@@ -311,7 +311,9 @@ class VllmMPICommunicator(_VllmBase):
         return output
 
     def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:
-        """vLLM's own preparation (MoE kernels of the EP group) where the base class has one."""
+        """mpicomm's buffers for the model, then vLLM's own preparation (MoE kernels of the EP
+        group) where the installed base class has one."""
+        self.mpi.prepare_communication_buffer_for_model(model)
         parent = getattr(super(), "prepare_communication_buffer_for_model", None)
         if parent is not None:
             parent(model)

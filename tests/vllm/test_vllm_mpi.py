@@ -93,5 +93,5 @@ def test_tp2_x_pp2_on_4_ranks():
 
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_without_the_flag_vllm_keeps_its_own_communicator():
-    out = run(2, "--tp", "2", enable=False)
+    out = run(2, "--tp", "2", "--expect-native", enable=False)
     assert "VllmMPICommunicator" not in out.split("GROUPS", 1)[1].splitlines()[0]

@@ -78,6 +78,7 @@ def exercise_group(name: str, group, world) -> None:
         return
     W, r, ranks = group.world_size, group.rank_in_group, group.ranks
     check(comm.mpi.world_size == W and comm.mpi.rank_in_group == r, f"{name}: rank mapping")
+    comm.prepare_communication_buffer_for_model(torch.nn.Linear(4, 4))  # must not raise
     before = dict(comm.calls)
 
     for i, dtype in enumerate(DTYPES):
