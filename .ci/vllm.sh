@@ -25,7 +25,12 @@ SUITE_TIMEOUT=${MPICOMM_VLLM_SUITE_TIMEOUT:-2400}
 # prints a dependency-conflict message about vLLM's torch pin: harmless; never run `pip check`.
 TORCH_PIN="torch==2.13.0"
 BASE_PKGS="mpi4py mpich numpy pytest pytest-timeout"
-VLLM_DEPS="packaging psutil pyzmq urllib3 regex pydantic cbor2 gguf aiohttp transformers>=4.56.0,<5 msgspec pillow pybase64 cachetools cloudpickle py-cpuinfo prometheus_client"
+VLLM_DEPS="packaging psutil pyzmq urllib3 regex pydantic cbor2 gguf aiohttp msgspec pillow pybase64 cachetools cloudpickle py-cpuinfo prometheus_client"
+case "$VLLM_VERSION" in
+    0.15.*) VLLM_DEPS="$VLLM_DEPS transformers>=4.56.0,<5" ;;
+    # measured for 0.33.0: transformers 5 and what its config classes import
+    *) VLLM_DEPS="$VLLM_DEPS transformers>=5 openai-harmony openai uvloop xgrammar fastapi partial-json-parser llguidance" ;;
+esac
 
 RECIPE="python=$($PYTHON -c 'import sys; print(sys.version.split()[0])') $TORCH_PIN | $BASE_PKGS | vllm==$VLLM_VERSION --no-deps | $VLLM_DEPS"
 KEY=$(printf '%s' "$RECIPE" | sha256sum | cut -c1-16)

@@ -61,8 +61,8 @@ def run(n: int, *args: str, enable: bool = True) -> str:
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
-def test_tp2_on_2_ranks():
-    out = run(2, "--tp", "2")
+def test_tp2_with_expert_parallel_on_2_ranks():
+    out = run(2, "--tp", "2", "--ep")
     assert '"tp": [[0, 1], "VllmMPICommunicator"]' in out
 
 
@@ -73,8 +73,8 @@ def test_dp2_expert_parallel_on_2_ranks():
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
-def test_tp4_on_4_ranks():
-    out = run(4, "--tp", "4")
+def test_tp4_with_expert_parallel_on_4_ranks():
+    out = run(4, "--tp", "4", "--ep")
     assert '"tp": [[0, 1, 2, 3], "VllmMPICommunicator"]' in out
 
 

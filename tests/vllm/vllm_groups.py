@@ -205,6 +205,39 @@ def exercise_moe(cfg, ep_group, dp_group, tp_group) -> None:
     check(comm.calls["dispatch"] >= 2 and comm.calls["combine"] >= 2, "moe: EP calls not counted")
 
 
+def exercise_moe_fallback(ep_group) -> None:
+    """EP group without DP (no vLLM all2all manager): mpicomm's own dispatch/combine, which
+    gathers every EP rank's tokens (own row count per rank) and sums them back."""
+    from mpicomm.vllm.communicator import TOPK_DISPATCH
+
+    comm = ep_group.device_communicator
+    check(comm.all2all_manager is None, "ep fallback: unexpected all2all manager")
+    E, e, ranks = ep_group.world_size, ep_group.rank_in_group, ep_group.ranks
+    counts = [1 + (j % 3) for j in range(E)]
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        hs = [make(g, (counts[j], 6), dtype, 50 + i) for j, g in enumerate(ranks)]
+        lg = [make(g, (counts[j], 3), torch.float32, 60 + i) for j, g in enumerate(ranks)]
+        ex = [make(g, (counts[j],), torch.int64, 70 + i) for j, g in enumerate(ranks)]
+        if TOPK_DISPATCH:
+            ids = [make(g, (counts[j], 2), torch.int64, 80 + i) for j, g in enumerate(ranks)]
+            out = ep_group.dispatch(hs[e], lg[e], ids[e], False, [ex[e]])
+            check(close(out[2], torch.cat(ids, 0)), f"ep fallback: topk_ids {dtype}")
+            extras = out[3]
+        else:
+            out = ep_group.dispatch(hs[e], lg[e], False, [ex[e]])
+            extras = out[2]
+        check(close(out[0], torch.cat(hs, 0)), f"ep fallback: hidden {dtype}")
+        check(close(out[1], torch.cat(lg, 0)), f"ep fallback: logits {dtype}")
+        check(close(extras[0], torch.cat(ex, 0)), f"ep fallback: extra {dtype}")
+        contrib = [make(g, (sum(counts), 6), dtype, 90 + i) for g in ranks]
+        start = sum(counts[:e])
+        back = ep_group.combine(contrib[e])
+        check(
+            close(back, total(contrib)[start : start + counts[e]]), f"ep fallback: combine {dtype}"
+        )
+    check(comm.calls["dispatch"] >= 2 and comm.calls["combine"] >= 2, "ep fallback: not counted")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
@@ -271,6 +304,8 @@ def main() -> int:
             exercise_group(name, group, groups["world"])
         if not args.expect_native and args.dp > 1 and args.ep:
             exercise_moe(cfg, groups["ep"], groups["dp"], groups["tp"])
+        elif not args.expect_native and args.ep and groups["ep"].world_size > 1:
+            exercise_moe_fallback(groups["ep"])
         if rank == 0:
             print("GROUPS " + json.dumps(summary), flush=True)
         ps.destroy_model_parallel()
