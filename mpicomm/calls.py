@@ -20,6 +20,11 @@ def nonblocking(method: str) -> str:
     return "I" + method[0].lower() + method[1:]
 
 
+# Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait
+# (Allgatherv of 16 MiB on 2 ranks: 75 ms blocking, 14 ms as Iallgatherv + Wait).
+_FASTER_NONBLOCKING = {"Allgatherv"}
+
+
 class Caller:
     """Calls mpi4py methods on behalf of a named group.
 
@@ -45,6 +50,8 @@ class Caller:
             )
         try:
             if self.timeout is None:
+                if method in _FASTER_NONBLOCKING:
+                    return getattr(comm, nonblocking(method))(*args).Wait()
                 return getattr(comm, method)(*args)
             start = getattr(comm, nonblocking(method))
             if method == "Mprobe":

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, reduction
+from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
-from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
+from .buffers import DTYPES, Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
@@ -65,7 +65,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         Send every tensor through the host staging buffers, CPU tensors too (tests the staging
         path without a GPU). Default: ``MPICOMM_STAGING``.
     all2all_backend:
-        The MoE manager behind :meth:`dispatch` / :meth:`combine`.
+        The MoE manager behind :meth:`dispatch` / :meth:`combine` (see :mod:`mpicomm.all2all`).
     """
 
     def __init__(
@@ -115,6 +115,8 @@ class MPICommunicator(DeviceCommunicatorBase):
                     "device_group must have the members of cpu_group in the same order"
                 )
         self.all2all_manager = make_manager(all2all_backend, self)
+        self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
+        self._node_split: hierarchical.NodeSplit | None = None  # made on first use
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -123,6 +125,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             self.device,
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
+        launch.install_abort_on_exception()  # an uncaught exception on any rank ends the job
 
     @property
     def timeout(self) -> float | None:
@@ -141,12 +144,12 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
         """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes)."""
-        if self._staged(tensor.device):
+        if self.staging or (tensor.is_cuda and not self.cuda_aware):
             host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
             host.copy_(tensor)
             return host
         tensor = tensor.contiguous()
-        if tensor.device.type == "cuda":
+        if tensor.is_cuda:
             sync_device(tensor.device)
         return tensor
 
@@ -154,7 +157,13 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
-        return torch.empty(shape, dtype=dtype, device=device)
+        if device.type == "cpu":
+            return torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        # MPI writes device memory outside torch's stream order: kernels still queued on the
+        # stream may use this block (freed by the caching allocator before they ran).
+        sync_device(device)
+        return out
 
     def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
@@ -183,17 +192,36 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         check_device(input_, self.device)
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        device = input_.device
         x = self._stage_in(input_)
-        out = self._output(x.shape, x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        nbytes = x.nbytes
+        split = self._hierarchy(info.dtype, nbytes)
+        if split is not None:
+            return self._result(hierarchical.all_reduce(x, split, self._call), device)
+        out = self._output(x.shape, x.dtype, device)
         comm = self.device_group
-        if algo == "native":
+        if reduction.choose_allreduce(info, nbytes, self.allreduce_algo) == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
         else:
             reduction.all_reduce_bytes(
                 self._call, "all_reduce", comm, x, out, info, self._workspace
             )
-        return self._result(out, input_.device)
+        return self._result(out, device)
+
+    def _hierarchy(self, dtype: torch.dtype, nbytes: int) -> hierarchical.NodeSplit | None:
+        """The node split when the hierarchical all_reduce applies to this call, else ``None``.
+
+        The split is made (collectively) the first time a call qualifies; every rank decides
+        alike, from the dtype, the size and ``MPICOMM_HIERARCHICAL``.
+        """
+        how = self.hierarchical
+        if how == "0" or self.world_size < 2 or dtype not in hierarchical.ACCUMULATE:
+            return None
+        if how == "auto" and nbytes < hierarchical.ALLREDUCE_FROM:
+            return None
+        if self._node_split is None:
+            self._node_split = hierarchical.split_nodes(self.device_group)
+        return self._node_split if self._node_split.worthwhile(dtype, nbytes, how) else None
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
@@ -389,6 +417,19 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Sum expert outputs back to the ranks that own the tokens of the last dispatch."""
         return self.all2all_manager.combine(hidden_states, is_sequence_parallel)
 
+    def expert_router(self, num_experts: int, backend: str = "sparse_alltoallv"):
+        """A router for ``num_experts`` experts, rank r owning ``[r*E/W, (r+1)*E/W)``.
+
+        ``router.dispatch(hidden_states, topk_ids, topk_weights)`` sends each token only to the
+        ranks of its top-k experts (``MPI_Alltoallv``); ``router.combine(expert_output)`` returns
+        the weighted sums to the token's owner. ``backend="allgather_reducescatter"`` gives the
+        same API on all-gather/reduce-scatter. See :mod:`mpicomm.expert_router`. No MPI call:
+        ``num_experts`` not divisible by the group size raises ``ValueError`` on every rank.
+        """
+        from .expert_router import make_router
+
+        return make_router(backend, self, num_experts)
+
     def exchange_rows(self, rows: int) -> list[int]:
         """Every rank's ``rows`` (group order), exchanged on the cpu communicator."""
         self._begin("exchange_rows")
@@ -406,9 +447,28 @@ class MPICommunicator(DeviceCommunicatorBase):
         tensors = [*model.parameters(), *model.buffers()]
         if not tensors or not self._staged(self.device):
             return
-        nbytes = max(t.numel() * t.element_size() for t in tensors)
-        self._workspace.reserve(nbytes, _HOST, True, ("in", "out"))
+        for slot, nbytes, pinned in self._staging_needs(tensors):
+            self._workspace.reserve(nbytes, _HOST, pinned, (slot,))
         self.all2all_manager.prepare(model)
+
+    def _staging_needs(self, tensors: list[torch.Tensor]) -> list[tuple[str, int, bool]]:
+        """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of
+        any of ``tensors`` takes from the host workspace when staged."""
+        world = self.world_size
+        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "tails": 0}
+        for t in tensors:
+            info = DTYPES.get(t.dtype)
+            if info is None:
+                continue
+            numel, size = t.numel(), info.itemsize
+            need["in"] = need["out"] = max(need["out"], numel * size)
+            if reduction.choose_allreduce(info, numel * size, self.allreduce_algo) == "bytes":
+                chunk = -(-numel // world)  # the largest chunk of an even split
+                need["parts"] = max(need["parts"], world * chunk * size)
+                need["tails"] = max(need["tails"], world * (numel % world) * size)
+                if info.accumulate is not info.dtype:
+                    need["accumulate"] = max(need["accumulate"], chunk * info.accumulate.itemsize)
+        return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:
         """Free the payload communicator if this object made it, and all buffers. Collective when
@@ -418,6 +478,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
+        if self._node_split is not None:
+            self._node_split.free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:
             self.device_group.Free()
 
