@@ -52,7 +52,7 @@ def test_entry_point_is_declared_in_setup_cfg():
             {"RANK": "2", "WORLD_SIZE": "8", "LOCAL_RANK": "0"},
         ),
         (
-            {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"},
+            {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2", "SLURM_STEP_ID": "0"},
             {"RANK": "5", "WORLD_SIZE": "6", "LOCAL_RANK": "2"},
         ),
         ({"PMI_RANK": "1", "PMI_SIZE": "2"}, {"RANK": "1", "WORLD_SIZE": "2"}),
@@ -74,9 +74,27 @@ def test_torch_env_from_mpi_single_process(monkeypatch):
     assert 0 < int(env["MASTER_PORT"]) < 65536
 
 
-def test_export_refuses_a_conflicting_rank(monkeypatch):
+def test_export_replaces_a_stale_rank(monkeypatch):
     from mpi4py import MPI
 
+    from mpicomm.launch import LaunchWarning
+
     monkeypatch.setenv("RANK", "7")
-    with pytest.raises(ValueError, match="RANK=7"):
-        launch.export_torch_env(MPI.COMM_SELF)
+    with pytest.warns(LaunchWarning, match="RANK=7"):
+        env = launch.export_torch_env(MPI.COMM_SELF)
+    import os
+
+    assert env["RANK"] == os.environ["RANK"] == "0"
+
+
+def test_launch_wrapper_runs_a_script_with_the_variables(tmp_path, monkeypatch, capsys):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MPICOMM_VLLM"):
+        monkeypatch.delenv(key, raising=False)
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import os, sys\n"
+        "print('SEEN', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MPICOMM_VLLM'],"
+        " sys.argv[1:])\n"
+    )
+    assert launch.main([str(script), "--flag"]) == 0
+    assert "SEEN 0 1 1 ['--flag']" in capsys.readouterr().out
