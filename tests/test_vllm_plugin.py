@@ -96,5 +96,8 @@ def test_launch_wrapper_runs_a_script_with_the_variables(tmp_path, monkeypatch, 
         "print('SEEN', os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MPICOMM_VLLM'],"
         " sys.argv[1:])\n"
     )
-    assert launch.main([str(script), "--flag"]) == 0
-    assert "SEEN 0 1 1 ['--flag']" in capsys.readouterr().out
+    from mpi4py import MPI
+
+    assert launch.main([str(script), "--flag"]) == 0  # collective: every rank runs this test
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    assert f"SEEN {rank} {size} 1 ['--flag']" in capsys.readouterr().out
