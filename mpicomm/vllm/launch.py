@@ -1,0 +1,90 @@
+"""torch.distributed environment for vLLM's ``external_launcher`` mode under mpirun or srun.
+
+vLLM (``distributed_executor_backend="external_launcher"``) and ``torch.distributed``'s
+``env://`` rendezvous read RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. mpicomm
+needs the torch rank of every process to equal its rank in ``MPI.COMM_WORLD``; deriving these
+variables from MPI guarantees it. The work is done by :mod:`mpicomm.launch`; this module adds
+the vLLM-facing names and a wrapper that needs no code change:
+
+- RANK = ``COMM_WORLD`` rank, WORLD_SIZE = ``COMM_WORLD`` size,
+- LOCAL_RANK = rank among the processes on the same node (``Split_type(COMM_TYPE_SHARED)``),
+- MASTER_ADDR = ``127.0.0.1`` when all ranks share one node, else rank 0's host address,
+- MASTER_PORT = a free TCP port picked on rank 0 (both kept when rank 0 has them set; identical
+  on all ranks).
+
+Usage::
+
+    mpiexec -n 4 python -m mpicomm.vllm.launch my_vllm_script.py --args
+    srun --mpi=pmi2 -n 4 python -m mpicomm.vllm.launch -m my_package.main --args
+
+or call :func:`export_torch_env` at the top of the script. :func:`torch_env_from_launcher` maps
+the launcher's own variables (Open MPI, MPICH/Hydra, Slurm) without initialising MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from collections.abc import Mapping
+
+from .. import launch as _launch
+
+_TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torch_env_from_launcher(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """RANK, WORLD_SIZE and (when known) LOCAL_RANK from the launcher's variables; no MPI call.
+
+    Returns ``None`` when no launcher variables are present. MASTER_ADDR/PORT are not derivable
+    this way (use :func:`torch_env_from_mpi`).
+    """
+    ranks = _launch.env_ranks(environ)
+    if ranks.source == "none" or ranks.rank is None or ranks.world_size is None:
+        return None
+    out = {"RANK": str(ranks.rank), "WORLD_SIZE": str(ranks.world_size)}
+    if ranks.local_rank is not None:
+        out["LOCAL_RANK"] = str(ranks.local_rank)
+    return out
+
+
+def torch_env_from_mpi(comm=None) -> dict[str, str]:
+    """The five torch variables for this rank, from MPI; ``os.environ`` is left alone.
+
+    Collective over ``comm`` (default ``MPI.COMM_WORLD``, which vLLM's torch world must be).
+    """
+    values = _launch.export_torch_env(comm, env=dict(os.environ))
+    return {k: values[k] for k in _TORCH_KEYS}
+
+
+def export_torch_env(comm=None) -> dict[str, str]:
+    """:func:`mpicomm.launch.export_torch_env`: write the variables into ``os.environ``.
+
+    Collective. Stale RANK/WORLD_SIZE/LOCAL_RANK values are replaced (with a ``LaunchWarning``),
+    so torch rank == MPI rank afterwards. Returns the values set.
+    """
+    return _launch.export_torch_env(comm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mpicomm.vllm.launch [-m module | script] args...``: export, then run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    if args[0] == "-m" and len(args) < 2:
+        print("usage: python -m mpicomm.vllm.launch -m module [args...]", file=sys.stderr)
+        return 2
+    export_torch_env()
+    os.environ.setdefault("MPICOMM_VLLM", "1")
+    if args[0] == "-m":
+        sys.argv = [args[1], *args[2:]]
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = args
+        runpy.run_path(args[0], run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""vLLM CPU platform whose process groups use :class:`mpicomm.vllm.VllmMPICommunicator`.
+
+Imported by vLLM (through the dotted name :func:`mpicomm.vllm.register` returns) only when
+``MPICOMM_VLLM=1``. Everything except the communicator class is vLLM's own CPU platform.
+"""
+
+from __future__ import annotations
+
+from vllm.platforms.cpu import CpuPlatform
+
+from . import COMMUNICATOR
+
+
+class MPICpuPlatform(CpuPlatform):
+    """vLLM's CPU platform with mpicomm as the device communicator of every group."""
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return COMMUNICATOR
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        """vLLM's CPU checks, except that ``external_launcher`` is kept.
+
+        vLLM's CPU platform replaces every executor backend but ``mp`` by ``mp``. Under
+        mpirun/srun the processes already exist, one per rank, so ``external_launcher`` is the
+        mode to keep (with ``mp`` and DP > 1, vLLM would also re-number the torch ranks).
+        """
+        parallel_config = vllm_config.parallel_config
+        backend = parallel_config.distributed_executor_backend
+        super().check_and_update_config(vllm_config)
+        if backend == "external_launcher":
+            parallel_config.distributed_executor_backend = backend
