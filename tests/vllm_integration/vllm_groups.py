@@ -1,6 +1,6 @@
 """Run under ``mpiexec -n N``: vLLM's own process groups on mpicomm, every collective checked.
 
-    MPICOMM_VLLM=1 mpiexec -n 4 python tests/vllm/vllm_groups.py --tp 2 --dp 2 --ep
+    MPICOMM_VLLM=1 mpiexec -n 4 python tests/vllm_integration/vllm_groups.py --tp 2 --dp 2 --ep
 
 Each rank exports RANK/WORLD_SIZE/... from MPI, calls vLLM's ``init_distributed_environment``
 (gloo) and ``initialize_model_parallel``, then drives every ``GroupCoordinator`` collective of the
