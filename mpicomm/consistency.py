@@ -9,7 +9,7 @@ so any disagreement raises the same ``ValueError`` on every rank.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,8 +30,11 @@ OPERATIONS = (
     "combine",
 )
 _DTYPES = list(DTYPES)
+_OP_CODE = {name: i for i, name in enumerate(OPERATIONS)}
+_DTYPE_CODE = {dtype: i for i, dtype in enumerate(_DTYPES)}
 _MAX_DIMS = 10
 WIDTH = 6 + _MAX_DIMS
+_PAD = [-1] * _MAX_DIMS
 ANY = -2  # a shape entry that may differ between ranks (the rows of a v-collective)
 
 
@@ -40,8 +43,7 @@ _NO_DIM = {"all_reduce", "broadcast"}
 _FIELDS = ("operation", "dtype", "number of dimensions", "dim", "root", "sizes")
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(NamedTuple):
     """One rank's call in numbers: ``row`` (fixed width, exchanged every time) and ``sizes``
     (exchanged only to explain a disagreement)."""
 
@@ -65,12 +67,13 @@ def fingerprint(
     shape = list(tensor.shape)
     if rows_vary and shape:
         shape[0] = ANY
-    if len(shape) > _MAX_DIMS:
+    ndim = len(shape)
+    if ndim > _MAX_DIMS:
         shape = shape[: _MAX_DIMS - 1] + [zlib.crc32(np.array(shape[_MAX_DIMS - 1 :]).tobytes())]
     sizes_key = -1 if sizes is None else zlib.crc32(np.asarray(sizes, dtype=np.int64).tobytes())
-    row = [OPERATIONS.index(operation), _DTYPES.index(tensor.dtype), tensor.dim(), dim, root]
-    row += [sizes_key, *shape, *([-1] * (_MAX_DIMS - len(shape)))]
-    return Fingerprint(np.asarray(row, dtype=np.int64), None if sizes is None else list(sizes))
+    row = [_OP_CODE[operation], _DTYPE_CODE[tensor.dtype], ndim, dim, root, sizes_key, *shape]
+    row += _PAD[: WIDTH - len(row)]
+    return Fingerprint(np.array(row, dtype=np.int64), None if sizes is None else list(sizes))
 
 
 def describe(row: np.ndarray, sizes: list[int] | None = None) -> str:
@@ -107,7 +110,8 @@ def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> No
     world = comm.Get_size()
     rows = np.empty((world, WIDTH), dtype=np.int64)
     call(operation, comm, "Allgather", mine.row, rows)
-    if (rows == rows[0]).all():
+    every = rows.tobytes()
+    if every == every[: len(every) // world] * world:
         return
     fields = differences(rows)
     every_sizes: list[list[int] | None] = [None] * world
