@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .expert_router import make_router
 from .validation import check_sizes, check_tensor
 
 if TYPE_CHECKING:
@@ -71,6 +72,14 @@ class AllGatherReduceScatter:
             raise ValueError("combine() called before dispatch(): no token counts to return to")
         return self.comm.reduce_scatterv(hidden_states, 0, self.sizes)
 
+    def router(self, num_experts: int):
+        """A top-k router with this manager's scheme (``ValueError`` if E % W != 0)."""
+        return make_router(self.name, self.comm, num_experts)
+
+    def get_handle(self, kwargs: dict):
+        """vLLM's name for :meth:`router`: ``kwargs["num_experts"]`` experts."""
+        return self.router(kwargs["num_experts"])
+
     def prepare(self, model: torch.nn.Module) -> None:
         """Nothing to size ahead for this manager."""
 
@@ -78,7 +87,13 @@ class AllGatherReduceScatter:
         self.sizes = None
 
 
-MANAGERS = {AllGatherReduceScatter.name: AllGatherReduceScatter}
+class SparseAllToAllV(AllGatherReduceScatter):
+    """Router-logit dispatch as above; its :meth:`router` sends only routed rows (Alltoallv)."""
+
+    name = "sparse_alltoallv"
+
+
+MANAGERS = {m.name: m for m in (AllGatherReduceScatter, SparseAllToAllV)}
 
 
 def make_manager(name: str, comm: MPICommunicator):

@@ -74,21 +74,31 @@ def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
     return info
 
 
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-d view of a contiguous tensor with unit stride.
+
+    torch calls a tensor of 0 or 1 elements contiguous whatever its strides; those get stride 1
+    so that views to other element sizes work.
+    """
+    flat = tensor.reshape(-1)
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat
+
+
 def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
-    """``[buffer, count, datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
+    """``[buffer, (count,) datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
 
-    ``count`` defaults to every element; gathers pass the count one rank contributes.
-
-    CPU memory is handed over as a numpy view (mpi4py's fastest path); device memory as the tensor
-    itself (DLPack). The caller guarantees contiguity and, for device memory, that the producing
-    stream has been synchronised (:func:`sync_device`).
+    ``count`` defaults to every element (mpi4py reads it off the buffer); gathers pass the count
+    one rank contributes. CPU memory is handed over as a numpy view (mpi4py's fastest path); device
+    memory as the tensor itself (DLPack). The caller guarantees contiguity and, for device memory,
+    that the producing stream has been synchronised (:func:`sync_device`).
     """
     info = DTYPES[tensor.dtype]
-    flat = tensor.reshape(-1)
     if info.carrier is not tensor.dtype:
-        flat = flat.view(info.carrier)
-    buf = flat.numpy() if flat.device.type == "cpu" else flat
-    return [buf, flat.numel() if count is None else count, info.mpi]
+        tensor = tensor.view(info.carrier)
+    buf = tensor.numpy() if tensor.device.type == "cpu" else _flat(tensor)
+    return [buf, info.mpi] if count is None else [buf, count, info.mpi]
 
 
 def sync_device(device: torch.device) -> None:
@@ -153,7 +163,7 @@ class Workspace:
 
 def byte_spec(tensor: torch.Tensor) -> list:
     """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
-    flat = tensor.reshape(-1).view(torch.uint8)
+    flat = _flat(tensor).view(torch.uint8)
     buf = flat.numpy() if flat.device.type == "cpu" else flat
     return [buf, flat.numel(), MPI.BYTE]
 
@@ -163,5 +173,5 @@ def vector_spec(tensor: torch.Tensor, counts: list[int]) -> list:
     displs = [0] * len(counts)
     for i in range(1, len(counts)):
         displs[i] = displs[i - 1] + counts[i - 1]
-    buf, _, datatype = mpi_spec(tensor)
+    buf, datatype = mpi_spec(tensor)
     return [buf, (counts, displs), datatype]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, reduction
+from . import consistency, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
@@ -65,7 +65,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         Send every tensor through the host staging buffers, CPU tensors too (tests the staging
         path without a GPU). Default: ``MPICOMM_STAGING``.
     all2all_backend:
-        The MoE manager behind :meth:`dispatch` / :meth:`combine`.
+        The MoE manager behind :meth:`dispatch` / :meth:`combine` (see :mod:`mpicomm.all2all`).
     """
 
     def __init__(
@@ -124,6 +124,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             self.device,
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
+        launch.install_abort_on_exception()  # an uncaught exception on any rank ends the job
 
     @property
     def timeout(self) -> float | None:
@@ -186,7 +187,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
         x = self._stage_in(input_)
         out = self._output(x.shape, x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        algo = reduction.choose_allreduce(info, x.nbytes, self.allreduce_algo)
         comm = self.device_group
         if algo == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
@@ -389,6 +390,19 @@ class MPICommunicator(DeviceCommunicatorBase):
     def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False):
         """Sum expert outputs back to the ranks that own the tokens of the last dispatch."""
         return self.all2all_manager.combine(hidden_states, is_sequence_parallel)
+
+    def expert_router(self, num_experts: int, backend: str = "sparse_alltoallv"):
+        """A router for ``num_experts`` experts, rank r owning ``[r*E/W, (r+1)*E/W)``.
+
+        ``router.dispatch(hidden_states, topk_ids, topk_weights)`` sends each token only to the
+        ranks of its top-k experts (``MPI_Alltoallv``); ``router.combine(expert_output)`` returns
+        the weighted sums to the token's owner. ``backend="allgather_reducescatter"`` gives the
+        same API on all-gather/reduce-scatter. See :mod:`mpicomm.expert_router`. No MPI call:
+        ``num_experts`` not divisible by the group size raises ``ValueError`` on every rank.
+        """
+        from .expert_router import make_router
+
+        return make_router(backend, self, num_experts)
 
     def exchange_rows(self, rows: int) -> list[int]:
         """Every rank's ``rows`` (group order), exchanged on the cpu communicator."""

@@ -17,7 +17,7 @@ def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
     """``value`` must be a tensor of a supported dtype; returns its dtype row."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_sparse or value.layout is not torch.strided:
+    if value.layout is not torch.strided:
         raise TypeError(f"{argument} must be a dense (strided) tensor, got layout {value.layout}")
     return dtype_info(value.dtype, argument)
 

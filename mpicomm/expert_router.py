@@ -1,0 +1,289 @@
+"""Expert-parallel routing: tokens go to the ranks that hold their top-k experts, and come back.
+
+Rank r of a group of W ranks owns experts ``[r * E/W, (r+1) * E/W)``. Both routers here share one
+API (:class:`ExpertRouter` is the one ``MPICommunicator.expert_router`` returns)::
+
+    recv = router.dispatch(hidden_states, topk_ids, topk_weights)
+    # recv.hidden_states (M, H): one row per (token, expert) pair routed to this rank
+    # recv.expert_ids (M,): the pair's local expert index in [0, E/W), rows sorted by it per source
+    out = router.combine(expert_output)  # (n_tokens, H) back on the token's owner
+
+``out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden_states[t])``, accumulated in
+float32 (float64 for float64) and rounded once to ``expert_output``'s dtype.
+
+``sparse_alltoallv`` (:class:`ExpertRouter`)
+    Each (token, expert) pair sends the token's row once to the rank owning the expert (a token
+    whose k experts sit on one rank sends k rows there: every row received is one expert input,
+    which keeps ``expert_ids`` one per row and the weighted sum on the owner). Per-(rank, expert)
+    row counts travel on the cpu communicator (``Alltoall`` of int64); rows on the device
+    communicator (``Alltoallv``; 16-bit floats as their raw bytes). ``combine`` runs the reverse
+    ``Alltoallv`` and sums the weighted rows on the owner. Bytes moved scale with n_tokens * k.
+``allgather_reducescatter`` (:class:`GatheredRouter`)
+    vLLM's naive scheme through the communicator's ``all_gatherv`` / ``reduce_scatterv``: every
+    token (with its top-k) reaches every rank, each rank applies its experts, and the float32
+    partial sums are reduce-scattered back. Bytes moved scale with n_tokens * W.
+
+``router.last_bytes`` holds the payload bytes this rank handed to other ranks in the last
+``dispatch`` and ``combine`` (rows a rank keeps for itself are not counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from . import consistency
+from .buffers import vector_spec
+from .validation import check_device, check_tensor
+
+if TYPE_CHECKING:
+    from .communicator import MPICommunicator
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """What :meth:`dispatch` delivers to this rank.
+
+    ``hidden_states``: (M, H) rows, input dtype, on the input's device. ``expert_ids``: (M,) int64
+    local expert index. ``tokens_per_expert``: (E/W,) int64, rows per local expert.
+    """
+
+    hidden_states: torch.Tensor
+    expert_ids: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+def _accumulate(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _RouterBase:
+    """Argument checks and the state a combine needs from its dispatch."""
+
+    name = ""
+
+    def __init__(self, comm: MPICommunicator, num_experts: int) -> None:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+            raise TypeError(f"num_experts must be an int, got {type(num_experts).__name__}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if num_experts % comm.world_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the group size "
+                f"{comm.world_size}: every rank must own the same number of experts"
+            )
+        self.comm = comm
+        self.num_experts = num_experts
+        self.local_experts = num_experts // comm.world_size
+        self.first_expert = comm.rank * self.local_experts
+        self.last_bytes = {"dispatch": 0, "combine": 0}
+        self._pending: dict | None = None
+
+    def _check_dispatch(self, hidden_states, topk_ids, topk_weights) -> None:
+        check_tensor(hidden_states, "hidden_states")
+        check_tensor(topk_ids, "topk_ids")
+        check_tensor(topk_weights, "topk_weights")
+        if hidden_states.dim() != 2:
+            raise ValueError(
+                f"hidden_states must be (n_tokens, hidden), got shape {tuple(hidden_states.shape)}"
+            )
+        if topk_ids.dtype not in _INTS:
+            raise TypeError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+        if topk_weights.dtype not in FLOATS:
+            raise TypeError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
+        n = hidden_states.shape[0]
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != n or topk_ids.shape[1] < 1:
+            raise ValueError(
+                f"topk_ids must be (n_tokens={n}, k>=1), got shape {tuple(topk_ids.shape)}"
+            )
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(
+                f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got "
+                f"{tuple(topk_weights.shape)}"
+            )
+        for name, t in (("hidden_states", hidden_states), ("topk_ids", topk_ids)):
+            check_device(t, self.comm.device, name)
+        check_device(topk_weights, self.comm.device, "topk_weights")
+        if topk_ids.numel():
+            low, high = int(topk_ids.min()), int(topk_ids.max())
+            if low < 0 or high >= self.num_experts:
+                raise ValueError(
+                    f"topk_ids must lie in [0, num_experts={self.num_experts}), got values in "
+                    f"[{low}, {high}]"
+                )
+        self.comm._begin(
+            "expert_dispatch",
+            lambda: consistency.fingerprint(
+                "dispatch", hidden_states, 0, [self.num_experts], rows_vary=True
+            ),
+        )
+
+    def _check_combine(self, expert_output) -> dict:
+        pending = self._pending
+        if pending is None:
+            raise ValueError("combine() called before dispatch(): no routing to send back")
+        check_tensor(expert_output, "expert_output")
+        if expert_output.dtype not in FLOATS:
+            raise TypeError(f"expert_output must be a float tensor, got {expert_output.dtype}")
+        rows = pending["rows"]
+        if expert_output.dim() != 2 or expert_output.shape[0] != rows:
+            raise ValueError(
+                f"expert_output must be (M={rows}, hidden) for the {rows} rows of the last "
+                f"dispatch, got shape {tuple(expert_output.shape)}"
+            )
+        check_device(expert_output, self.comm.device, "expert_output")
+        self.comm._begin(
+            "expert_combine",
+            lambda: consistency.fingerprint("combine", expert_output, 0, rows_vary=True),
+        )
+        return pending
+
+    @staticmethod
+    def _weighted_sum(rows, tokens, weights, n_tokens, device) -> torch.Tensor:
+        """(n_tokens, H) in the accumulate dtype: ``sum weights[i] * rows[i]`` into ``tokens[i]``."""
+        acc = _accumulate(rows.dtype)
+        out = torch.zeros((n_tokens, rows.shape[1]), dtype=acc, device=device)
+        # bf16/fp16 rows times float32 weights promote to float32 inside the one multiply.
+        out.index_add_(0, tokens, rows * weights.to(acc).unsqueeze(1))
+        return out
+
+
+class ExpertRouter(_RouterBase):
+    """Sparse routing on ``MPI_Alltoallv``: only the rows a rank's experts need reach it."""
+
+    name = "sparse_alltoallv"
+
+    def dispatch(self, hidden_states, topk_ids, topk_weights) -> Dispatched:
+        """Send each (token, expert) pair's row to the expert's rank. Collective over the group.
+
+        ``hidden_states`` (n, H) any dtype mpicomm moves; ``topk_ids`` (n, k) integer in [0, E);
+        ``topk_weights`` (n, k) float. ``n`` may differ between ranks (and be 0).
+        """
+        self._check_dispatch(hidden_states, topk_ids, topk_weights)
+        comm, world, device = self.comm, self.comm.world_size, hidden_states.device
+        n, k = topk_ids.shape
+        ids = topk_ids.reshape(-1).to(device=device, dtype=torch.int64)
+        order = torch.argsort(ids, stable=True)  # by expert, hence by destination rank
+        per_expert = torch.bincount(ids, minlength=self.num_experts).cpu().numpy()
+        incoming = np.empty(self.num_experts, dtype=np.int64)
+        comm._call("expert_dispatch", comm.cpu_group, "Alltoall", per_expert, incoming)
+        send_rows = per_expert.reshape(world, -1).sum(1).tolist()
+        recv_rows = incoming.reshape(world, -1).sum(1).tolist()
+
+        hidden = hidden_states.shape[1]
+        x = comm._stage_in(hidden_states.index_select(0, order // k))
+        out = comm._output((sum(recv_rows), hidden), hidden_states.dtype, device)
+        comm._call(
+            "expert_dispatch",
+            comm.device_group,
+            "Alltoallv",
+            vector_spec(x, [r * hidden for r in send_rows]),
+            vector_spec(out, [r * hidden for r in recv_rows]),
+        )
+        received = comm._result(out, device)
+
+        per_local = torch.from_numpy(incoming.reshape(world, -1).copy())
+        local = torch.arange(self.local_experts).repeat(world)
+        expert_ids = torch.repeat_interleave(local, per_local.reshape(-1)).to(device)
+        row_bytes = hidden * hidden_states.element_size()
+        self.last_bytes = {
+            "dispatch": (sum(send_rows) - send_rows[comm.rank]) * row_bytes,
+            "combine": 0,
+        }
+        self._pending = {
+            "rows": received.shape[0],
+            "send_rows": send_rows,
+            "recv_rows": recv_rows,
+            "tokens": order // k,
+            "weights": topk_weights.reshape(-1).to(device)[order],
+            "n_tokens": n,
+        }
+        return Dispatched(received, expert_ids, per_local.sum(0).to(device))
+
+    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
+        """(M, H) expert outputs for the last dispatch's rows -> (n_tokens, H) on the owner.
+
+        Collective over the group. Result: ``expert_output``'s dtype, on its device.
+        """
+        pending = self._check_combine(expert_output)
+        comm, device = self.comm, expert_output.device
+        hidden = expert_output.shape[1]
+        x = comm._stage_in(expert_output)
+        out = comm._output((sum(pending["send_rows"]), hidden), expert_output.dtype, device)
+        comm._call(
+            "expert_combine",
+            comm.device_group,
+            "Alltoallv",
+            vector_spec(x, [r * hidden for r in pending["recv_rows"]]),
+            vector_spec(out, [r * hidden for r in pending["send_rows"]]),
+        )
+        back = comm._result(out, device)
+        recv_rows = pending["recv_rows"]
+        sent = sum(recv_rows) - recv_rows[comm.rank]
+        self.last_bytes["combine"] = sent * hidden * expert_output.element_size()
+        summed = self._weighted_sum(
+            back, pending["tokens"], pending["weights"], pending["n_tokens"], device
+        )
+        return summed.to(expert_output.dtype)
+
+
+class GatheredRouter(_RouterBase):
+    """vLLM's naive scheme behind the router API: all-gather everything, reduce-scatter back."""
+
+    name = "allgather_reducescatter"
+
+    def dispatch(self, hidden_states, topk_ids, topk_weights) -> Dispatched:
+        """Every rank's tokens to every rank; keep the pairs routed to this rank's experts."""
+        self._check_dispatch(hidden_states, topk_ids, topk_weights)
+        comm, device = self.comm, hidden_states.device
+        n, k = topk_ids.shape
+        sizes = comm.exchange_rows(n)
+        ids = topk_ids.to(device=device, dtype=torch.int64)
+        weights = topk_weights.to(device=device, dtype=_accumulate(hidden_states.dtype))
+        every, all_ids, all_weights = comm.all_gatherv([hidden_states, ids, weights], 0, sizes)
+        flat = all_ids.reshape(-1) - self.first_expert
+        mine = torch.nonzero((flat >= 0) & (flat < self.local_experts)).reshape(-1)
+        mine = mine[torch.argsort(flat[mine], stable=True)]
+        tokens = mine // k
+        expert_ids = flat[mine]
+        row = hidden_states.shape[1] * hidden_states.element_size() + k * (8 + weights.itemsize)
+        self.last_bytes = {"dispatch": n * row * (comm.world_size - 1), "combine": 0}
+        self._pending = {
+            "rows": mine.numel(),
+            "sizes": sizes,
+            "tokens": tokens,
+            "weights": all_weights.reshape(-1)[mine],
+            "n_tokens": every.shape[0],
+        }
+        per_local = torch.bincount(expert_ids, minlength=self.local_experts)
+        return Dispatched(every.index_select(0, tokens), expert_ids, per_local)
+
+    def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
+        """Weighted partial sums of every token (float32) reduce-scattered to the owners."""
+        pending = self._check_combine(expert_output)
+        comm, device = self.comm, expert_output.device
+        partial = self._weighted_sum(
+            expert_output, pending["tokens"], pending["weights"], pending["n_tokens"], device
+        )
+        sizes = pending["sizes"]
+        others = pending["n_tokens"] - sizes[comm.rank]
+        self.last_bytes["combine"] = others * partial.shape[1] * partial.element_size()
+        return comm.reduce_scatterv(partial, 0, sizes).to(expert_output.dtype)
+
+
+ROUTERS = {ExpertRouter.name: ExpertRouter, GatheredRouter.name: GatheredRouter}
+
+
+def make_router(name: str, comm: MPICommunicator, num_experts: int):
+    """The router called ``name`` (see :data:`ROUTERS`) for ``comm``'s group."""
+    try:
+        cls = ROUTERS[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {', '.join(ROUTERS)}, got {name!r}") from None
+    return cls(comm, num_experts)

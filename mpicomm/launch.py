@@ -1,0 +1,394 @@
+"""Launch helpers: rank/device mapping, torch launcher variables, abort on uncaught exceptions.
+
+These work the same under ``mpiexec``/``mpirun``, ``srun`` and plain ``python`` (one rank).
+
+* :func:`env_ranks` reads what the launcher put in the environment (no MPI call): Open MPI
+  (``OMPI_COMM_WORLD_*``), MPICH/Intel MPI hydra and PMI (``PMI_RANK``, ``PMI_SIZE``,
+  ``MPI_LOCALRANKID``, ``MPI_LOCALNRANKS``), Slurm (``SLURM_PROCID``, ``SLURM_LOCALID``, ...).
+  Use it before MPI is initialised, e.g. to choose a GPU.
+* :func:`launch_info` is the truth: rank and size from the communicator, local rank and size from
+  the node-local communicator (``Split_type(COMM_TYPE_SHARED)``), with the environment as a
+  cross-check (a disagreement is reported as a :class:`LaunchWarning`).
+* :func:`export_torch_env` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+  ``GROUP_RANK``/``NODE_RANK`` and, when absent, ``MASTER_ADDR``/``MASTER_PORT`` (chosen on rank 0
+  and broadcast) for libraries that follow torch's launcher conventions.
+* :func:`install_abort_on_exception` makes an uncaught exception on any rank (main thread or any
+  other thread) print its traceback tagged with the rank and call ``MPI.COMM_WORLD.Abort(1)``, so
+  the whole job ends with a non-zero status instead of the other ranks waiting forever.
+  ``MPICOMM_ABORT_ON_EXCEPTION=0`` disables it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import threading
+import traceback
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "EnvRanks",
+    "LaunchInfo",
+    "LaunchWarning",
+    "env_ranks",
+    "export_torch_env",
+    "install_abort_on_exception",
+    "launch_info",
+    "select_device",
+    "uninstall_abort_on_exception",
+]
+
+
+class LaunchWarning(UserWarning):
+    """The launcher's environment disagrees with what MPI reports."""
+
+
+@dataclass(frozen=True)
+class EnvRanks:
+    """What the launcher's environment variables say about this process.
+
+    ``source`` names the variables used: ``"openmpi"``, ``"hydra"`` (MPICH/Intel MPI mpiexec),
+    ``"pmi"`` (a PMI launcher without local-rank variables), ``"slurm"`` (srun) or ``"none"``
+    (plain ``python``: rank 0 of 1). Fields the source does not provide are ``None``.
+    """
+
+    source: str
+    rank: int | None
+    world_size: int | None
+    local_rank: int | None
+    local_world_size: int | None
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """This process's place in the job, from MPI.
+
+    ``rank``/``world_size``: in the communicator passed to :func:`launch_info` (default
+    ``COMM_WORLD``). ``local_rank``/``local_world_size``: among the ranks sharing this node.
+    ``node_rank``/``num_nodes``: nodes numbered by the lowest rank on each. ``env``: what the
+    environment said (:func:`env_ranks`).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    node_rank: int
+    num_nodes: int
+    hostname: str
+    env: EnvRanks
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def env_ranks(env: Mapping[str, str] | None = None) -> EnvRanks:
+    """Read the rank layout from the launcher's environment variables; no MPI call.
+
+    The most specific launcher wins: Open MPI, then hydra (which sets ``MPI_LOCALRANKID``), then
+    Slurm when its step has exactly ``PMI_SIZE`` tasks (under ``mpiexec`` inside an allocation the
+    ``SLURM_*`` variables describe hydra's proxies, one per node, not the ranks), then bare PMI.
+    """
+    env = os.environ if env is None else env
+    if _int(env, "OMPI_COMM_WORLD_RANK") is not None:
+        return EnvRanks(
+            "openmpi",
+            _int(env, "OMPI_COMM_WORLD_RANK"),
+            _int(env, "OMPI_COMM_WORLD_SIZE"),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        )
+    pmi_rank, pmi_size = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+    if _int(env, "MPI_LOCALRANKID") is not None:
+        return EnvRanks(
+            "hydra",
+            pmi_rank,
+            pmi_size,
+            _int(env, "MPI_LOCALRANKID"),
+            _int(env, "MPI_LOCALNRANKS"),
+        )
+    slurm_rank = _int(env, "SLURM_PROCID")
+    step_tasks = _int(env, "SLURM_STEP_NUM_TASKS") or _int(env, "SLURM_NTASKS")
+    in_step = _int(env, "SLURM_STEP_ID") is not None or "SLURM_STEPID" in env
+    if slurm_rank is not None and in_step and (pmi_size is None or pmi_size == step_tasks):
+        return EnvRanks(
+            "slurm",
+            slurm_rank,
+            step_tasks,
+            _int(env, "SLURM_LOCALID"),
+            _local_tasks(env),
+        )
+    if pmi_rank is not None:
+        return EnvRanks("pmi", pmi_rank, pmi_size, None, None)
+    return EnvRanks("none", 0, 1, 0, 1)
+
+
+def _local_tasks(env: Mapping[str, str]) -> int | None:
+    """Tasks of this Slurm step on this node, from SLURM_STEP_TASKS_PER_NODE (e.g. '2(x3),1')."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    node = _int(env, "SLURM_NODEID")
+    if not spec or node is None:
+        return None
+    counts: list[int] = []
+    try:
+        for part in spec.split(","):
+            count, _, rep = part.partition("(x")
+            counts.extend([int(count)] * (int(rep.rstrip(")")) if rep else 1))
+    except ValueError:
+        return None
+    return counts[node] if node < len(counts) else None
+
+
+def launch_info(comm=None, *, check_env: bool = True) -> LaunchInfo:
+    """Rank, local rank and node layout of this process, from MPI. Collective over ``comm``.
+
+    ``comm`` defaults to ``MPI.COMM_WORLD``. With ``check_env`` (and ``comm`` the world), a launcher
+    variable that disagrees with MPI raises a :class:`LaunchWarning` (a warning, not an error).
+    """
+    from mpi4py import MPI
+
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {type(comm).__name__}")
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    try:
+        local_rank, local_size = local.Get_rank(), local.Get_size()
+        leader = local.bcast(rank, root=0)
+    finally:
+        local.Free()
+    leaders = sorted(set(comm.allgather(leader)))
+    hostname = socket.gethostname()
+    env = env_ranks()
+    info = LaunchInfo(
+        rank, size, local_rank, local_size, leaders.index(leader), len(leaders), hostname, env
+    )
+    if check_env and comm == MPI.COMM_WORLD:
+        _cross_check(info)
+    return info
+
+
+def _cross_check(info: LaunchInfo) -> None:
+    env = info.env
+    pairs = [
+        ("rank", env.rank, info.rank),
+        ("world size", env.world_size, info.world_size),
+        ("local rank", env.local_rank, info.local_rank),
+        ("local world size", env.local_world_size, info.local_world_size),
+    ]
+    bad = [f"{name} {e} (env) != {m} (MPI)" for name, e, m in pairs if e is not None and e != m]
+    if bad:
+        warnings.warn(
+            f"mpicomm: launcher variables ({env.source}) disagree with MPI on rank {info.rank}: "
+            + "; ".join(bad)
+            + ". Using MPI's values. Is this python's mpi4py built for the MPI that launched it?",
+            LaunchWarning,
+            stacklevel=3,
+        )
+
+
+def select_device(local_rank: int, local_world_size: int | None = None):
+    """The torch device this rank should use: ``cuda:(local_rank % n)`` with ``n`` visible GPUs.
+
+    When the launcher bound one GPU per task (``CUDA_VISIBLE_DEVICES`` lists one device, as
+    ``slurm/run.sbatch`` does) that is ``cuda:0``. Without CUDA it is ``cpu``. Several ranks share
+    a GPU when there are fewer GPUs than ranks on the node.
+    """
+    import torch
+
+    if local_rank < 0:
+        raise ValueError(f"local_rank must be >= 0, got {local_rank}")
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _master_addr(info: LaunchInfo) -> str:
+    if info.num_nodes == 1:
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(info.hostname)
+    except OSError:
+        return info.hostname
+
+
+def export_torch_env(comm=None, *, env: dict | None = None) -> dict[str, str]:
+    """Set torch launcher variables from MPI; return the values set. Collective over ``comm``.
+
+    Always sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK`` and
+    ``NODE_RANK`` (the node index) from :func:`launch_info` (a stale value already there is
+    replaced, with a :class:`LaunchWarning`). ``MASTER_ADDR``/``MASTER_PORT`` are kept when rank 0
+    has them; otherwise rank 0 picks ``127.0.0.1`` (one node) or its own address, and a free port.
+    Rank 0's choice is broadcast, so every rank gets the same pair. ``env`` defaults to
+    ``os.environ``.
+    """
+    from mpi4py import MPI
+
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    target = os.environ if env is None else env
+    info = launch_info(comm)
+    values = {
+        "RANK": info.rank,
+        "WORLD_SIZE": info.world_size,
+        "LOCAL_RANK": info.local_rank,
+        "LOCAL_WORLD_SIZE": info.local_world_size,
+        "GROUP_RANK": info.node_rank,
+        "NODE_RANK": info.node_rank,
+    }
+    master = None
+    if info.rank == 0:
+        master = (
+            target.get("MASTER_ADDR") or _master_addr(info),
+            target.get("MASTER_PORT") or str(_free_port()),
+        )
+    master = comm.bcast(master, root=0)
+    out = {k: str(v) for k, v in values.items()}
+    stale = [f"{k}={target[k]}" for k, v in out.items() if k in target and target[k] != v]
+    if stale:
+        warnings.warn(
+            f"mpicomm: replacing stale launcher variables on rank {info.rank}: {', '.join(stale)}",
+            LaunchWarning,
+            stacklevel=2,
+        )
+    out["MASTER_ADDR"], out["MASTER_PORT"] = master
+    target.update(out)
+    return out
+
+
+# --- abort on uncaught exceptions -------------------------------------------------------------
+
+_lock = threading.Lock()
+_installed: dict[str, object] = {}  # "sys" / "threading" -> the hook we replaced
+
+
+def _abort_enabled() -> bool:
+    value = os.environ.get("MPICOMM_ABORT_ON_EXCEPTION", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def _world():
+    """(MPI module, world) when MPI is initialised and not finalised, else (None, None)."""
+    mpi = sys.modules.get("mpi4py.MPI")  # never import (and so initialise) MPI from a hook
+    if mpi is None:
+        return None, None
+    try:
+        if not mpi.Is_initialized() or mpi.Is_finalized():
+            return None, None
+        return mpi, mpi.COMM_WORLD
+    except Exception:
+        return None, None
+
+
+def _report_and_abort(exc_type, exc, tb, where: str) -> bool:
+    """Print the tagged traceback and abort when there are other ranks; False if MPI is absent."""
+    mpi, world = _world()
+    if world is None or world.Get_size() == 1:
+        return False
+    rank, size = world.Get_rank(), world.Get_size()
+    tag = f"[rank {rank}] "
+    lines = [
+        f"mpicomm: uncaught {exc_type.__name__} in {where} on rank {rank} of {size} "
+        f"(host {socket.gethostname()}, pid {os.getpid()}); aborting the MPI job.\n"
+    ]
+    lines += traceback.format_exception(exc_type, exc, tb)
+    text = "".join(tag + line + "\n" for chunk in lines for line in chunk.rstrip("\n").split("\n"))
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except Exception:
+        os.write(2, text.encode(errors="replace"))
+    return True
+
+
+def _call_abort() -> None:
+    mpi, world = _world()
+    if world is not None:
+        world.Abort(1)
+    os._exit(1)  # Abort does not return; if it somehow did, still do not hang
+
+
+def _sys_hook(exc_type, exc, tb):
+    previous = _installed.get("sys") or sys.__excepthook__
+    if not _abort_enabled() or not _report_and_abort(exc_type, exc, tb, "the main thread"):
+        previous(exc_type, exc, tb)
+        return
+    if previous is not sys.__excepthook__:  # a user's hook: let it run too (ours printed already)
+        with contextlib.suppress(Exception):
+            previous(exc_type, exc, tb)
+    _call_abort()
+
+
+def _thread_hook(args):
+    previous = _installed.get("threading") or threading.__excepthook__
+    if (
+        args.exc_type is SystemExit
+        or not _abort_enabled()
+        or not _report_and_abort(
+            args.exc_type,
+            args.exc_value,
+            args.exc_traceback,
+            f"thread {getattr(args.thread, 'name', '?')!r}",
+        )
+    ):
+        previous(args)
+        return
+    if previous is not threading.__excepthook__:
+        with contextlib.suppress(Exception):
+            previous(args)
+    _call_abort()
+
+
+def install_abort_on_exception() -> bool:
+    """Abort the whole MPI job when any rank has an uncaught exception. Idempotent.
+
+    Replaces ``sys.excepthook`` and ``threading.excepthook`` with hooks that print the traceback
+    with every line tagged ``[rank R]``, run the previous hook if it was a custom one, and call
+    ``MPI.COMM_WORLD.Abort(1)``. Without this an uncaught exception on one rank leaves the others
+    blocked in their next collective (and the dying rank in ``MPI_Finalize``) until the job is
+    killed. Nothing happens in a one-rank job or when MPI was never initialised (the previous
+    hook runs as usual), and ``SystemExit`` (``sys.exit``) is not an uncaught exception.
+
+    Returns True when the hooks are installed, False when disabled by
+    ``MPICOMM_ABORT_ON_EXCEPTION=0`` (also read when an exception arrives).
+    """
+    if not _abort_enabled():
+        return False
+    with _lock:
+        if sys.excepthook is not _sys_hook:
+            _installed["sys"] = sys.excepthook
+            sys.excepthook = _sys_hook
+        if threading.excepthook is not _thread_hook:
+            _installed["threading"] = threading.excepthook
+            threading.excepthook = _thread_hook
+    return True
+
+
+def uninstall_abort_on_exception() -> None:
+    """Put back the hooks that :func:`install_abort_on_exception` replaced (if still ours)."""
+    with _lock:
+        if sys.excepthook is _sys_hook:
+            sys.excepthook = _installed.get("sys") or sys.__excepthook__
+        if threading.excepthook is _thread_hook:
+            threading.excepthook = _installed.get("threading") or threading.__excepthook__
+        _installed.clear()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set up .venv, lint, run the multi-rank tests under
+# mpiexec at 1, 2, 3 and 4 ranks (each bounded by timeouts), then the single-process tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test,docs,mpich
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export PYTHONUNBUFFERED=1
+echo "== lint"
+ruff check . && ruff format --check .
+for n in 1 2 3 4; do
+    echo "== multi-rank tests on $n rank(s)"
+    # pytest-timeout ends a stuck rank (its exit ends the job); the outer timeout bounds the rest.
+    timeout -k 10 900 mpiexec -n "$n" python -m pytest --with-mpi -q -p no:cacheprovider \
+        --timeout=300 --timeout-method=thread tests/mpi
+done
+echo "== single-process tests"
+timeout -k 10 1800 python -m pytest -q -p no:cacheprovider --timeout=600 --ignore=tests/mpi tests

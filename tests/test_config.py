@@ -1,0 +1,44 @@
+"""The MPICOMM_* settings parse strictly and name the variable when malformed."""
+
+import pytest
+
+from mpicomm.config import settings
+
+
+def test_defaults(monkeypatch):
+    for name in ("CUDA_AWARE", "STAGING", "VALIDATE", "TIMEOUT", "ALLREDUCE_ALGO", "LOG_LEVEL"):
+        monkeypatch.delenv(f"MPICOMM_{name}", raising=False)
+    s = settings()
+    assert (s.cuda_aware, s.staging, s.validate, s.timeout, s.allreduce_algo) == (
+        None,
+        False,
+        False,
+        None,
+        "auto",
+    )
+
+
+def test_values(monkeypatch):
+    monkeypatch.setenv("MPICOMM_CUDA_AWARE", "0")
+    monkeypatch.setenv("MPICOMM_VALIDATE", "yes")
+    monkeypatch.setenv("MPICOMM_TIMEOUT", "2.5")
+    monkeypatch.setenv("MPICOMM_ALLREDUCE_ALGO", "BYTES")
+    s = settings()
+    assert (s.cuda_aware, s.validate, s.timeout, s.allreduce_algo) == (False, True, 2.5, "bytes")
+    monkeypatch.setenv("MPICOMM_TIMEOUT", "0")
+    assert settings().timeout is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MPICOMM_CUDA_AWARE", "maybe"),
+        ("MPICOMM_TIMEOUT", "soon"),
+        ("MPICOMM_TIMEOUT", "-1"),
+        ("MPICOMM_ALLREDUCE_ALGO", "ring"),
+    ],
+)
+def test_malformed_names_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        settings()
