@@ -230,8 +230,8 @@ class Caller:
                 raise CollectiveTimeoutError(
                     f"{operation} on group {self.group!r} did not complete within "
                     f"{self.timeout:g} s (MPICOMM_TIMEOUT).{detail} A rank may have failed, "
-                    f"be stuck, or never have called it. End the job with "
-                    f"MPI.COMM_WORLD.Abort().",
+                    f"be stuck, or never have called it. End the job: leave this error uncaught "
+                    f"(mpicomm's abort hook then calls MPI_Abort) or call MPI.COMM_WORLD.Abort().",
                     operation=operation,
                     group=self.group,
                     timeout=self.timeout,
