@@ -12,6 +12,7 @@ times out, the notices received so far say which ranks had not arrived.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,9 @@ from .errors import CollectiveTimeoutError, CommunicationError
 _POINT_TO_POINT = {"Send", "Recv", "Mprobe"}
 # How long, after a timeout, to keep collecting notices that may still be in flight.
 _GRACE = 0.05
+# Waiting under a timeout: spin this long (seconds), then yield the core until _YIELD, then sleep.
+_SPIN = 0.002
+_YIELD = 0.1
 
 
 def nonblocking(method: str) -> str:
@@ -215,14 +219,26 @@ class Caller:
         keepalive: tuple,
         who: Callable[[], str],
     ):
-        """Call ``test`` until it returns something true; raise at the deadline."""
-        deadline = time.monotonic() + self.timeout
+        """Call ``test`` until it returns something true; raise at the deadline.
+
+        Non-blocking collectives progress only while their ranks call ``Test``, so the wait starts
+        like a blocking call (a tight loop for ``_SPIN`` s), then yields the core between tests
+        (``sched_yield``) until ``_YIELD`` s, and only then sleeps, backing off to 1 ms.
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout
         pause = 0.0
         while True:
             result = test()
             if result:
                 return result
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start < _SPIN:
+                continue
+            if now - start < _YIELD:
+                os.sched_yield()
+                continue
+            if now > deadline:
                 self._abandoned.append(keepalive)
                 self.broken = f"{operation} timed out after {self.timeout:g} s"
                 self._last_missing = None
@@ -237,9 +253,8 @@ class Caller:
                     timeout=self.timeout,
                     missing=self._last_missing,
                 )
-            if pause:
-                time.sleep(pause)
             pause = min(max(pause * 2, 2e-5), 1e-3)
+            time.sleep(pause)
 
     def probe(self, operation: str, comm: MPI.Comm, source: int, tag: int):
         """Matched probe (bounded like any call): ``(message, status)`` of the next message."""
