@@ -129,6 +129,7 @@ def case_mismatch(comm, outdir):
             )
             results[kind] = failure(exc, recovered=bool(ok))
     record(outdir, error=None if last is None else "ValueError", cases=results)
+    WORLD.Barrier()  # every rank has recorded before the first uncaught error aborts the job
     if last is not None:
         raise last
 
