@@ -97,7 +97,7 @@ def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     info = DTYPES[tensor.dtype]
     if info.carrier is not tensor.dtype:
         tensor = tensor.view(info.carrier)
-    buf = tensor.numpy() if tensor.device.type == "cpu" else _flat(tensor)
+    buf = tensor.numpy() if tensor.is_cpu else _flat(tensor)
     return [buf, info.mpi] if count is None else [buf, count, info.mpi]
 
 

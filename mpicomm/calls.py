@@ -21,6 +21,9 @@ from mpi4py import MPI
 
 from .errors import CollectiveTimeoutError, CommunicationError
 
+# Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait
+# (Allgatherv of 16 MiB on 2 ranks: 75 ms blocking, 14 ms as Iallgatherv + Wait).
+_FASTER_NONBLOCKING = {"Allgatherv"}
 # Methods that are not collectives: they neither send nor count arrival notices.
 _POINT_TO_POINT = {"Send", "Recv", "Mprobe"}
 # How long, after a timeout, to keep collecting notices that may still be in flight.
@@ -127,6 +130,7 @@ class Caller:
         self._abandoned: list[tuple] = []
         self.arrivals: Arrivals | None = None
         self._last_missing: list[int] | None = None
+        self.size: int | None = None  # the group's size, once prepare() has seen it
 
     @property
     def outstanding(self) -> int:
@@ -145,6 +149,8 @@ class Caller:
             )
         try:
             if self.timeout is None:
+                if method in _FASTER_NONBLOCKING:
+                    return getattr(comm, nonblocking(method))(*args).Wait()
                 return getattr(comm, method)(*args)
             who = self._who(operation, comm, method, args)
             start = getattr(comm, nonblocking(method))
@@ -169,6 +175,10 @@ class Caller:
             return lambda: self._ranks_text(comm, [args[1]], "had not received")
         if method in _POINT_TO_POINT or not isinstance(comm, MPI.Comm):
             return lambda: ""
+        if self.size is not None and comm.Get_size() != self.size:
+            # A sub-communicator (e.g. node-local in the hierarchical all_reduce): not every rank
+            # of the group takes part, so it is not counted and its missing ranks are unknown.
+            return lambda: ""
         if self.arrivals is None:
             self.arrivals = Arrivals(self._duplicate(operation, comm))
         seq = self.arrivals.enter()
@@ -191,6 +201,7 @@ class Caller:
         Called when the communicator is built, so the first timed-out collective can already say
         who is missing. Without it, the first timed collective makes it (and cannot say).
         """
+        self.size = comm.Get_size()
         if self.timeout is not None and self.arrivals is None:
             self.arrivals = Arrivals(self._duplicate("setup", comm))
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, launch, reduction
+from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
-from .buffers import Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
+from .buffers import DTYPES, Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
@@ -116,6 +116,8 @@ class MPICommunicator(DeviceCommunicatorBase):
                 )
         self._call.prepare(self.cpu_group)
         self.all2all_manager = make_manager(all2all_backend, self)
+        self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
+        self._node_split: hierarchical.NodeSplit | None = None  # made on first use
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -143,12 +145,12 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
         """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes)."""
-        if self._staged(tensor.device):
+        if self.staging or (tensor.is_cuda and not self.cuda_aware):
             host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
             host.copy_(tensor)
             return host
         tensor = tensor.contiguous()
-        if tensor.device.type == "cuda":
+        if tensor.is_cuda:
             sync_device(tensor.device)
         return tensor
 
@@ -156,7 +158,13 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
-        return torch.empty(shape, dtype=dtype, device=device)
+        if device.type == "cpu":
+            return torch.empty(shape, dtype=dtype)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        # MPI writes device memory outside torch's stream order: kernels still queued on the
+        # stream may use this block (freed by the caching allocator before they ran).
+        sync_device(device)
+        return out
 
     def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
@@ -185,17 +193,36 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         check_device(input_, self.device)
         self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        device = input_.device
         x = self._stage_in(input_)
-        out = self._output(x.shape, x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.nbytes, self.allreduce_algo)
+        nbytes = x.nbytes
+        split = self._hierarchy(info.dtype, nbytes)
+        if split is not None:
+            return self._result(hierarchical.all_reduce(x, split, self._call), device)
+        out = self._output(x.shape, x.dtype, device)
         comm = self.device_group
-        if algo == "native":
+        if reduction.choose_allreduce(info, nbytes, self.allreduce_algo) == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
         else:
             reduction.all_reduce_bytes(
                 self._call, "all_reduce", comm, x, out, info, self._workspace
             )
-        return self._result(out, input_.device)
+        return self._result(out, device)
+
+    def _hierarchy(self, dtype: torch.dtype, nbytes: int) -> hierarchical.NodeSplit | None:
+        """The node split when the hierarchical all_reduce applies to this call, else ``None``.
+
+        The split is made (collectively) the first time a call qualifies; every rank decides
+        alike, from the dtype, the size and ``MPICOMM_HIERARCHICAL``.
+        """
+        how = self.hierarchical
+        if how == "0" or self.world_size < 2 or dtype not in hierarchical.ACCUMULATE:
+            return None
+        if how == "auto" and nbytes < hierarchical.ALLREDUCE_FROM:
+            return None
+        if self._node_split is None:
+            self._node_split = hierarchical.split_nodes(self.device_group)
+        return self._node_split if self._node_split.worthwhile(dtype, nbytes, how) else None
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
@@ -421,9 +448,28 @@ class MPICommunicator(DeviceCommunicatorBase):
         tensors = [*model.parameters(), *model.buffers()]
         if not tensors or not self._staged(self.device):
             return
-        nbytes = max(t.numel() * t.element_size() for t in tensors)
-        self._workspace.reserve(nbytes, _HOST, True, ("in", "out"))
+        for slot, nbytes, pinned in self._staging_needs(tensors):
+            self._workspace.reserve(nbytes, _HOST, pinned, (slot,))
         self.all2all_manager.prepare(model)
+
+    def _staging_needs(self, tensors: list[torch.Tensor]) -> list[tuple[str, int, bool]]:
+        """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of
+        any of ``tensors`` takes from the host workspace when staged."""
+        world = self.world_size
+        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "tails": 0}
+        for t in tensors:
+            info = DTYPES.get(t.dtype)
+            if info is None:
+                continue
+            numel, size = t.numel(), info.itemsize
+            need["in"] = need["out"] = max(need["out"], numel * size)
+            if reduction.choose_allreduce(info, numel * size, self.allreduce_algo) == "bytes":
+                chunk = -(-numel // world)  # the largest chunk of an even split
+                need["parts"] = max(need["parts"], world * chunk * size)
+                need["tails"] = max(need["tails"], world * (numel % world) * size)
+                if info.accumulate is not info.dtype:
+                    need["accumulate"] = max(need["accumulate"], chunk * info.accumulate.itemsize)
+        return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:
         """Free the payload communicator if this object made it, and all buffers. Collective when
@@ -434,6 +480,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.all2all_manager.destroy()
         self._workspace.clear()
         self._call.close()
+        if self._node_split is not None:
+            self._node_split.free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:
             self.device_group.Free()
 

@@ -1,8 +1,8 @@
 """Whether the loaded MPI library can take CUDA device pointers.
 
-mpi4py cannot ask; both MPICH and Open MPI export ``MPIX_Query_cuda_support()``, which we call with
-ctypes on the libmpi that mpi4py loaded. ``MPICOMM_CUDA_AWARE=0|1`` overrides the answer for
-libraries that answer wrongly.
+mpi4py cannot ask; both MPICH and Open MPI export ``MPIX_Query_cuda_support()`` (MPICH also
+``MPIX_GPU_query_support``, asked first), which we call with ctypes on the libmpi that mpi4py
+loaded. ``MPICOMM_CUDA_AWARE=0|1`` overrides the answer for libraries that answer wrongly.
 """
 
 from __future__ import annotations
@@ -31,21 +31,46 @@ def loaded_libmpi() -> str | None:
     return min(paths) if paths else None
 
 
+_MPIX_GPU_SUPPORT_CUDA = 0  # MPICH's mpi.h
+
+
+def ask_library(lib: ctypes.CDLL) -> bool | None:
+    """``lib``'s answer: MPICH's ``MPIX_GPU_query_support(CUDA)`` where exported, else
+    ``MPIX_Query_cuda_support()`` (Open MPI, MVAPICH); ``None`` if it has neither.
+
+    MPICH's ``MPIX_Query_cuda_support`` wraps the GPU query in an ``assert`` that aborts the
+    process in MPICH < 4 built without GPU support (e.g. MPICH 3.4-based Cray MPICH), so the GPU
+    query is asked first.
+    """
+    gpu_query = getattr(lib, "MPIX_GPU_query_support", None)
+    if gpu_query is not None:
+        gpu_query.restype = ctypes.c_int
+        gpu_query.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        flag = ctypes.c_int(0)
+        if gpu_query(_MPIX_GPU_SUPPORT_CUDA, ctypes.byref(flag)) == 0:
+            return bool(flag.value)
+    query = getattr(lib, "MPIX_Query_cuda_support", None)
+    if query is None:
+        return None
+    query.restype = ctypes.c_int
+    query.argtypes = []
+    return bool(query())
+
+
 @functools.cache
 def library_cuda_support() -> bool | None:
-    """The library's own answer to ``MPIX_Query_cuda_support()``; ``None`` if it has no such call."""
+    """The loaded MPI library's own answer (:func:`ask_library`); ``None`` if it cannot say."""
     candidates = [None]
     path = loaded_libmpi()
     if path is not None:
         candidates.append(path)
     for name in candidates:
         try:
-            query = ctypes.CDLL(name).MPIX_Query_cuda_support
-        except (OSError, AttributeError):
+            answer = ask_library(ctypes.CDLL(name))
+        except OSError:
             continue
-        query.restype = ctypes.c_int
-        query.argtypes = []
-        return bool(query())
+        if answer is not None:
+            return answer
     return None
 
 

@@ -75,13 +75,14 @@ def even_sizes(total: int, world_size: int, argument: str = "input_") -> list[in
 
 def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "input_") -> None:
     """A CUDA tensor must live on the communicator's GPU; CPU tensors are always accepted."""
-    if tensor.device.type == "cpu":
+    if tensor.is_cpu:
         return
-    if tensor.device.type == "cuda" and device.type == "cuda":
-        if tensor.device.index != device.index:
+    if tensor.is_cuda and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if tensor.device.index != index:
             raise ValueError(
                 f"{argument} is on {tensor.device}, but this communicator serves {device}"
             )
         return
-    if tensor.device.type != "cuda":
+    if not tensor.is_cuda:
         raise ValueError(f"{argument} is on {tensor.device}: only CPU and CUDA tensors move")
