@@ -199,7 +199,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         split = self._hierarchy(info.dtype, nbytes)
         if split is not None:
             return self._result(hierarchical.all_reduce(x, split, self._call), device)
-        out = self._output(x.shape, x.dtype, device)
+        staged = self._staged(device)
+        out = (
+            torch.empty_like(x)
+            if not staged and x.is_cpu
+            else self._output(x.shape, x.dtype, device)
+        )
         comm = self.device_group
         if reduction.choose_allreduce(info, nbytes, self.allreduce_algo) == "native":
             reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
@@ -456,7 +461,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of
         any of ``tensors`` takes from the host workspace when staged."""
         world = self.world_size
-        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "tails": 0}
+        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "widen": 0, "tails": 0}
         for t in tensors:
             info = DTYPES.get(t.dtype)
             if info is None:
@@ -468,7 +473,8 @@ class MPICommunicator(DeviceCommunicatorBase):
                 need["parts"] = max(need["parts"], world * chunk * size)
                 need["tails"] = max(need["tails"], world * (numel % world) * size)
                 if info.accumulate is not info.dtype:
-                    need["accumulate"] = max(need["accumulate"], chunk * info.accumulate.itemsize)
+                    wide = chunk * info.accumulate.itemsize
+                    need["accumulate"] = need["widen"] = max(need["accumulate"], wide)
         return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:

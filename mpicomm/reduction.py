@@ -27,8 +27,14 @@ from .calls import Caller
 _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
-# sum. Measured with `python -m mpicomm bench --crossover`; see docs/benchmarks.md.
-BYTES_ALLREDUCE_FROM = 1 << 62
+# sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
+# 64 MiB (1.25-1.47x) and tied or lost from 256 KiB to 16 MiB; see docs/benchmarks.md.
+BYTES_ALLREDUCE_FROM = 64 << 20
+
+# Below this many gathered bytes (W x message), the bytes algorithm gathers every rank's whole
+# input and each rank sums all of it: one MPI call instead of three (2 ranks, 8 B bf16: 56 us with
+# three calls, see docs/benchmarks.md).
+GATHER_ALL_BELOW = 64 << 10
 
 
 def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
@@ -53,18 +59,27 @@ def sum_in_rank_order(
 ) -> None:
     """``out = parts[0] + parts[1] + ...`` left to right, accumulated in ``info.accumulate``.
 
-    ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end.
+    ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end. Narrow
+    floats are widened into a reused buffer before each add: a mixed-dtype ``add_`` is about twice
+    as slow (measured, docs/benchmarks.md).
     """
+    world = parts.shape[0]
     if info.accumulate is info.dtype:
-        out.copy_(parts[0])
-        for i in range(1, parts.shape[0]):
+        if world == 1:
+            out.copy_(parts[0])
+            return
+        torch.add(parts[0], parts[1], out=out)
+        for i in range(2, world):
             out.add_(parts[i])
         return
-    acc = workspace.tensor("accumulate", tuple(out.shape), info.accumulate, out.device)
+    shape = tuple(out.shape)
+    acc = workspace.tensor("accumulate", shape, info.accumulate, out.device)
     acc.copy_(parts[0])
-    promotes = info.itemsize > 1  # torch will not promote float8 inside add_
-    for i in range(1, parts.shape[0]):
-        acc.add_(parts[i] if promotes else parts[i].to(info.accumulate))
+    if world > 1:
+        wide = workspace.tensor("widen", shape, info.accumulate, out.device)
+        for i in range(1, world):
+            wide.copy_(parts[i])
+            acc.add_(wide)
     out.copy_(acc)
 
 
@@ -112,10 +127,14 @@ def all_reduce_bytes(
     The first ``W * (n // W)`` elements travel in equal chunks (MPI's Alltoall and Allgather are
     much faster than their v-variants here); the last ``n mod W`` elements are gathered from every
     rank and summed by each rank itself, in rank order, so they too have identical bits everywhere.
+    Small inputs (``W * nbytes <= GATHER_ALL_BELOW``) are all "tail": one Allgather and a local sum.
     """
     world, rank = comm.Get_size(), comm.Get_rank()
     flat_x, flat_out = x.reshape(-1), out.view(-1)
-    chunk, tail = divmod(flat_x.numel(), world)
+    if x.nbytes * world <= GATHER_ALL_BELOW:
+        chunk, tail = 0, flat_x.numel()  # one Allgather beats three calls for small sums
+    else:
+        chunk, tail = divmod(flat_x.numel(), world)
     body = chunk * world
     if chunk:
         mine = flat_out[rank * chunk : (rank + 1) * chunk]

@@ -3,7 +3,7 @@
 # mpiexec at 1, 2, 3 and 4 ranks (each bounded by timeouts), then the single-process tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh test,docs,mpich,examples
+bash scripts/setup.sh test,docs,mpich,examples,bench
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export PYTHONUNBUFFERED=1
