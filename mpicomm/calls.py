@@ -3,16 +3,34 @@
 Blocking and non-blocking variants share one body: without a timeout the blocking mpi4py method
 runs (no extra cost); with one, its ``I``-prefixed twin starts the operation and the caller polls
 it until it completes or the deadline passes.
+
+Under a timeout each rank also tells its peers, with a tiny non-blocking message on a private
+duplicate of the group, that it has entered collective number *k* (:class:`Arrivals`). When a wait
+times out, the notices received so far say which ranks had not arrived.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 
+import numpy as np
 from mpi4py import MPI
 
 from .errors import CollectiveTimeoutError, CommunicationError
+
+# Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait
+# (Allgatherv of 16 MiB on 2 ranks: 75 ms blocking, 14 ms as Iallgatherv + Wait).
+_FASTER_NONBLOCKING = {"Allgatherv"}
+# Methods that are not collectives: they neither send nor count arrival notices.
+_POINT_TO_POINT = {"Send", "Recv", "Mprobe"}
+# How long, after a timeout, to keep collecting notices that may still be in flight.
+_GRACE = 0.05
+# Waiting under a timeout: spin this long (seconds), then yield the core until _YIELD, then sleep.
+_SPIN = 0.002
+_YIELD = 0.1
 
 
 def nonblocking(method: str) -> str:
@@ -20,9 +38,81 @@ def nonblocking(method: str) -> str:
     return "I" + method[0].lower() + method[1:]
 
 
-# Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait
-# (Allgatherv of 16 MiB on 2 ranks: 75 ms blocking, 14 ms as Iallgatherv + Wait).
-_FASTER_NONBLOCKING = {"Allgatherv"}
+class Arrivals:
+    """Who has entered which collective of a group; used only under a timeout.
+
+    ``comm`` is a private duplicate of the group: notices never meet user or payload traffic.
+    On entering its *k*-th collective a rank sends the int64 *k* to every peer (eager, 8 bytes,
+    non-blocking) and drains the notices that have reached it, so nothing accumulates. A rank
+    whose last notice is below *k* had not entered collective *k*.
+    """
+
+    TAG = 1
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.seq = 0
+        self.seen = [0] * self.size
+        self.received = np.zeros(self.size, dtype=np.int64)
+        self.sends: list[tuple[MPI.Request, np.ndarray]] = []
+        self._box = np.empty(1, dtype=np.int64)
+        self._status = MPI.Status()
+
+    def enter(self) -> int:
+        """Count one more collective, tell the peers, take in their notices; return its number."""
+        self.seq += 1
+        self.seen[self.rank] = self.seq
+        note = np.array([self.seq], dtype=np.int64)
+        for peer in range(self.size):
+            if peer != self.rank:
+                self.sends.append((self.comm.Isend(note, peer, self.TAG), note))
+        self.drain()
+        return self.seq
+
+    def drain(self) -> None:
+        """Receive every notice that has arrived; forget sends that have completed."""
+        status = self._status
+        while self.comm.Iprobe(MPI.ANY_SOURCE, self.TAG, status):
+            source = status.Get_source()
+            self.comm.Recv(self._box, source, self.TAG)
+            self.received[source] += 1
+            self.seen[source] = max(self.seen[source], int(self._box[0]))
+        if self.sends and MPI.Request.Testall([r for r, _ in self.sends]):
+            self.sends.clear()
+
+    def missing(self, seq: int) -> list[int]:
+        """Group ranks that have not (as far as the notices tell) entered collective ``seq``."""
+        deadline = time.monotonic() + _GRACE
+        while True:
+            self.drain()
+            late = [r for r in range(self.size) if self.seen[r] < seq]
+            if not late or time.monotonic() > deadline:
+                return late
+            time.sleep(1e-3)
+
+    def close(self, timeout: float) -> None:
+        """Take in every notice still owed, then free the private communicator (collective).
+
+        The ranks exchange how many notices each sent; each rank receives until it has them all,
+        so no message is left behind on a freed communicator. If that does not finish within
+        ``timeout`` the duplicate is left to MPI.
+        """
+        deadline = time.monotonic() + timeout
+        mine = np.array([self.seq], dtype=np.int64)
+        sent = np.empty(self.size, dtype=np.int64)
+        request = self.comm.Iallgather(mine, sent)
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(1e-4)
+        sent[self.rank] = self.received[self.rank] = 0
+        while (self.received < sent).any() or self.sends:
+            self.drain()
+            if time.monotonic() > deadline:
+                return
+        self.comm.Free()
 
 
 class Caller:
@@ -38,6 +128,15 @@ class Caller:
         self.timeout = timeout
         self.broken: str | None = None
         self._abandoned: list[tuple] = []
+        self.arrivals: Arrivals | None = None
+        self._last_missing: list[int] | None = None
+        self.size: int | None = None  # the group's size, once prepare() has seen it
+
+    @property
+    def outstanding(self) -> int:
+        """Requests this caller still holds: abandoned after a timeout, or notices in flight."""
+        sends = len(self.arrivals.sends) if self.arrivals is not None else 0
+        return len(self._abandoned) + sends
 
     def __call__(self, operation: str, comm: MPI.Comm, method: str, *args):
         """Run ``comm.<method>(*args)`` as part of ``operation``; return what it returns."""
@@ -53,11 +152,12 @@ class Caller:
                 if method in _FASTER_NONBLOCKING:
                     return getattr(comm, nonblocking(method))(*args).Wait()
                 return getattr(comm, method)(*args)
+            who = self._who(operation, comm, method, args)
             start = getattr(comm, nonblocking(method))
             if method == "Mprobe":
-                return self._poll(operation, lambda: start(*args), args)
+                return self._poll(operation, lambda: start(*args), args, who)
             request = start(*args)
-            self._poll(operation, request.Test, (request, args))
+            self._poll(operation, request.Test, (request, args), who)
             return None
         except MPI.Exception as exc:
             raise CommunicationError(
@@ -67,31 +167,116 @@ class Caller:
                 group=self.group,
             ) from exc
 
-    def _poll(self, operation: str, test: Callable[[], object], keepalive: tuple):
-        """Call ``test`` until it returns something true; raise at the deadline."""
-        deadline = time.monotonic() + self.timeout
+    def _who(self, operation: str, comm, method: str, args: tuple) -> Callable[[], str]:
+        """A function naming, at a timeout, the ranks that had not arrived (and why we think so)."""
+        if method == "Mprobe":
+            return lambda: self._ranks_text(comm, [args[0]], "had sent nothing")
+        if method == "Send":
+            return lambda: self._ranks_text(comm, [args[1]], "had not received")
+        if method in _POINT_TO_POINT or not isinstance(comm, MPI.Comm):
+            return lambda: ""
+        if self.size is not None and comm.Get_size() != self.size:
+            # A sub-communicator (e.g. node-local in the hierarchical all_reduce): not every rank
+            # of the group takes part, so it is not counted and its missing ranks are unknown.
+            return lambda: ""
+        if self.arrivals is None:
+            self.arrivals = Arrivals(self._duplicate(operation, comm))
+        seq = self.arrivals.enter()
+
+        def missing() -> str:
+            late = self.arrivals.missing(seq)
+            self._last_missing = late
+            if late:
+                return self._ranks_text(comm, late, "had not entered it")
+            return (
+                " Every rank had entered it: the ranks may be in different collectives or "
+                "disagree on its arguments (MPICOMM_VALIDATE=1 checks that)."
+            )
+
+        return missing
+
+    def prepare(self, comm: MPI.Comm) -> None:
+        """Make the arrival-notice communicator now if a timeout is set (collective on ``comm``).
+
+        Called when the communicator is built, so the first timed-out collective can already say
+        who is missing. Without it, the first timed collective makes it (and cannot say).
+        """
+        self.size = comm.Get_size()
+        if self.timeout is not None and self.arrivals is None:
+            self.arrivals = Arrivals(self._duplicate("setup", comm))
+
+    def _duplicate(self, operation: str, comm: MPI.Comm) -> MPI.Comm:
+        """The private notice communicator: a duplicate of ``comm``, itself bounded by the timeout."""
+        dup, request = comm.Idup()
+        self._poll(operation, request.Test, (request, dup), lambda: "")
+        return dup
+
+    def _ranks_text(self, comm, ranks: list[int], verb: str) -> str:
+        self._last_missing = list(ranks)
+        noun = "rank" if len(ranks) == 1 else "ranks"
+        text = f" Group {noun} {', '.join(map(str, ranks))} {verb}"
+        try:
+            world = MPI.Group.Translate_ranks(comm.Get_group(), ranks, MPI.COMM_WORLD.Get_group())
+            if list(world) != list(ranks):
+                text += f" (global {', '.join(map(str, world))})"
+        except MPI.Exception:  # pragma: no cover - a comm that cannot report its group
+            pass
+        return text + "."
+
+    def _poll(
+        self,
+        operation: str,
+        test: Callable[[], object],
+        keepalive: tuple,
+        who: Callable[[], str],
+    ):
+        """Call ``test`` until it returns something true; raise at the deadline.
+
+        Non-blocking collectives progress only while their ranks call ``Test``, so the wait starts
+        like a blocking call (a tight loop for ``_SPIN`` s), then yields the core between tests
+        (``sched_yield``) until ``_YIELD`` s, and only then sleeps, backing off to 1 ms.
+        """
+        start = time.monotonic()
+        deadline = start + self.timeout
         pause = 0.0
         while True:
             result = test()
             if result:
                 return result
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - start < _SPIN:
+                continue
+            if now - start < _YIELD:
+                os.sched_yield()
+                continue
+            if now > deadline:
                 self._abandoned.append(keepalive)
                 self.broken = f"{operation} timed out after {self.timeout:g} s"
+                self._last_missing = None
+                detail = who()
                 raise CollectiveTimeoutError(
                     f"{operation} on group {self.group!r} did not complete within "
-                    f"{self.timeout:g} s (MPICOMM_TIMEOUT): a rank may have failed or never "
-                    f"entered it. End the job with MPI.COMM_WORLD.Abort().",
+                    f"{self.timeout:g} s (MPICOMM_TIMEOUT).{detail} A rank may have failed, "
+                    f"be stuck, or never have called it. End the job: leave this error uncaught "
+                    f"(mpicomm's abort hook then calls MPI_Abort) or call MPI.COMM_WORLD.Abort().",
                     operation=operation,
                     group=self.group,
                     timeout=self.timeout,
+                    missing=self._last_missing,
                 )
-            if pause:
-                time.sleep(pause)
             pause = min(max(pause * 2, 2e-5), 1e-3)
+            time.sleep(pause)
 
     def probe(self, operation: str, comm: MPI.Comm, source: int, tag: int):
         """Matched probe (bounded like any call): ``(message, status)`` of the next message."""
         status = MPI.Status()
         message = self(operation, comm, "Mprobe", source, tag, status)
         return message, status
+
+    def close(self) -> None:
+        """Free what the timeout machinery made (collective: every rank of the group calls it)."""
+        arrivals, self.arrivals = self.arrivals, None
+        if arrivals is not None and self.broken is None:
+            # If MPI fails here the group is failing anyway; the duplicate is left to MPI.
+            with contextlib.suppress(MPI.Exception):
+                arrivals.close(self.timeout or 10.0)

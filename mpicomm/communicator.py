@@ -114,6 +114,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 raise ValueError(
                     "device_group must have the members of cpu_group in the same order"
                 )
+        self._call.prepare(self.cpu_group)
         self.all2all_manager = make_manager(all2all_backend, self)
         self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
         self._node_split: hierarchical.NodeSplit | None = None  # made on first use
@@ -480,6 +481,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
+        self._call.close()
         if self._node_split is not None:
             self._node_split.free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:

@@ -9,6 +9,7 @@ so any disagreement raises the same ``ValueError`` on every rank.
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,9 +30,25 @@ OPERATIONS = (
     "combine",
 )
 _DTYPES = list(DTYPES)
+_OP_CODE = {name: i for i, name in enumerate(OPERATIONS)}
+_DTYPE_CODE = {dtype: i for i, dtype in enumerate(_DTYPES)}
 _MAX_DIMS = 10
 WIDTH = 6 + _MAX_DIMS
+_PAD = [-1] * _MAX_DIMS
 ANY = -2  # a shape entry that may differ between ranks (the rows of a v-collective)
+
+
+# Operations without a ``dim`` argument: their dim is not shown in messages.
+_NO_DIM = {"all_reduce", "broadcast"}
+_FIELDS = ("operation", "dtype", "number of dimensions", "dim", "root", "sizes")
+
+
+class Fingerprint(NamedTuple):
+    """One rank's call in numbers: ``row`` (fixed width, exchanged every time) and ``sizes``
+    (exchanged only to explain a disagreement)."""
+
+    row: np.ndarray
+    sizes: list[int] | None
 
 
 def fingerprint(
@@ -41,25 +58,33 @@ def fingerprint(
     sizes: list[int] | None = None,
     root: int = -1,
     rows_vary: bool = False,
-) -> np.ndarray:
-    """The int64 vector that every rank of a call must share."""
+) -> Fingerprint:
+    """What every rank of a call must share: operation, dtype, shape, dim, sizes, root.
+
+    ``rows_vary``: the first dimension may differ between ranks (the rows of a v-collective).
+    Shapes of more than 10 dimensions and the sizes list enter the row as CRC32 hashes.
+    """
     shape = list(tensor.shape)
     if rows_vary and shape:
         shape[0] = ANY
-    if len(shape) > _MAX_DIMS:
+    ndim = len(shape)
+    if ndim > _MAX_DIMS:
         shape = shape[: _MAX_DIMS - 1] + [zlib.crc32(np.array(shape[_MAX_DIMS - 1 :]).tobytes())]
     sizes_key = -1 if sizes is None else zlib.crc32(np.asarray(sizes, dtype=np.int64).tobytes())
-    row = [OPERATIONS.index(operation), _DTYPES.index(tensor.dtype), tensor.dim(), dim, root]
-    row += [sizes_key, *shape, *([-1] * (_MAX_DIMS - len(shape)))]
-    return np.asarray(row, dtype=np.int64)
+    row = [_OP_CODE[operation], _DTYPE_CODE[tensor.dtype], ndim, dim, root, sizes_key, *shape]
+    row += _PAD[: WIDTH - len(row)]
+    return Fingerprint(np.array(row, dtype=np.int64), None if sizes is None else list(sizes))
 
 
 def describe(row: np.ndarray, sizes: list[int] | None = None) -> str:
     """A fingerprint in words: ``all_gather(float32[4, 8], dim=1)``."""
     op, dtype, ndim, dim, root, sizes_key = (int(v) for v in row[:6])
     shape = ["*" if v == ANY else str(int(v)) for v in row[6 : 6 + min(ndim, _MAX_DIMS)]]
+    if ndim > _MAX_DIMS:
+        shape[-1] = "..."
     text = f"{OPERATIONS[op]}({str(_DTYPES[dtype]).removeprefix('torch.')}[{', '.join(shape)}]"
-    text += f", dim={dim}"
+    if OPERATIONS[op] not in _NO_DIM:
+        text += f", dim={dim}"
     if root >= 0:
         text += f", root={root}"
     if sizes_key >= 0:
@@ -67,11 +92,40 @@ def describe(row: np.ndarray, sizes: list[int] | None = None) -> str:
     return text + ")"
 
 
-def agree(call: Caller, comm: MPI.Comm, operation: str, row: np.ndarray) -> None:
-    """Exchange ``row`` on ``comm``; raise ``ValueError`` on every rank if any rank differs."""
-    rows = np.empty((comm.Get_size(), WIDTH), dtype=np.int64)
-    call(operation, comm, "Allgather", row, rows)
-    if (rows == rows[0]).all():
+def differences(rows: np.ndarray) -> list[str]:
+    """Names of the fields on which the rows (one per rank) differ."""
+    fields = [name for i, name in enumerate(_FIELDS) if (rows[:, i] != rows[0, i]).any()]
+    if (rows[:, 6:] != rows[0, 6:]).any():
+        fields.append("shape")
+    return fields
+
+
+def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> None:
+    """Exchange ``mine`` on ``comm``; raise the same ``ValueError`` on every rank if any differs.
+
+    One ``Allgather`` of ``WIDTH`` int64 per rank when the ranks agree. When they disagree on the
+    sizes, a second ``Allgather`` brings every rank's sizes list for the message (every rank sees
+    the same rows, so all of them take part in it).
+    """
+    world = comm.Get_size()
+    rows = np.empty((world, WIDTH), dtype=np.int64)
+    call(operation, comm, "Allgather", mine.row, rows)
+    every = rows.tobytes()
+    if every == every[: len(every) // world] * world:
         return
-    calls = "; ".join(f"rank {i}: {describe(r)}" for i, r in enumerate(rows))
-    raise ValueError(f"{operation} on group {call.group!r}: the ranks disagree: {calls}")
+    fields = differences(rows)
+    every_sizes: list[list[int] | None] = [None] * world
+    if "sizes" in fields:
+        own = np.full(world, -1, dtype=np.int64)
+        if mine.sizes is not None and len(mine.sizes) == world:
+            own[:] = mine.sizes
+        table = np.empty((world, world), dtype=np.int64)
+        call(operation, comm, "Allgather", own, table)
+        every_sizes = [None if (r < 0).any() else r.tolist() for r in table]
+    calls = "; ".join(
+        f"rank {i}: {describe(r, s)}"
+        for i, (r, s) in enumerate(zip(rows, every_sizes, strict=True))
+    )
+    raise ValueError(
+        f"{operation} on group {call.group!r}: the ranks disagree on {', '.join(fields)}: {calls}"
+    )
