@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -324,6 +325,9 @@ def _report_and_abort(exc_type, exc, tb, where: str) -> bool:
 def _call_abort() -> None:
     mpi, world = _world()
     if world is not None:
+        # Give the launcher's output forwarding a moment: hydra can tear the job down before the
+        # traceback just written reaches mpiexec's stderr (seen in CI as an empty job output).
+        time.sleep(0.5)
         world.Abort(1)
     os._exit(1)  # Abort does not return; if it somehow did, still do not hang
 
