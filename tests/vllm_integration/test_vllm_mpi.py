@@ -9,6 +9,7 @@ requires every rank to print ``VLLM_GROUPS_OK`` and the job to exit 0.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,8 +56,9 @@ def run(n: int, *args: str, enable: bool = True) -> str:
     out = proc.stdout + proc.stderr
     tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}"
-    oks = [line for line in out.splitlines() if line.startswith("VLLM_GROUPS_OK")]
-    assert len(oks) == n, f"{len(oks)} of {n} ranks reported OK:\n{tail}"
+    # mpiexec may interleave two ranks' lines: find each rank's marker anywhere in the output.
+    oks = set(re.findall(r"VLLM_GROUPS_OK rank=(\d+)", out))
+    assert oks == {str(r) for r in range(n)}, f"ranks {sorted(oks)} of {n} reported OK:\n{tail}"
     return out
 
 
