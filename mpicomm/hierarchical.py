@@ -34,6 +34,7 @@ import torch
 from mpi4py import MPI
 
 from .buffers import mpi_spec, sync_device, vector_spec
+from .reduction import split_evenly
 
 # The dtype each handled dtype is summed in.
 ACCUMULATE: dict[torch.dtype, torch.dtype] = {
@@ -163,11 +164,6 @@ def _check(x: torch.Tensor) -> torch.dtype:
     return ACCUMULATE[x.dtype]
 
 
-def _split_evenly(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (i < extra) for i in range(parts)]
-
-
 def _reduce_to_leader(call, op: str, s: NodeSplit, x: torch.Tensor, acc: torch.dtype):
     """Node sum of ``x`` (flat) in ``acc`` on the leader (a fresh tensor); ``None`` elsewhere."""
     send = x.reshape(-1).to(acc)  # a copy for 16-bit inputs; never written to
@@ -190,7 +186,7 @@ def all_reduce(
     partial = _reduce_to_leader(call, operation, split, x, acc)
     if split.is_leader:
         if split.num_nodes > 1:
-            counts = _split_evenly(n, split.num_nodes)
+            counts = split_evenly(n, split.num_nodes)
             mine = torch.empty(counts[split.node_index], dtype=acc, device=x.device)
             call(
                 operation, split.leaders, "Reduce_scatter",
