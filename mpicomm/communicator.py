@@ -144,7 +144,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         return self.staging or (device.type == "cuda" and not self.cuda_aware)
 
     def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
-        """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes)."""
+        """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes).
+
+        Detached: collectives are not recorded by autograd, and MPI cannot read a tensor that
+        requires grad (nor may a staging slot join an autograd graph).
+        """
+        tensor = tensor.detach()
         if self.staging or (tensor.is_cuda and not self.cuda_aware):
             host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
             host.copy_(tensor)
@@ -356,7 +361,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._begin("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
         buf = self._output(tuple(tensor.shape), tensor.dtype, tensor.device)
         if self.rank == src:
-            buf.copy_(tensor)
+            buf.copy_(tensor.detach())
             if buf.device.type == "cuda":
                 sync_device(buf.device)
         self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)

@@ -231,3 +231,26 @@ def test_attributes(comm):
     assert comm.global_rank == comm.rank and comm.global_world_size == comm.world_size
     assert comm.device == torch.device("cpu") and comm.unique_name == "test"
     assert MPI.Comm.Compare(comm.cpu_group, comm.device_group) == MPI.CONGRUENT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inputs_that_require_grad(comm, dtype):
+    """Parameters (requires_grad=True) go through every collective; results are plain tensors,
+    equal to those of the detached inputs, and the inputs keep their grad flag and values."""
+    world, rank = comm.world_size, comm.rank
+    xs = per_rank(dtype, "contiguous", world, shape=(world * 2, 3), salt=4)
+    mine = torch.nn.Parameter(xs[rank].clone())
+    outs = {
+        "all_reduce": (comm.all_reduce(mine), reference_sum(xs)),
+        "all_gather": (comm.all_gather(mine, 0), torch.cat(xs)),
+        "all_gatherv": (comm.all_gatherv([mine])[0], torch.cat(xs)),
+        "reduce_scatter": (comm.reduce_scatter(mine, 0), reference_sum(xs).chunk(world)[rank]),
+        "broadcast": (comm.broadcast(mine, 0), xs[0]),
+    }
+    bad = [
+        name
+        for name, (got, want) in outs.items()
+        if got.requires_grad or got.grad_fn is not None or not equal(got, want)
+    ]
+    ok = not bad and mine.requires_grad and equal(mine.detach(), xs[rank])
+    assert everywhere(ok), bad
