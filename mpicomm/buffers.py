@@ -97,8 +97,15 @@ def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
     info = DTYPES[tensor.dtype]
     if info.carrier is not tensor.dtype:
         tensor = tensor.view(info.carrier)
-    buf = tensor.numpy() if tensor.is_cpu else _flat(tensor)
+    buf = _memory(tensor)
     return [buf, info.mpi] if count is None else [buf, count, info.mpi]
+
+
+def _memory(tensor: torch.Tensor):
+    """What mpi4py is handed for a contiguous tensor's memory: a numpy view of host memory
+    (mpi4py's fastest path), the 1-d tensor itself for device memory (mpi4py takes it by DLPack,
+    without synchronising). Tests hand host tensors the device way to cover that branch on CPU."""
+    return tensor.numpy() if tensor.is_cpu else _flat(tensor)
 
 
 def sync_device(device: torch.device) -> None:
@@ -164,8 +171,7 @@ class Workspace:
 def byte_spec(tensor: torch.Tensor) -> list:
     """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
     flat = _flat(tensor).view(torch.uint8)
-    buf = flat.numpy() if flat.device.type == "cpu" else flat
-    return [buf, flat.numel(), MPI.BYTE]
+    return [_memory(flat), flat.numel(), MPI.BYTE]
 
 
 def vector_spec(tensor: torch.Tensor, counts: list[int]) -> list:
