@@ -123,6 +123,7 @@ class Workspace:
 
     def __init__(self) -> None:
         self._slots: dict[tuple[str, str], torch.Tensor] = {}
+        self._streams: dict[tuple[str, str], torch.cuda.Stream] = {}
         self.allocations = 0
 
     def raw(
@@ -130,14 +131,30 @@ class Workspace:
     ) -> torch.Tensor:
         """A uint8 tensor of exactly ``nbytes`` on ``device``, backed by the slot's memory."""
         key = (slot, str(device))
+        on_gpu = device.type == "cuda"
+        if on_gpu:
+            self._claim(key, device)
         held = self._slots.get(key)
         if held is None or held.numel() < nbytes:
+            if on_gpu:
+                # Queued kernels may still use the block being dropped, or the one the caching
+                # allocator hands out next (freed in stream order); MPI would write it at once.
+                sync_device(device)
             size = max(nbytes, 2 * held.numel() if held is not None else 0, 64)
             pin = pinned and device.type == "cpu" and torch.cuda.is_available()
             held = torch.empty(size, dtype=torch.uint8, device=device, pin_memory=pin)
             self._slots[key] = held
             self.allocations += 1
         return held[:nbytes]
+
+    def _claim(self, key: tuple[str, str], device: torch.device) -> None:
+        """Device slots are used by queued kernels (the rank-order sum) and written by MPI, which
+        knows no streams: before a slot serves another stream than last time, wait for that one."""
+        stream = torch.cuda.current_stream(device)
+        last = self._streams.get(key)
+        if last is not None and last != stream:
+            last.synchronize()
+        self._streams[key] = stream
 
     def tensor(
         self,
@@ -165,7 +182,11 @@ class Workspace:
         return sum(t.numel() for t in self._slots.values())
 
     def clear(self) -> None:
+        """Drop every slot, once the streams that used device slots have finished with them."""
+        for stream in set(self._streams.values()):
+            stream.synchronize()
         self._slots.clear()
+        self._streams.clear()
 
 
 def byte_spec(tensor: torch.Tensor) -> list:

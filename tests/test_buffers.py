@@ -1,0 +1,56 @@
+"""mpicomm.buffers on its own (one process, no GPU): workspace growth and the stream bookkeeping
+that keeps MPI, which knows no CUDA streams, from writing device scratch memory too early."""
+
+from __future__ import annotations
+
+import torch
+
+from mpicomm.buffers import Workspace
+
+
+def test_slots_grow_and_are_reused():
+    ws = Workspace()
+    cpu = torch.device("cpu")
+    first = ws.raw("parts", 100, cpu)
+    assert first.numel() == 100 and ws.allocations == 1
+    again = ws.raw("parts", 80, cpu)
+    assert again.data_ptr() == first.data_ptr() and ws.allocations == 1
+    ws.raw("parts", 1000, cpu)
+    assert ws.allocations == 2 and ws.nbytes >= 1000
+    shaped = ws.tensor("out", (3, 5), torch.bfloat16, cpu)
+    assert shaped.shape == (3, 5) and shaped.dtype is torch.bfloat16 and shaped.is_contiguous()
+    ws.clear()
+    assert ws.nbytes == 0
+
+
+class FakeStream:
+    """Stands in for torch.cuda.Stream: counts synchronize() calls."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+def test_device_slot_waits_for_the_stream_that_used_it_last(monkeypatch):
+    """A device slot handed to another stream than last time first waits for the last one (its
+    queued kernels may still read or write the slot); the same stream again waits for nothing;
+    clear() waits for every stream that used a slot."""
+    a, b = FakeStream(), FakeStream()
+    current = [a]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    ws = Workspace()
+    gpu = torch.device("cuda", 0)
+    parts, tails = ("parts", "cuda:0"), ("tails", "cuda:0")
+    ws._claim(parts, gpu)
+    ws._claim(parts, gpu)
+    ws._claim(tails, gpu)
+    assert a.waits == 0
+    current[0] = b
+    ws._claim(parts, gpu)
+    assert a.waits == 1 and b.waits == 0
+    ws._claim(parts, gpu)
+    assert a.waits == 1
+    ws.clear()
+    assert a.waits == 2 and b.waits == 1  # tails was last used on a, parts on b
