@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from mpi4py import MPI
 
+_HOST = torch.device("cpu")
+_MAX_VIEWS = 64  # cached workspace views (shapes vary with token counts: keep the set bounded)
+
 
 @dataclass(frozen=True)
 class DtypeInfo:
@@ -86,31 +89,61 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return flat
 
 
-def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> list:
-    """``[buffer, (count,) datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
+class Spec(list):
+    """An mpi4py buffer spec, ``[memory, (count,) datatype]``, that keeps its tensor alive.
 
-    ``count`` defaults to every element (mpi4py reads it off the buffer); gathers pass the count
-    one rank contributes. CPU memory is handed over as a numpy view (mpi4py's fastest path); device
-    memory as the tensor itself (DLPack). The caller guarantees contiguity and, for device memory,
-    that the producing stream has been synchronised (:func:`sync_device`).
+    Host memory is handed to mpi4py by address (no numpy view: half the cost per buffer), so the
+    spec itself must own the tensor: a request abandoned after a timeout keeps its specs, and with
+    them the memory MPI may still write.
+    """
+
+    __slots__ = ("tensor",)
+
+
+def _spec(tensor: torch.Tensor, items: tuple) -> Spec:
+    spec = Spec(items)
+    spec.tensor = tensor
+    return spec
+
+
+def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> Spec:
+    """``[memory, (count,) datatype]`` for a contiguous ``tensor``, as mpi4py's buffer API takes it.
+
+    ``count`` defaults to every element (mpi4py reads it off the memory's size); gathers pass the
+    count one rank contributes. The caller guarantees, for device memory, that the producing
+    stream has been synchronised (:func:`sync_device`).
     """
     info = DTYPES[tensor.dtype]
-    if info.carrier is not tensor.dtype:
-        tensor = tensor.view(info.carrier)
-    buf = _memory(tensor)
-    return [buf, info.mpi] if count is None else [buf, count, info.mpi]
+    memory = _memory(tensor, info.carrier)
+    return _spec(tensor, (memory, info.mpi) if count is None else (memory, count, info.mpi))
 
 
-def _memory(tensor: torch.Tensor):
-    """What mpi4py is handed for a contiguous tensor's memory: a numpy view of host memory
-    (mpi4py's fastest path), the 1-d tensor itself for device memory (mpi4py takes it by DLPack,
-    without synchronising). Tests hand host tensors the device way to cover that branch on CPU."""
-    return tensor.numpy() if tensor.is_cpu else _flat(tensor)
+_from_address = MPI.buffer.fromaddress
+
+
+def _memory(tensor: torch.Tensor, carrier: torch.dtype):
+    """What mpi4py is handed for a contiguous tensor's memory.
+
+    Host memory: its address and size (MPI reads bytes; the datatype says what they are). Device
+    memory: see :func:`_device_memory`.
+    """
+    if not tensor.is_contiguous():
+        raise RuntimeError("mpicomm internal error: a non-contiguous tensor reached MPI")
+    if tensor.is_cpu:
+        return _from_address(tensor.data_ptr(), tensor.nbytes)
+    return _device_memory(tensor, carrier)
+
+
+def _device_memory(tensor: torch.Tensor, carrier: torch.dtype) -> torch.Tensor:
+    """The 1-d tensor itself, viewed as ``carrier`` (a dtype DLPack knows), which mpi4py takes by
+    DLPack without synchronising. Tests hand host tensors this way to cover it on CPU."""
+    flat = _flat(tensor)
+    return flat if carrier is flat.dtype else flat.view(carrier)
 
 
 def sync_device(device: torch.device) -> None:
     """Wait for the current stream of a CUDA ``device``; a no-op for CPU."""
-    if device.type == "cuda":
+    if device != _HOST and device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
 
 
@@ -124,6 +157,7 @@ class Workspace:
     def __init__(self) -> None:
         self._slots: dict[tuple[str, str], torch.Tensor] = {}
         self._streams: dict[tuple[str, str], torch.cuda.Stream] = {}
+        self._views: dict[tuple, torch.Tensor] = {}
         self.allocations = 0
 
     def raw(
@@ -144,6 +178,7 @@ class Workspace:
             pin = pinned and device.type == "cpu" and torch.cuda.is_available()
             held = torch.empty(size, dtype=torch.uint8, device=device, pin_memory=pin)
             self._slots[key] = held
+            self._views.clear()  # views of the old memory must not be handed out again
             self.allocations += 1
         return held[:nbytes]
 
@@ -164,11 +199,23 @@ class Workspace:
         device: torch.device,
         pinned: bool = False,
     ) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` and ``dtype`` living in the slot's memory."""
-        numel = 1
-        for n in shape:
-            numel *= n
-        return self.raw(slot, numel * dtype.itemsize, device, pinned).view(dtype).view(shape)
+        """A contiguous tensor of ``shape`` and ``dtype`` living in the slot's memory.
+
+        The same call again returns the same view (made once: slicing and viewing cost ~5 us).
+        """
+        key = (slot, device, shape, dtype)
+        view = self._views.get(key)
+        if view is None:
+            numel = 1
+            for n in shape:
+                numel *= n
+            view = self.raw(slot, numel * dtype.itemsize, device, pinned).view(dtype).view(shape)
+            if len(self._views) >= _MAX_VIEWS:
+                self._views.clear()
+            self._views[key] = view
+        elif device != _HOST and device.type == "cuda":
+            self._claim((slot, str(device)), device)
+        return view
 
     def reserve(
         self, nbytes: int, device: torch.device, pinned: bool, slots: tuple[str, ...]
@@ -187,18 +234,19 @@ class Workspace:
             stream.synchronize()
         self._slots.clear()
         self._streams.clear()
+        self._views.clear()
 
 
-def byte_spec(tensor: torch.Tensor) -> list:
+def byte_spec(tensor: torch.Tensor) -> Spec:
     """``[buffer, nbytes, MPI.BYTE]`` for a contiguous tensor of any dtype (point-to-point)."""
-    flat = _flat(tensor).view(torch.uint8)
-    return [_memory(flat), flat.numel(), MPI.BYTE]
+    nbytes = tensor.nbytes
+    return _spec(tensor, (_memory(tensor, torch.uint8), nbytes, MPI.BYTE))
 
 
-def vector_spec(tensor: torch.Tensor, counts: list[int]) -> list:
+def vector_spec(tensor: torch.Tensor, counts: list[int]) -> Spec:
     """``[buffer, (counts, displacements), datatype]`` for the v-collectives, in elements."""
     displs = [0] * len(counts)
     for i in range(1, len(counts)):
         displs[i] = displs[i - 1] + counts[i - 1]
-    buf, datatype = mpi_spec(tensor)
-    return [buf, (counts, displs), datatype]
+    info = DTYPES[tensor.dtype]
+    return _spec(tensor, (_memory(tensor, info.carrier), (counts, displs), info.mpi))

@@ -36,6 +36,10 @@ BYTES_ALLREDUCE_FROM = 64 << 20
 # three calls, see docs/benchmarks.md).
 GATHER_ALL_BELOW = 64 << 10
 
+# Narrow-float sums whose widened (W, n) copy is at most this many bytes widen it in one call
+# instead of row by row into the workspace (fewer torch calls; see sum_in_rank_order).
+WIDEN_WHOLE_BELOW = 64 << 10
+
 
 def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
     """``"native"`` or ``"bytes"`` for a sum of ``nbytes`` of ``info``'s dtype under ``algo``."""
@@ -60,25 +64,33 @@ def sum_in_rank_order(
     """``out = parts[0] + parts[1] + ...`` left to right, accumulated in ``info.accumulate``.
 
     ``parts``: (W, n) of the dtype; ``out``: (n,) of the dtype. One rounding at the end. Narrow
-    floats are widened into a reused buffer before each add: a mixed-dtype ``add_`` is about twice
-    as slow (measured, docs/benchmarks.md).
+    floats are widened whole when small (fewest torch calls), else row by row into a reused
+    buffer: a mixed-dtype ``add_`` is about twice as slow (measured, docs/benchmarks.md).
     """
-    world = parts.shape[0]
     if info.accumulate is info.dtype:
-        if world == 1:
-            out.copy_(parts[0])
+        rows = parts.unbind(0)  # one call: indexing row by row costs ~1 us a row
+        if len(rows) == 1:
+            out.copy_(rows[0])
             return
-        torch.add(parts[0], parts[1], out=out)
-        for i in range(2, world):
-            out.add_(parts[i])
+        torch.add(rows[0], rows[1], out=out)
+        for row in rows[2:]:
+            out.add_(row)
         return
+    if parts.numel() * info.accumulate.itemsize <= WIDEN_WHOLE_BELOW:
+        wide = parts.to(info.accumulate).unbind(0)
+        acc = wide[0]  # a row of the fresh widened copy: adding into it in place is safe
+        for row in wide[1:]:
+            acc.add_(row)
+        out.copy_(acc)
+        return
+    rows = parts.unbind(0)
     shape = tuple(out.shape)
     acc = workspace.tensor("accumulate", shape, info.accumulate, out.device)
-    acc.copy_(parts[0])
-    if world > 1:
+    acc.copy_(rows[0])
+    if len(rows) > 1:
         wide = workspace.tensor("widen", shape, info.accumulate, out.device)
-        for i in range(1, world):
-            wide.copy_(parts[i])
+        for row in rows[1:]:
+            wide.copy_(row)
             acc.add_(wide)
     out.copy_(acc)
 
@@ -129,12 +141,16 @@ def all_reduce_bytes(
     rank and summed by each rank itself, in rank order, so they too have identical bits everywhere.
     Small inputs (``W * nbytes <= GATHER_ALL_BELOW``) are all "tail": one Allgather and a local sum.
     """
-    world, rank = comm.Get_size(), comm.Get_rank()
+    world = comm.Get_size()
     flat_x, flat_out = x.reshape(-1), out.view(-1)
     if x.nbytes * world <= GATHER_ALL_BELOW:
-        chunk, tail = 0, flat_x.numel()  # one Allgather beats three calls for small sums
-    else:
-        chunk, tail = divmod(flat_x.numel(), world)
+        # One Allgather beats three calls for small sums (no slicing either: ~1 us a slice).
+        tails = workspace.tensor("tails", (world, flat_x.numel()), x.dtype, x.device)
+        call(operation, comm, "Allgather", mpi_spec(flat_x), mpi_spec(tails))
+        sum_in_rank_order(tails, flat_out, info, workspace)
+        return
+    rank = comm.Get_rank()
+    chunk, tail = divmod(flat_x.numel(), world)
     body = chunk * world
     if chunk:
         mine = flat_out[rank * chunk : (rank + 1) * chunk]

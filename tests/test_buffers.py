@@ -54,3 +54,41 @@ def test_device_slot_waits_for_the_stream_that_used_it_last(monkeypatch):
     assert a.waits == 1
     ws.clear()
     assert a.waits == 2 and b.waits == 1  # tails was last used on a, parts on b
+
+
+def test_cached_views_follow_growth():
+    """The same request returns the same view; after the slot grows, views of the new memory."""
+    ws = Workspace()
+    cpu = torch.device("cpu")
+    a = ws.tensor("tails", (2, 8), torch.float32, cpu)
+    assert ws.tensor("tails", (2, 8), torch.float32, cpu) is a
+    b = ws.tensor("tails", (2, 8), torch.bfloat16, cpu)
+    assert b.data_ptr() == a.data_ptr() and b.dtype is torch.bfloat16
+    big = ws.tensor("tails", (64, 64), torch.float32, cpu)  # grows the slot
+    again = ws.tensor("tails", (2, 8), torch.float32, cpu)
+    assert again is not a and again.data_ptr() == big.data_ptr()
+
+
+def test_spec_owns_its_tensor_and_refuses_strided_memory():
+    """Host memory goes to MPI by address, so the spec must keep the tensor alive (a request
+    abandoned after a timeout holds only its specs); strided memory never gets that far."""
+    import gc
+
+    from mpi4py import MPI
+
+    from mpicomm.buffers import byte_spec, mpi_spec, vector_spec
+
+    send = mpi_spec(torch.arange(6, dtype=torch.bfloat16) + 1)  # the only reference
+    recv = mpi_spec(torch.zeros(6, dtype=torch.bfloat16))
+    gc.collect()
+    MPI.COMM_SELF.Allgather(send, recv)
+    assert torch.equal(recv.tensor, torch.arange(6, dtype=torch.bfloat16) + 1)
+    for spec in (byte_spec(torch.ones(3)), vector_spec(torch.ones(4), [4])):
+        assert isinstance(spec.tensor, torch.Tensor)
+    for make in (mpi_spec, byte_spec):
+        try:
+            make(torch.ones(4, 4).t())
+        except RuntimeError as exc:
+            assert "non-contiguous" in str(exc)
+        else:
+            raise AssertionError(f"{make.__name__} took a transposed tensor")

@@ -88,7 +88,7 @@ def test_device_memory_handoff(plain, monkeypatch, algo):
     Host tensors handed over that way cover the branch on CPU: carrier-dtype views, counts,
     v-collective displacements, the in-place all-gather of a slice, byte specs for send/recv.
     Results must equal the reference and, bit for bit, the numpy path's."""
-    monkeypatch.setattr(buffers, "_memory", buffers._flat)
+    monkeypatch.setattr(buffers, "_memory", buffers._device_memory)
     comm = MPICommunicator(MPI.COMM_WORLD, timeout=TIMEOUT, allreduce_algo=algo)
     try:
         for name in conformance.COLLECTIVES:
