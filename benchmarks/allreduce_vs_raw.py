@@ -8,7 +8,9 @@ Times, interleaved over rounds (median per round, best round reported):
 - ``mpicomm``: ``MPICommunicator.all_reduce`` (fresh result, dropped before the next call);
 - ``mpicomm (keep prev)``: the same while the previous result is still alive, as a pipeline
   holds its last activation: glibc then returns and re-faults the pages of large results unless
-  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` keep them (see docs/benchmarks.md).
+  ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` keep them (see docs/benchmarks.md);
+- ``mpicomm (4K pages)``: ``mpicomm`` without the huge-page advice on large results
+  (``buffers.HUGE_PAGES_FROM``), to show what it saves.
 """
 
 import sys
@@ -19,6 +21,7 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
+from mpicomm import buffers
 
 torch.set_num_threads(1)
 world = MPI.COMM_WORLD
@@ -27,6 +30,7 @@ x = torch.randn(count, generator=torch.Generator().manual_seed(world.Get_rank())
 reused = torch.empty_like(x)
 comm = mpicomm.MPICommunicator(world, unique_name="bench")
 kept = [None]
+huge_from = buffers.HUGE_PAGES_FROM
 
 
 def raw_reused():
@@ -46,11 +50,20 @@ def mpicomm_keep():
     kept[0] = comm.all_reduce(x)
 
 
+def mpicomm_small_pages():
+    buffers.HUGE_PAGES_FROM = 1 << 62  # results on 4 KiB pages, as before 2026-11-24
+    try:
+        comm.all_reduce(x)
+    finally:
+        buffers.HUGE_PAGES_FROM = huge_from
+
+
 cases = {
     "raw (reused out)": raw_reused,
     "raw (fresh out)": raw_fresh,
     "mpicomm": mpicomm_fresh,
     "mpicomm (keep prev)": mpicomm_keep,
+    "mpicomm (4K pages)": mpicomm_small_pages,
 }
 best = {name: float("inf") for name in cases}
 for _ in range(5):

@@ -18,7 +18,16 @@ from mpi4py import MPI
 from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
-from .buffers import DTYPES, Workspace, byte_spec, dtype_info, mpi_spec, sync_device, vector_spec
+from .buffers import (
+    DTYPES,
+    Workspace,
+    byte_spec,
+    dtype_info,
+    huge_pages,
+    mpi_spec,
+    sync_device,
+    vector_spec,
+)
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
@@ -166,7 +175,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
         if device == _HOST:
-            return torch.empty(shape, dtype=dtype)
+            return huge_pages(torch.empty(shape, dtype=dtype))
         out = torch.empty(shape, dtype=dtype, device=device)
         # MPI writes device memory outside torch's stream order: kernels still queued on the
         # stream may use this block (freed by the caching allocator before they ran).
@@ -208,7 +217,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             return self._result(hierarchical.all_reduce(x, split, self._call), device)
         staged = self._staged(device)
         out = (
-            torch.empty_like(x)
+            huge_pages(torch.empty_like(x))
             if not staged and x.is_cpu
             else self._output(x.shape, x.dtype, device)
         )

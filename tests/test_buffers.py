@@ -3,6 +3,8 @@ that keeps MPI, which knows no CUDA streams, from writing device scratch memory 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mpicomm.buffers import Workspace
@@ -92,3 +94,44 @@ def test_spec_owns_its_tensor_and_refuses_strided_memory():
             assert "non-contiguous" in str(exc)
         else:
             raise AssertionError(f"{make.__name__} took a transposed tensor")
+
+
+def _anon_huge_kib(address: int) -> int | None:
+    """AnonHugePages (KiB) of the mapping holding ``address`` in /proc/self/smaps, if readable."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return None
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return None
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def test_large_fresh_results_get_huge_pages():
+    """A large fresh result is advised onto 2 MiB pages (so filling it does not fault 4 KiB at a
+    time); the memory stays ordinary memory; small results are left alone."""
+    from mpicomm.buffers import HUGE_PAGES_FROM, huge_pages
+
+    big = huge_pages(torch.empty(HUGE_PAGES_FROM // 4 + 1024, dtype=torch.float32))
+    big.fill_(3.0)
+    assert bool((big == 3.0).all())
+    small = torch.empty(1000)
+    assert huge_pages(small) is small
+    if _thp_mode() in ("madvise", "always"):
+        huge = _anon_huge_kib(big.data_ptr() + (4 << 20))
+        if huge is not None:
+            assert huge > 0, "the advised result has no huge pages although THP is enabled"
