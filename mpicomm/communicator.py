@@ -516,7 +516,12 @@ def _merge_ranks(buf: torch.Tensor, dim: int) -> torch.Tensor:
     merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
     if dim == 0:
         return buf.reshape(merged)
-    return buf.movedim(0, dim).reshape(merged).contiguous()
+    moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
+    out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
+    if out.is_cpu:
+        huge_pages(out)
+    out.view(moved.shape).copy_(moved)
+    return out
 
 
 def _tensor_list(value) -> list[torch.Tensor]:
