@@ -12,12 +12,13 @@ API (:class:`ExpertRouter` is the one ``MPICommunicator.expert_router`` returns)
 float32 (float64 for float64) and rounded once to ``expert_output``'s dtype.
 
 ``sparse_alltoallv`` (:class:`ExpertRouter`)
-    Each (token, expert) pair sends the token's row once to the rank owning the expert (a token
-    whose k experts sit on one rank sends k rows there: every row received is one expert input,
-    which keeps ``expert_ids`` one per row and the weighted sum on the owner). Per-(rank, expert)
-    row counts travel on the cpu communicator (``Alltoall`` of int64); rows on the device
-    communicator (``Alltoallv``; 16-bit floats as their raw bytes). ``combine`` runs the reverse
-    ``Alltoallv`` and sums the weighted rows on the owner. Bytes moved scale with n_tokens * k.
+    A token's row crosses to each rank holding one of its experts once, with an int64 row index
+    per (token, expert) pair; the receiver expands the rows to one per pair, so every row it
+    returns is one expert input and the weighted sum stays on the owner. Per-(rank, expert) pair
+    counts and per-rank row counts travel on the cpu communicator (``Alltoall`` of int64); rows
+    and indices on the device communicator (``Alltoallv``; 16-bit floats as their raw bytes).
+    ``combine`` sends one output per pair back (the reverse ``Alltoallv``) and sums the weighted
+    rows on the owner. Bytes moved scale with n_tokens * (ranks reached + k).
 ``allgather_reducescatter`` (:class:`GatheredRouter`)
     vLLM's naive scheme through the communicator's ``all_gatherv`` / ``reduce_scatterv``: every
     token (with its top-k) reaches every rank, each rank applies its experts, and the float32
@@ -160,7 +161,8 @@ class ExpertRouter(_RouterBase):
     name = "sparse_alltoallv"
 
     def dispatch(self, hidden_states, topk_ids, topk_weights) -> Dispatched:
-        """Send each (token, expert) pair's row to the expert's rank. Collective over the group.
+        """Send each token's row once to every rank holding one of its experts; that rank
+        expands it to one row per (token, expert) pair. Collective over the group.
 
         ``hidden_states`` (n, H) any dtype mpicomm moves; ``topk_ids`` (n, k) integer in [0, E);
         ``topk_weights`` (n, k) float. ``n`` may differ between ranks (and be 0).
@@ -169,42 +171,67 @@ class ExpertRouter(_RouterBase):
         comm, world, device = self.comm, self.comm.world_size, hidden_states.device
         n, k = topk_ids.shape
         ids = topk_ids.reshape(-1).to(device=device, dtype=torch.int64)
-        order = torch.argsort(ids, stable=True)  # by expert, hence by destination rank
-        per_expert = torch.bincount(ids, minlength=self.num_experts).cpu().numpy()
-        incoming = np.empty(self.num_experts, dtype=np.int64)
-        comm._call("expert_dispatch", comm.cpu_group, "Alltoall", per_expert, incoming)
-        send_rows = per_expert.reshape(world, -1).sum(1).tolist()
-        recv_rows = incoming.reshape(world, -1).sum(1).tolist()
+        order = torch.argsort(ids, stable=True)  # pairs by expert, hence by destination rank
+        pair_tokens = order // k
+        pair_dest = ids[order] // self.local_experts
+        # One row per (destination, token), destination-major; each pair points at its row.
+        key = pair_dest * max(n, 1) + pair_tokens
+        unique, pair_row = torch.unique(key, sorted=True, return_inverse=True)
+        row_dest = unique // max(n, 1)
+        rows_to = torch.bincount(row_dest, minlength=world)
+        pair_row -= (torch.cumsum(rows_to, 0) - rows_to)[pair_dest]  # index within the block
+
+        per_expert = torch.bincount(ids, minlength=self.num_experts).reshape(world, -1)
+        counts = torch.cat([per_expert, rows_to.unsqueeze(1)], 1).cpu().numpy()
+        incoming = np.empty_like(counts)  # (W, E/W + 1): pairs per local expert, then rows
+        comm._call("expert_dispatch", comm.cpu_group, "Alltoall", counts, incoming)
+        send_pairs = counts[:, :-1].sum(1).tolist()
+        recv_pairs = incoming[:, :-1].sum(1).tolist()
+        send_rows, recv_rows = counts[:, -1].tolist(), incoming[:, -1].tolist()
 
         hidden = hidden_states.shape[1]
-        x = comm._stage_in(hidden_states.index_select(0, order // k))
-        out = comm._output((sum(recv_rows), hidden), hidden_states.dtype, device)
-        comm._call(
-            "expert_dispatch",
-            comm.device_group,
-            "Alltoallv",
-            vector_spec(x, [r * hidden for r in send_rows]),
-            vector_spec(out, [r * hidden for r in recv_rows]),
+        rows = self._exchange(
+            hidden_states.index_select(0, unique % max(n, 1)), send_rows, recv_rows, hidden
         )
-        received = comm._result(out, device)
+        where = self._exchange(pair_row, send_pairs, recv_pairs, 1).reshape(-1)
+        # Rows from source s start at the sum of the earlier sources' rows.
+        recv_rows_t = torch.tensor(recv_rows, dtype=torch.int64, device=device)
+        recv_pairs_t = torch.tensor(recv_pairs, dtype=torch.int64, device=device)
+        starts = torch.cumsum(recv_rows_t, 0) - recv_rows_t
+        received = rows.index_select(0, where + starts.repeat_interleave(recv_pairs_t))
 
-        per_local = torch.from_numpy(incoming.reshape(world, -1).copy())
+        per_local = torch.from_numpy(incoming[:, :-1].copy())
         local = torch.arange(self.local_experts).repeat(world)
         expert_ids = torch.repeat_interleave(local, per_local.reshape(-1)).to(device)
-        row_bytes = hidden * hidden_states.element_size()
+        remote_rows = sum(send_rows) - send_rows[comm.rank]
+        remote_pairs = sum(send_pairs) - send_pairs[comm.rank]
         self.last_bytes = {
-            "dispatch": (sum(send_rows) - send_rows[comm.rank]) * row_bytes,
+            "dispatch": remote_rows * hidden * hidden_states.element_size() + remote_pairs * 8,
             "combine": 0,
         }
         self._pending = {
             "rows": received.shape[0],
-            "send_rows": send_rows,
-            "recv_rows": recv_rows,
-            "tokens": order // k,
+            "send_rows": send_pairs,
+            "recv_rows": recv_pairs,
+            "tokens": pair_tokens,
             "weights": topk_weights.reshape(-1).to(device)[order],
             "n_tokens": n,
         }
         return Dispatched(received, expert_ids, per_local.sum(0).to(device))
+
+    def _exchange(self, rows: torch.Tensor, send: list[int], recv: list[int], width: int):
+        """``Alltoallv`` of (rows, width) blocks: ``send[d]`` rows to rank d, ``recv[s]`` from s."""
+        comm, device = self.comm, rows.device
+        x = comm._stage_in(rows)
+        out = comm._output((sum(recv), *rows.shape[1:]), rows.dtype, device)
+        comm._call(
+            "expert_dispatch",
+            comm.device_group,
+            "Alltoallv",
+            vector_spec(x, [r * width for r in send]),
+            vector_spec(out, [r * width for r in recv]),
+        )
+        return comm._result(out, device)
 
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         """(M, H) expert outputs for the last dispatch's rows -> (n_tokens, H) on the owner.

@@ -101,8 +101,11 @@ def check_round(comm, backend, num_experts, k, dtype, seed, used, empty=1) -> No
     if backend == "sparse_alltoallv":
         assert torch.equal(recv.hidden_states, want_rows), "sparse dispatch delivered wrong rows"
         assert torch.equal(recv.expert_ids, want_ids), "sparse dispatch: wrong expert ids"
-        remote = int(((ids.long() // router.local_experts) != rank).sum())
-        assert router.last_bytes["dispatch"] == remote * HIDDEN * hidden.element_size()
+        dest = ids.long() // router.local_experts  # (n, k) destination rank of each pair
+        remote_pairs = int((dest != rank).sum())
+        remote_rows = sum(len(set(row.tolist()) - {rank}) for row in dest)  # once per token, rank
+        row_bytes = HIDDEN * hidden.element_size()
+        assert router.last_bytes["dispatch"] == remote_rows * row_bytes + remote_pairs * 8
     else:
         got = torch.bincount(recv.expert_ids, minlength=router.local_experts)
         assert torch.equal(got, torch.bincount(want_ids, minlength=router.local_experts))
