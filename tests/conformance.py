@@ -245,3 +245,25 @@ def check_against_reference(outcomes: list[Outcome], problems: list[str]) -> Non
     wrong = [o.label for o in outcomes if not matches(o)]
     assert not problems, problems
     assert not wrong, f"results differ from the reference: {wrong}"
+
+
+def differences(
+    comm: MPICommunicator,
+    other: MPICommunicator,
+    name: str,
+    dtype: torch.dtype,
+    device="cpu",
+    salt: int = 0,
+    exact: bool = True,
+) -> list[str]:
+    """Run ``name`` on ``comm`` (inputs on ``device``) and on ``other`` (CPU inputs), assert the
+    first against the reference, and return the labels where the two disagree (bit for bit, or
+    within :func:`matches`'s tolerance for float sums unless ``exact``). Collective."""
+    got, problems = run(comm, name, dtype, device, salt)
+    want, _ = run(other, name, dtype, "cpu", salt)
+    check_against_reference(got, problems)
+    return [
+        g.label
+        for g, w in zip(got, want, strict=True)
+        if not matches(Outcome(g.label, g.result, w.result, g.summed), exact)
+    ]

@@ -58,14 +58,7 @@ def fresh(**options) -> MPICommunicator:
 def test_staged_equals_unstaged_and_reference(staged, plain, name, dtype):
     """Every collective and dtype: staged results match the reference and, bit for bit, the
     results of the unstaged path on the same inputs."""
-    got, problems = conformance.run(staged, name, dtype, "cpu", salt=7)
-    want, _ = conformance.run(plain, name, dtype, "cpu", salt=7)
-    conformance.check_against_reference(got, problems)
-    differ = [
-        g.label
-        for g, w in zip(got, want, strict=True)
-        if not conformance.equal_bits(g.result, w.result)
-    ]
+    differ = conformance.differences(staged, plain, name, dtype, "cpu", salt=7)
     assert not differ, f"staged and unstaged results differ: {differ}"
 
 
@@ -93,17 +86,8 @@ def test_device_memory_handoff(plain, monkeypatch, algo):
     try:
         for name in conformance.COLLECTIVES:
             for dtype in conformance.DTYPE_LIST:
-                got, problems = conformance.run(comm, name, dtype, "cpu", salt=5)
-                want, _ = conformance.run(plain, name, dtype, "cpu", salt=5)
-                conformance.check_against_reference(got, problems)
-                exact = algo == "native" or dtype not in conformance.INEXACT_SUM
-                differ = [
-                    g.label
-                    for g, w in zip(got, want, strict=True)
-                    if not conformance.matches(
-                        conformance.Outcome(g.label, g.result, w.result, g.summed), exact
-                    )
-                ]
+                exact = algo == "native"
+                differ = conformance.differences(comm, plain, name, dtype, "cpu", 5, exact)
                 assert not differ, f"{name} {dtype}: DLPack and numpy results differ: {differ}"
     finally:
         comm.destroy()
