@@ -258,3 +258,22 @@ def test_crossover_mode_on_two_ranks(tmp_path):
     assert cross["auto_table"][0]["min_bytes"] == 0
     if HAVE_MATPLOTLIB:
         assert (out / "crossover_all_reduce_float32.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.timeout(300)
+def test_gpu_bench_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py in its CPU mode: the script a GPU session runs, checked here so
+    that no device time is spent on a broken script. Every case must check out."""
+    out = tmp_path / "gpu.json"
+    cmd = ["timeout", "-k", "10", "240", MPIEXEC, "-n", "2", sys.executable]
+    args = ["benchmarks/gpu_bench.py", "--device", "cpu", "--max-bytes", "16k", "--out", str(out)]
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    cases = {(r["collective"], r["dtype"], r["bytes"]) for r in doc["results"]}
+    for coll in ("all_reduce", "all_gather", "reduce_scatter"):
+        for dtype in ("bf16", "fp32"):
+            assert {(coll, dtype, 4096), (coll, dtype, 16384)} <= cases
+    for r in doc["results"]:
+        assert r["mpicomm"]["ok"] is True and r["mpicomm"]["median_us"] > 0, r
+        assert r["gloo"]["ok"] is True, r
