@@ -340,7 +340,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
         check_device(input_, self.device)
-        moved = input_.reshape(1) if input_.dim() == 0 else input_.movedim(dim, 0)
+        if input_.dim() == 0:
+            moved = input_.reshape(1)
+        else:
+            moved = input_ if dim == 0 else input_.movedim(dim, 0)
         total = moved.shape[0]
         if sizes is None:
             sizes = even_sizes(total, self.world_size)

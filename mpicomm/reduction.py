@@ -112,7 +112,7 @@ def reduce_scatter_bytes(
     world, rank = comm.Get_size(), comm.Get_rank()
     mine = counts[rank]
     parts = workspace.tensor("parts", (world, mine), x.dtype, x.device)
-    if all(c == mine for c in counts):
+    if counts.count(mine) == world:
         call(operation, comm, "Alltoall", mpi_spec(x, mine), mpi_spec(parts, mine))
     else:
         call(
