@@ -252,7 +252,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         check_device(input_, self.device)
         self._begin("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
         x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
-        buf = self._output((self.world_size, *x.shape), x.dtype, input_.device)
+        buf = self._output(_stacked(x.shape, self.world_size, dim), x.dtype, input_.device)
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
@@ -267,7 +267,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._begin("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
         x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
         root = self.rank == dst
-        buf = self._output((self.world_size, *x.shape), x.dtype, input_.device) if root else None
+        shape = _stacked(x.shape, self.world_size, dim)
+        buf = self._output(shape, x.dtype, input_.device) if root else None
         self._call(
             "gather",
             self.device_group,
@@ -513,12 +514,18 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
 
 
+def _stacked(shape: torch.Size, world: int, dim: int) -> tuple[int, ...]:
+    """The shape MPI gathers W blocks of ``shape`` into: the final ``torch.cat`` shape for
+    ``dim == 0`` (rank blocks are already in place), else ``(W, *shape)`` for :func:`_merge_ranks`."""
+    return (world * shape[0], *shape[1:]) if dim == 0 else (world, *shape)
+
+
 def _merge_ranks(buf: torch.Tensor, dim: int) -> torch.Tensor:
-    """(W, *shape) -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
+    """``_stacked`` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
+    if dim == 0:
+        return buf
     world, shape = buf.shape[0], buf.shape[1:]
     merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
-    if dim == 0:
-        return buf.reshape(merged)
     moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
     out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
     if out.is_cpu:
