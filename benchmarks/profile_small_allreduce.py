@@ -83,6 +83,12 @@ def main() -> None:
         f"{'MPICommunicator.all_reduce (bf16, bytes algorithm)':52s} "
         f"{best(lambda: c.all_reduce(half)):6.2f} us"
     )
+    for name, call in (
+        ("all_gather (dim 0)", lambda: c.all_gather(x, 0)),
+        ("reduce_scatter (dim 0)", lambda: c.reduce_scatter(x, 0)),
+        ("broadcast", lambda: c.broadcast(x, 0)),
+    ):
+        print(f"{'MPICommunicator.' + name:52s} {best(call):6.2f} us")
     print(f"{'  mpi_spec(x)':52s} {best(lambda: buffers.mpi_spec(x)):6.2f} us")
     print(f"{'  numpy-view spec (before 2026-11-24)':52s} {best(lambda: numpy_spec(x)):6.2f} us")
     shape, dtype, device = x.shape, x.dtype, x.device
