@@ -23,6 +23,11 @@ from mpi4py import MPI
 from .buffers import DtypeInfo, Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 
+# 16-bit floats that torch adds (CPU and CUDA) by widening to float32, adding, rounding once:
+# for two ranks its add is the rank-order sum, in one pass instead of four (tests/test_reduction.py
+# checks the bits, special values included).
+_ADD_IN_FLOAT32 = {torch.bfloat16, torch.float16}
+
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
 _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 
@@ -75,6 +80,10 @@ def sum_in_rank_order(
         torch.add(rows[0], rows[1], out=out)
         for row in rows[2:]:
             out.add_(row)
+        return
+    if parts.shape[0] == 2 and info.dtype in _ADD_IN_FLOAT32:
+        # torch adds two 16-bit floats in float32 and rounds once: the rank-order sum, exactly.
+        torch.add(parts[0], parts[1], out=out)
         return
     if parts.numel() * info.accumulate.itemsize <= WIDEN_WHOLE_BELOW:
         wide = parts.to(info.accumulate).unbind(0)

@@ -278,14 +278,15 @@ def test_waits_for_the_producing_stream(comm, device):
 
 
 @needs_gpu
+@pytest.mark.parametrize("world", [2, 4])  # 2: torch's own 16-bit add; 4: widened rows
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
-def test_rank_order_sum_on_gpu_matches_cpu(device, dtype):
+def test_rank_order_sum_on_gpu_matches_cpu(device, dtype, world):
     """The device-side reduction of the bytes algorithm gives the CPU's bits (fp32, rank order,
     one rounding)."""
     from mpicomm.buffers import DTYPES, Workspace
 
     info = DTYPES[dtype]
-    parts = torch.randn(4, 4099, dtype=torch.float32).clamp(-100, 100).to(dtype)
+    parts = torch.randn(world, 4099, dtype=torch.float32).clamp(-100, 100).to(dtype)
     out_cpu = torch.empty(4099, dtype=dtype)
     out_gpu = torch.empty(4099, dtype=dtype, device=device)
     sum_in_rank_order(parts, out_cpu, info, Workspace())
