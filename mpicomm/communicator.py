@@ -104,6 +104,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.allreduce_algo = algo
         self.validate = env.validate if validate is None else bool(validate)
         self.staging = env.staging if staging is None else bool(staging)
+        self.huge_pages = env.huge_pages
         self.cuda_aware = cuda_aware()
         label = unique_name or f"comm{self.ranks}"
         self._call = Caller(label, env_timeout)
@@ -175,12 +176,16 @@ class MPICommunicator(DeviceCommunicatorBase):
         if self._staged(device):
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
         if device == _HOST:
-            return huge_pages(torch.empty(shape, dtype=dtype))
+            return self._fresh_host(torch.empty(shape, dtype=dtype))
         out = torch.empty(shape, dtype=dtype, device=device)
         # MPI writes device memory outside torch's stream order: kernels still queued on the
         # stream may use this block (freed by the caching allocator before they ran).
         sync_device(device)
         return out
+
+    def _fresh_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A new host result, not yet written: on huge pages when large (MPICOMM_HUGE_PAGES)."""
+        return huge_pages(tensor) if self.huge_pages else tensor
 
     def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
@@ -217,7 +222,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             return self._result(hierarchical.all_reduce(x, split, self._call), device)
         staged = self._staged(device)
         out = (
-            huge_pages(torch.empty_like(x))
+            self._fresh_host(torch.empty_like(x))
             if not staged and x.is_cpu
             else self._output(x.shape, x.dtype, device)
         )
@@ -256,7 +261,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
-        return _merge_ranks(self._result(buf, input_.device), dim)
+        return _merge_ranks(self._result(buf, input_.device), dim, self._fresh_host)
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
@@ -277,7 +282,9 @@ class MPICommunicator(DeviceCommunicatorBase):
             mpi_spec(buf, x.numel()) if root else None,
             dst,
         )
-        return _merge_ranks(self._result(buf, input_.device), dim) if root else None
+        if not root:
+            return None
+        return _merge_ranks(self._result(buf, input_.device), dim, self._fresh_host)
 
     def all_gatherv(
         self,
@@ -520,8 +527,9 @@ def _stacked(shape: torch.Size, world: int, dim: int) -> tuple[int, ...]:
     return (world * shape[0], *shape[1:]) if dim == 0 else (world, *shape)
 
 
-def _merge_ranks(buf: torch.Tensor, dim: int) -> torch.Tensor:
-    """``_stacked`` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
+def _merge_ranks(buf: torch.Tensor, dim: int, fresh_host) -> torch.Tensor:
+    """``_stacked`` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous
+    (``fresh_host`` prepares new host memory before it is written)."""
     if dim == 0:
         return buf
     world, shape = buf.shape[0], buf.shape[1:]
@@ -529,7 +537,7 @@ def _merge_ranks(buf: torch.Tensor, dim: int) -> torch.Tensor:
     moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
     out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
     if out.is_cpu:
-        huge_pages(out)
+        fresh_host(out)
     out.view(moved.shape).copy_(moved)
     return out
 

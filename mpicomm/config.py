@@ -9,6 +9,8 @@
 ``MPICOMM_TIMEOUT``            seconds: bound every collective and receive; unset = no bound
 ``MPICOMM_ALLREDUCE_ALGO``     ``auto`` (default), ``native`` or ``bytes``
 ``MPICOMM_LOG_LEVEL``          a :mod:`logging` level name for the ``mpicomm`` logger
+``MPICOMM_HUGE_PAGES``         ``0``: do not ask Linux for transparent huge pages under large
+                               fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
 =============================  ===========================================================
 """
 
@@ -61,6 +63,7 @@ class Settings:
     timeout: float | None
     allreduce_algo: str
     log_level: str | None
+    huge_pages: bool = True
 
 
 def settings() -> Settings:
@@ -72,4 +75,5 @@ def settings() -> Settings:
         timeout=_seconds("MPICOMM_TIMEOUT"),
         allreduce_algo=_choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=os.environ.get("MPICOMM_LOG_LEVEL") or None,
+        huge_pages=bool(_flag("MPICOMM_HUGE_PAGES", True)),
     )

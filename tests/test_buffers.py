@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from mpicomm.buffers import Workspace
+from mpicomm.buffers import HUGE_PAGES_FROM, Workspace
 
 
 def test_slots_grow_and_are_reused():
@@ -124,7 +125,7 @@ def _thp_mode() -> str | None:
 def test_large_fresh_results_get_huge_pages():
     """A large fresh result is advised onto 2 MiB pages (so filling it does not fault 4 KiB at a
     time); the memory stays ordinary memory; small results are left alone."""
-    from mpicomm.buffers import HUGE_PAGES_FROM, huge_pages
+    from mpicomm.buffers import huge_pages
 
     big = huge_pages(torch.empty(HUGE_PAGES_FROM // 4 + 1024, dtype=torch.float32))
     big.fill_(3.0)
@@ -135,3 +136,26 @@ def test_large_fresh_results_get_huge_pages():
         huge = _anon_huge_kib(big.data_ptr() + (4 << 20))
         if huge is not None:
             assert huge > 0, "the advised result has no huge pages although THP is enabled"
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
+    """Fresh host results are offered to huge_pages() unless MPICOMM_HUGE_PAGES=0."""
+    from mpi4py import MPI
+
+    import mpicomm.communicator as module
+
+    advised = []
+    monkeypatch.setattr(module, "huge_pages", lambda t: advised.append(t.nbytes) or t)
+    monkeypatch.setenv("MPICOMM_HUGE_PAGES", setting)
+    comm = module.MPICommunicator(MPI.COMM_SELF)
+    try:
+        big = torch.ones(HUGE_PAGES_FROM // 4)
+        assert torch.equal(comm.all_reduce(big), big)
+        assert torch.equal(comm.all_gather(big[:8].reshape(2, 4), -1), big[:8].reshape(2, 4))
+    finally:
+        comm.destroy()
+    if setting == "1":  # every fresh host result is offered; huge_pages() itself skips small ones
+        assert advised[0] == big.nbytes and len(advised) == 3
+    else:
+        assert advised == []

@@ -6,15 +6,17 @@ from mpicomm.config import settings
 
 
 def test_defaults(monkeypatch):
-    for name in ("CUDA_AWARE", "STAGING", "VALIDATE", "TIMEOUT", "ALLREDUCE_ALGO", "LOG_LEVEL"):
+    names = ("CUDA_AWARE", "STAGING", "VALIDATE", "TIMEOUT", "ALLREDUCE_ALGO", "LOG_LEVEL")
+    for name in (*names, "HUGE_PAGES"):
         monkeypatch.delenv(f"MPICOMM_{name}", raising=False)
     s = settings()
-    assert (s.cuda_aware, s.staging, s.validate, s.timeout, s.allreduce_algo) == (
+    assert (s.cuda_aware, s.staging, s.validate, s.timeout, s.allreduce_algo, s.huge_pages) == (
         None,
         False,
         False,
         None,
         "auto",
+        True,
     )
 
 
@@ -27,6 +29,8 @@ def test_values(monkeypatch):
     assert (s.cuda_aware, s.validate, s.timeout, s.allreduce_algo) == (False, True, 2.5, "bytes")
     monkeypatch.setenv("MPICOMM_TIMEOUT", "0")
     assert settings().timeout is None
+    monkeypatch.setenv("MPICOMM_HUGE_PAGES", "0")
+    assert settings().huge_pages is False
 
 
 @pytest.mark.parametrize(
@@ -36,6 +40,7 @@ def test_values(monkeypatch):
         ("MPICOMM_TIMEOUT", "soon"),
         ("MPICOMM_TIMEOUT", "-1"),
         ("MPICOMM_ALLREDUCE_ALGO", "ring"),
+        ("MPICOMM_HUGE_PAGES", "sometimes"),
     ],
 )
 def test_malformed_names_the_variable(monkeypatch, name, value):
