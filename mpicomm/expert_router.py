@@ -12,13 +12,14 @@ API (:class:`ExpertRouter` is the one ``MPICommunicator.expert_router`` returns)
 float32 (float64 for float64) and rounded once to ``expert_output``'s dtype.
 
 ``sparse_alltoallv`` (:class:`ExpertRouter`)
-    A token's row crosses to each rank holding one of its experts once, with an int64 row index
-    per (token, expert) pair; the receiver expands the rows to one per pair, so every row it
-    returns is one expert input and the weighted sum stays on the owner. Per-(rank, expert) pair
-    counts and per-rank row counts travel on the cpu communicator (``Alltoall`` of int64); rows
-    and indices on the device communicator (``Alltoallv``; 16-bit floats as their raw bytes).
-    ``combine`` sends one output per pair back (the reverse ``Alltoallv``) and sums the weighted
-    rows on the owner. Bytes moved scale with n_tokens * (ranks reached + k).
+    A token's row crosses to each rank holding one of its experts once, with a row index and
+    weight per (token, expert) pair; the receiver expands the rows to one per pair, so every row
+    it returns is one expert input. Per-(rank, expert) pair counts and per-rank row counts travel
+    on the cpu communicator (``Alltoall`` of int64); rows, indices and weights on the device
+    communicator (``Alltoallv``; 16-bit floats as their raw bytes). ``combine`` sends back, per
+    link, the fewer bytes of: one output per pair, or the expert rank's weighted sum per token in
+    the accumulation dtype; the owner adds the links in rank order. Bytes moved scale with
+    n_tokens * ranks reached (plus k small entries).
 ``allgather_reducescatter`` (:class:`GatheredRouter`)
     vLLM's naive scheme through the communicator's ``all_gatherv`` / ``reduce_scatterv``: every
     token (with its top-k) reaches every rank, each rank applies its experts, and the float32
@@ -193,7 +194,11 @@ class ExpertRouter(_RouterBase):
         rows = self._exchange(
             hidden_states.index_select(0, unique % max(n, 1)), send_rows, recv_rows, hidden
         )
-        where = self._exchange(pair_row, send_pairs, recv_pairs, 1).reshape(-1)
+        pair_weights = topk_weights.reshape(-1).to(device)[order]
+        # Each pair's row index and weight (float64 bits: exact for every float weight dtype).
+        meta = torch.stack([pair_row, pair_weights.to(torch.float64).view(torch.int64)], 1)
+        meta = self._exchange(meta, send_pairs, recv_pairs, 2)
+        where = meta[:, 0]
         # Rows from source s start at the sum of the earlier sources' rows.
         recv_rows_t = torch.tensor(recv_rows, dtype=torch.int64, device=device)
         recv_pairs_t = torch.tensor(recv_pairs, dtype=torch.int64, device=device)
@@ -206,26 +211,33 @@ class ExpertRouter(_RouterBase):
         remote_rows = sum(send_rows) - send_rows[comm.rank]
         remote_pairs = sum(send_pairs) - send_pairs[comm.rank]
         self.last_bytes = {
-            "dispatch": remote_rows * hidden * hidden_states.element_size() + remote_pairs * 8,
+            "dispatch": remote_rows * hidden * hidden_states.element_size() + remote_pairs * 16,
             "combine": 0,
         }
         self._pending = {
             "rows": received.shape[0],
-            "send_rows": send_pairs,
-            "recv_rows": recv_pairs,
-            "tokens": pair_tokens,
-            "weights": topk_weights.reshape(-1).to(device)[order],
             "n_tokens": n,
+            # as the token owner: what went to each rank
+            "send_pairs": send_pairs,
+            "send_rows": send_rows,
+            "pair_tokens": pair_tokens,
+            "pair_weights": pair_weights,
+            "row_tokens": unique % max(n, 1),
+            # as the expert rank: what came from each rank
+            "recv_pairs": recv_pairs,
+            "recv_rows": recv_rows,
+            "where": where,
+            "recv_weights": meta[:, 1].contiguous().view(torch.float64),
         }
         return Dispatched(received, expert_ids, per_local.sum(0).to(device))
 
-    def _exchange(self, rows: torch.Tensor, send: list[int], recv: list[int], width: int):
+    def _exchange(self, rows, send: list[int], recv: list[int], width: int, op="expert_dispatch"):
         """``Alltoallv`` of (rows, width) blocks: ``send[d]`` rows to rank d, ``recv[s]`` from s."""
         comm, device = self.comm, rows.device
         x = comm._stage_in(rows)
         out = comm._output((sum(recv), *rows.shape[1:]), rows.dtype, device)
         comm._call(
-            "expert_dispatch",
+            op,
             comm.device_group,
             "Alltoallv",
             vector_spec(x, [r * width for r in send]),
@@ -236,28 +248,66 @@ class ExpertRouter(_RouterBase):
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         """(M, H) expert outputs for the last dispatch's rows -> (n_tokens, H) on the owner.
 
-        Collective over the group. Result: ``expert_output``'s dtype, on its device.
+        Collective over the group. Result: ``expert_output``'s dtype, on its device. Each link
+        (expert rank -> owner) carries whichever is smaller: the per-pair outputs, weighted and
+        summed by the owner, or the expert rank's weighted per-token sums in the accumulation
+        dtype. Both ends decide alike from the counts of the last dispatch.
         """
         pending = self._check_combine(expert_output)
-        comm, device = self.comm, expert_output.device
-        hidden = expert_output.shape[1]
-        x = comm._stage_in(expert_output)
-        out = comm._output((sum(pending["send_rows"]), hidden), expert_output.dtype, device)
-        comm._call(
-            "expert_combine",
-            comm.device_group,
-            "Alltoallv",
-            vector_spec(x, [r * hidden for r in pending["recv_rows"]]),
-            vector_spec(out, [r * hidden for r in pending["send_rows"]]),
-        )
-        back = comm._result(out, device)
-        recv_rows = pending["recv_rows"]
-        sent = sum(recv_rows) - recv_rows[comm.rank]
-        self.last_bytes["combine"] = sent * hidden * expert_output.element_size()
-        summed = self._weighted_sum(
-            back, pending["tokens"], pending["weights"], pending["n_tokens"], device
-        )
-        return summed.to(expert_output.dtype)
+        comm, world, device = self.comm, self.comm.world_size, expert_output.device
+        hidden, dtype = expert_output.shape[1], expert_output.dtype
+        acc = _accumulate(dtype)
+        x = expert_output.detach().contiguous()  # summed where it lives; staged once packed
+        weights = pending["recv_weights"].to(acc)
+        blocks, first = [], 0
+        for owner in range(world):
+            pairs, rows = pending["recv_pairs"][owner], pending["recv_rows"][owner]
+            block = x[first : first + pairs]
+            if _summed_link(rows, pairs, acc, dtype):
+                part = torch.zeros((rows, hidden), dtype=acc, device=device)
+                scale = weights[first : first + pairs].unsqueeze(1)
+                part.index_add_(0, pending["where"][first : first + pairs], block.to(acc) * scale)
+                block = part
+            blocks.append(block.reshape(-1).view(torch.uint8))
+            first += pairs
+        sent = [b.numel() for b in blocks]
+        expect = [
+            (
+                rows * acc.itemsize
+                if _summed_link(rows, pairs, acc, dtype)
+                else pairs * dtype.itemsize
+            )
+            * hidden
+            for pairs, rows in zip(pending["send_pairs"], pending["send_rows"], strict=True)
+        ]
+        back = self._exchange(torch.cat(blocks), sent, expect, 1, "expert_combine")
+        self.last_bytes["combine"] = sum(sent) - sent[comm.rank]
+
+        out = torch.zeros((pending["n_tokens"], hidden), dtype=acc, device=device)
+        offset = first_pair = first_row = 0
+        for rank in range(world):  # rank order: the sum is the same on every run
+            pairs, rows = pending["send_pairs"][rank], pending["send_rows"][rank]
+            chunk = back[offset : offset + expect[rank]]
+            if offset % acc.itemsize:
+                chunk = chunk.clone()  # views to wider dtypes need aligned memory
+            if _summed_link(rows, pairs, acc, dtype):
+                tokens = pending["row_tokens"][first_row : first_row + rows]
+                out.index_add_(0, tokens, chunk.view(acc).view(rows, hidden))
+            else:
+                tokens = pending["pair_tokens"][first_pair : first_pair + pairs]
+                scale = pending["pair_weights"][first_pair : first_pair + pairs].to(acc)
+                rows_out = chunk.view(dtype).view(pairs, hidden).to(acc)
+                out.index_add_(0, tokens, rows_out * scale.unsqueeze(1))
+            offset += expect[rank]
+            first_pair += pairs
+            first_row += rows
+        return out.to(dtype)
+
+
+def _summed_link(rows: int, pairs: int, acc: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a combine link carries per-token sums (``rows`` of ``acc``) rather than per-pair
+    outputs (``pairs`` of ``dtype``): the fewer bytes; ties go to the per-pair outputs."""
+    return rows * acc.itemsize < pairs * dtype.itemsize
 
 
 class GatheredRouter(_RouterBase):

@@ -105,7 +105,7 @@ def check_round(comm, backend, num_experts, k, dtype, seed, used, empty=1) -> No
         remote_pairs = int((dest != rank).sum())
         remote_rows = sum(len(set(row.tolist()) - {rank}) for row in dest)  # once per token, rank
         row_bytes = HIDDEN * hidden.element_size()
-        assert router.last_bytes["dispatch"] == remote_rows * row_bytes + remote_pairs * 8
+        assert router.last_bytes["dispatch"] == remote_rows * row_bytes + remote_pairs * 16
     else:
         got = torch.bincount(recv.expert_ids, minlength=router.local_experts)
         assert torch.equal(got, torch.bincount(want_ids, minlength=router.local_experts))
@@ -114,6 +114,22 @@ def check_round(comm, backend, num_experts, k, dtype, seed, used, empty=1) -> No
     assert out.shape == hidden.shape and out.dtype == dtype, (out.shape, out.dtype)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    if backend == "sparse_alltoallv":
+        assert router.last_bytes["combine"] == combine_bytes(inputs, router, rank, dtype)
+
+
+def combine_bytes(inputs, router, rank, dtype) -> int:
+    """What ``rank`` (as an expert rank) sends back to the other owners in combine: per link the
+    smaller of the per-pair outputs (dtype) and the per-token float32/64 sums."""
+    acc = 8 if dtype == torch.float64 else 4
+    total = 0
+    for owner, (_, ids, _) in enumerate(inputs):
+        if owner == rank:
+            continue
+        mine = (ids.long() // router.local_experts) == rank  # (n, k) pairs routed to rank
+        pairs, rows = int(mine.sum()), int(mine.any(1).sum())
+        total += HIDDEN * min(pairs * dtype.itemsize, rows * acc)
+    return total
 
 
 def check_errors(comm) -> None:
@@ -169,7 +185,7 @@ def main() -> int:
         check_errors(comm)
         for backend in ("sparse_alltoallv", "allgather_reducescatter"):
             for dtype in (torch.float32, torch.bfloat16, torch.float64):
-                for k in (1, 2, 3):
+                for k in (1, 2, 3, 8):  # k=8: combine links carry per-token sums
                     e = 4 * world
                     # Experts 1 and e-1 (and rank 0's expert 0 too, when k is even) get no tokens.
                     used = [i for i in range(e) if i not in (1, e - 1)]
