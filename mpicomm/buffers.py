@@ -2,8 +2,9 @@
 
 Everything that hands tensor memory to MPI goes through :func:`mpi_spec`: the dtype table (which
 MPI datatype carries each torch dtype, and whether MPI may sum it), contiguity, and the CUDA stream
-synchronisation that mpi4py does not do itself. :class:`Workspace` holds the reusable scratch and
-pinned staging memory, grown on demand and never reallocated per call.
+synchronisation that mpi4py does not do itself. Host memory goes to MPI by address, device memory
+by DLPack. :class:`Workspace` holds the reusable scratch and pinned staging memory, grown on demand
+and never reallocated per call; :func:`huge_pages` prepares large fresh host results.
 """
 
 from __future__ import annotations
