@@ -166,6 +166,18 @@ def _madvise():
     return madvise
 
 
+def thp_mode() -> str | None:
+    """Linux's transparent-huge-page mode (``always``, ``madvise`` or ``never``); ``None`` where
+    it cannot be read (not Linux)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else None
+
+
 def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (fresh, not yet written host memory), with Linux asked to back the 2 MiB pages
     inside it by huge pages when it is at least ``HUGE_PAGES_FROM`` bytes. Where transparent huge

@@ -7,6 +7,8 @@ import mpi4py
 import torch
 from mpi4py import MPI
 
+from .buffers import HUGE_PAGES_FROM, thp_mode
+from .config import settings
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .topology import default_device, node_topology
 
@@ -16,6 +18,19 @@ _THREAD_LEVELS = {
     MPI.THREAD_SERIALIZED: "serialized",
     MPI.THREAD_MULTIPLE: "multiple",
 }
+
+
+def huge_pages_report() -> str:
+    """Whether large fresh results are put on transparent huge pages, and whether Linux obliges."""
+    if not settings().huge_pages:
+        return "off (MPICOMM_HUGE_PAGES=0)"
+    wanted = f"for host results >= {HUGE_PAGES_FROM >> 20} MiB"
+    mode = thp_mode()
+    if mode is None:
+        return f"asked {wanted}; transparent huge pages: unknown here"
+    if mode == "never":
+        return f"asked {wanted}, but transparent huge pages are off (never): no effect"
+    return f"on {wanted} (transparent huge pages: {mode})"
 
 
 def report(comm: MPI.Comm | None = None) -> str | None:
@@ -45,6 +60,7 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"thread level     {_THREAD_LEVELS.get(MPI.Query_thread(), MPI.Query_thread())}",
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
         f"CUDA-aware MPI   {cuda_awareness_report()}",
+        f"huge pages       {huge_pages_report()}",
         f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
         "",
         f"{'rank':>4}  {'host':<20} {'node':>4} {'local':>5} {'of':>3}  device",

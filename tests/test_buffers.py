@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpicomm.buffers import HUGE_PAGES_FROM, Workspace
+from mpicomm.buffers import HUGE_PAGES_FROM, Workspace, thp_mode
 
 
 def test_slots_grow_and_are_reused():
@@ -114,14 +114,6 @@ def _anon_huge_kib(address: int) -> int | None:
     return None
 
 
-def _thp_mode() -> str | None:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return None
-    return text[text.index("[") + 1 : text.index("]")]
-
-
 def test_large_fresh_results_get_huge_pages():
     """A large fresh result is advised onto 2 MiB pages (so filling it does not fault 4 KiB at a
     time); the memory stays ordinary memory; small results are left alone."""
@@ -132,7 +124,7 @@ def test_large_fresh_results_get_huge_pages():
     assert bool((big == 3.0).all())
     small = torch.empty(1000)
     assert huge_pages(small) is small
-    if _thp_mode() in ("madvise", "always"):
+    if thp_mode() in ("madvise", "always"):
         huge = _anon_huge_kib(big.data_ptr() + (4 << 20))
         if huge is not None:
             assert huge > 0, "the advised result has no huge pages although THP is enabled"

@@ -60,13 +60,16 @@ def test_info_reports_library_cuda_awareness_and_placement():
     assert "MPI library" in out and "thread level" in out
     assert "CUDA-aware MPI   no" in out and "staged through pinned host memory" in out
     assert "ranks            2 on 1 node(s)" in out
+    assert "huge pages       " in out and "32 MiB" in out
     assert out.count(" cpu") >= 2
 
 
 def test_info_honours_cuda_aware_override():
-    proc = run(1, "-m", "mpicomm", "info", env={"MPICOMM_CUDA_AWARE": "1"})
+    env = {"MPICOMM_CUDA_AWARE": "1", "MPICOMM_HUGE_PAGES": "0"}
+    proc = run(1, "-m", "mpicomm", "info", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "CUDA-aware MPI   yes" in proc.stdout and "MPICOMM_CUDA_AWARE=1" in proc.stdout
+    assert "huge pages       off (MPICOMM_HUGE_PAGES=0)" in proc.stdout
 
 
 def test_single_process_without_mpiexec():
