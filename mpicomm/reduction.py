@@ -83,7 +83,7 @@ def sum_in_rank_order(
         return
     if parts.shape[0] == 2 and info.dtype in _ADD_IN_FLOAT32:
         # torch adds two 16-bit floats in float32 and rounds once: the rank-order sum, exactly.
-        torch.add(parts[0], parts[1], out=out)
+        torch.add(*parts.unbind(0), out=out)
         return
     if parts.numel() * info.accumulate.itemsize <= WIDEN_WHOLE_BELOW:
         wide = parts.to(info.accumulate).unbind(0)
