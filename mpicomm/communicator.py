@@ -193,6 +193,19 @@ class MPICommunicator(DeviceCommunicatorBase):
             return out.to(device, copy=True)
         return out
 
+    def _merge_ranks(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        """:func:`_stacked` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
+        if dim == 0:
+            return buf
+        world, shape = buf.shape[0], buf.shape[1:]
+        merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
+        moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
+        out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
+        if out.is_cpu:
+            self._fresh_host(out)
+        out.view(moved.shape).copy_(moved)
+        return out
+
     def _begin(self, operation: str, row_fn=None) -> None:
         """Refuse a destroyed communicator; in consistency mode, make all ranks agree first."""
         if self._destroyed:
@@ -261,7 +274,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
-        return _merge_ranks(self._result(buf, input_.device), dim, self._fresh_host)
+        return self._merge_ranks(self._result(buf, input_.device), dim)
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
@@ -284,7 +297,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
         if not root:
             return None
-        return _merge_ranks(self._result(buf, input_.device), dim, self._fresh_host)
+        return self._merge_ranks(self._result(buf, input_.device), dim)
 
     def all_gatherv(
         self,
@@ -384,8 +397,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         buf = self._output(tuple(tensor.shape), tensor.dtype, tensor.device)
         if self.rank == src:
             buf.copy_(tensor.detach())
-            if buf.device.type == "cuda":
-                sync_device(buf.device)
+            sync_device(buf.device)
         self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)
         return self._result(buf, tensor.device)
 
@@ -523,23 +535,8 @@ class MPICommunicator(DeviceCommunicatorBase):
 
 def _stacked(shape: torch.Size, world: int, dim: int) -> tuple[int, ...]:
     """The shape MPI gathers W blocks of ``shape`` into: the final ``torch.cat`` shape for
-    ``dim == 0`` (rank blocks are already in place), else ``(W, *shape)`` for :func:`_merge_ranks`."""
+    ``dim == 0`` (rank blocks are already in place), else ``(W, *shape)`` to be merged."""
     return (world * shape[0], *shape[1:]) if dim == 0 else (world, *shape)
-
-
-def _merge_ranks(buf: torch.Tensor, dim: int, fresh_host) -> torch.Tensor:
-    """``_stacked`` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous
-    (``fresh_host`` prepares new host memory before it is written)."""
-    if dim == 0:
-        return buf
-    world, shape = buf.shape[0], buf.shape[1:]
-    merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
-    moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
-    out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
-    if out.is_cpu:
-        fresh_host(out)
-    out.view(moved.shape).copy_(moved)
-    return out
 
 
 def _tensor_list(value) -> list[torch.Tensor]:

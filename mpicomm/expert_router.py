@@ -149,11 +149,8 @@ class _RouterBase:
     @staticmethod
     def _weighted_sum(rows, tokens, weights, n_tokens, device) -> torch.Tensor:
         """(n_tokens, H) in the accumulate dtype: ``sum weights[i] * rows[i]`` into ``tokens[i]``."""
-        acc = _accumulate(rows.dtype)
-        out = torch.zeros((n_tokens, rows.shape[1]), dtype=acc, device=device)
-        # bf16/fp16 rows times float32 weights promote to float32 inside the one multiply.
-        out.index_add_(0, tokens, rows * weights.to(acc).unsqueeze(1))
-        return out
+        out = torch.zeros((n_tokens, rows.shape[1]), dtype=_accumulate(rows.dtype), device=device)
+        return _add_weighted(out, tokens, rows, weights)
 
 
 class ExpertRouter(_RouterBase):
@@ -176,10 +173,12 @@ class ExpertRouter(_RouterBase):
         pair_tokens = order // k
         pair_dest = ids[order] // self.local_experts
         # One row per (destination, token), destination-major; each pair points at its row.
-        key = pair_dest * max(n, 1) + pair_tokens
-        unique, pair_row = torch.unique(key, sorted=True, return_inverse=True)
-        row_dest = unique // max(n, 1)
-        rows_to = torch.bincount(row_dest, minlength=world)
+        span = max(n, 1)
+        unique, pair_row = torch.unique(
+            pair_dest * span + pair_tokens, sorted=True, return_inverse=True
+        )
+        row_tokens = unique % span
+        rows_to = torch.bincount(unique // span, minlength=world)
         pair_row -= (torch.cumsum(rows_to, 0) - rows_to)[pair_dest]  # index within the block
 
         per_expert = torch.bincount(ids, minlength=self.num_experts).reshape(world, -1)
@@ -192,7 +191,7 @@ class ExpertRouter(_RouterBase):
 
         hidden = hidden_states.shape[1]
         rows = self._exchange(
-            hidden_states.index_select(0, unique % max(n, 1)), send_rows, recv_rows, hidden
+            hidden_states.index_select(0, row_tokens), send_rows, recv_rows, hidden
         )
         pair_weights = topk_weights.reshape(-1).to(device)[order]
         # Each pair's row index and weight (float64 bits: exact for every float weight dtype).
@@ -222,7 +221,7 @@ class ExpertRouter(_RouterBase):
             "send_rows": send_rows,
             "pair_tokens": pair_tokens,
             "pair_weights": pair_weights,
-            "row_tokens": unique % max(n, 1),
+            "row_tokens": row_tokens,
             # as the expert rank: what came from each rank
             "recv_pairs": recv_pairs,
             "recv_rows": recv_rows,
@@ -258,27 +257,23 @@ class ExpertRouter(_RouterBase):
         hidden, dtype = expert_output.shape[1], expert_output.dtype
         acc = _accumulate(dtype)
         x = expert_output.detach().contiguous()  # summed where it lives; staged once packed
-        weights = pending["recv_weights"].to(acc)
+        weights, where = pending["recv_weights"], pending["where"]
         blocks, first = [], 0
         for owner in range(world):
             pairs, rows = pending["recv_pairs"][owner], pending["recv_rows"][owner]
             block = x[first : first + pairs]
             if _summed_link(rows, pairs, acc, dtype):
                 part = torch.zeros((rows, hidden), dtype=acc, device=device)
-                scale = weights[first : first + pairs].unsqueeze(1)
-                part.index_add_(0, pending["where"][first : first + pairs], block.to(acc) * scale)
-                block = part
+                span = slice(first, first + pairs)
+                block = _add_weighted(part, where[span], block, weights[span])
             blocks.append(block.reshape(-1).view(torch.uint8))
             first += pairs
         sent = [b.numel() for b in blocks]
+        links = list(zip(pending["send_pairs"], pending["send_rows"], strict=True))
+        summed = [_summed_link(rows, pairs, acc, dtype) for pairs, rows in links]
         expect = [
-            (
-                rows * acc.itemsize
-                if _summed_link(rows, pairs, acc, dtype)
-                else pairs * dtype.itemsize
-            )
-            * hidden
-            for pairs, rows in zip(pending["send_pairs"], pending["send_rows"], strict=True)
+            hidden * (rows * acc.itemsize if summed_link else pairs * dtype.itemsize)
+            for (pairs, rows), summed_link in zip(links, summed, strict=True)
         ]
         back = self._exchange(torch.cat(blocks), sent, expect, 1, "expert_combine")
         self.last_bytes["combine"] = sum(sent) - sent[comm.rank]
@@ -286,22 +281,31 @@ class ExpertRouter(_RouterBase):
         out = torch.zeros((pending["n_tokens"], hidden), dtype=acc, device=device)
         offset = first_pair = first_row = 0
         for rank in range(world):  # rank order: the sum is the same on every run
-            pairs, rows = pending["send_pairs"][rank], pending["send_rows"][rank]
+            pairs, rows = links[rank]
             chunk = back[offset : offset + expect[rank]]
             if offset % acc.itemsize:
                 chunk = chunk.clone()  # views to wider dtypes need aligned memory
-            if _summed_link(rows, pairs, acc, dtype):
+            if summed[rank]:
                 tokens = pending["row_tokens"][first_row : first_row + rows]
                 out.index_add_(0, tokens, chunk.view(acc).view(rows, hidden))
             else:
-                tokens = pending["pair_tokens"][first_pair : first_pair + pairs]
-                scale = pending["pair_weights"][first_pair : first_pair + pairs].to(acc)
-                rows_out = chunk.view(dtype).view(pairs, hidden).to(acc)
-                out.index_add_(0, tokens, rows_out * scale.unsqueeze(1))
+                span = slice(first_pair, first_pair + pairs)
+                outputs = chunk.view(dtype).view(pairs, hidden)
+                _add_weighted(
+                    out, pending["pair_tokens"][span], outputs, pending["pair_weights"][span]
+                )
             offset += expect[rank]
             first_pair += pairs
             first_row += rows
         return out.to(dtype)
+
+
+def _add_weighted(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, weights):
+    """``out[index[i]] += weights[i] * rows[i]`` in ``out``'s (accumulation) dtype; returns ``out``.
+
+    bf16/fp16 rows times float32 weights promote to float32 inside the one multiply.
+    """
+    return out.index_add_(0, index, rows * weights.to(out.dtype).unsqueeze(1))
 
 
 def _summed_link(rows: int, pairs: int, acc: torch.dtype, dtype: torch.dtype) -> bool:

@@ -154,9 +154,7 @@ def all_reduce_bytes(
     flat_x, flat_out = x.reshape(-1), out.view(-1)
     if x.nbytes * world <= GATHER_ALL_BELOW:
         # One Allgather beats three calls for small sums (no slicing either: ~1 us a slice).
-        tails = workspace.tensor("tails", (world, flat_x.numel()), x.dtype, x.device)
-        call(operation, comm, "Allgather", mpi_spec(flat_x), mpi_spec(tails))
-        sum_in_rank_order(tails, flat_out, info, workspace)
+        _gather_and_sum(call, operation, comm, flat_x, flat_out, info, workspace)
         return
     rank = comm.Get_rank()
     chunk, tail = divmod(flat_x.numel(), world)
@@ -169,9 +167,15 @@ def all_reduce_bytes(
         sync_device(out.device)  # the sum ran as queued kernels; MPI must read the finished chunk
         call(operation, comm, "Allgather", MPI.IN_PLACE, mpi_spec(flat_out[:body], chunk))
     if tail:
-        tails = workspace.tensor("tails", (world, tail), x.dtype, x.device)
-        call(operation, comm, "Allgather", mpi_spec(flat_x[body:]), mpi_spec(tails, tail))
-        sum_in_rank_order(tails, flat_out[body:], info, workspace)
+        _gather_and_sum(call, operation, comm, flat_x[body:], flat_out[body:], info, workspace)
+
+
+def _gather_and_sum(call, operation, comm, src, dst, info, workspace) -> None:
+    """``dst`` = the rank-order sum of every rank's 1-d ``src``: gathered whole, summed locally
+    (so every rank computes the same bits)."""
+    parts = workspace.tensor("tails", (comm.Get_size(), src.numel()), src.dtype, src.device)
+    call(operation, comm, "Allgather", mpi_spec(src), mpi_spec(parts))
+    sum_in_rank_order(parts, dst, info, workspace)
 
 
 def bytes_workspace(numel: int, info: DtypeInfo, world: int) -> dict[str, int]:
