@@ -147,7 +147,8 @@ def _device_memory(tensor: torch.Tensor, carrier: torch.dtype) -> torch.Tensor:
 
 # Fresh host results from this size up are backed by transparent huge pages. glibc hands out
 # blocks above its mmap threshold (at most 32 MiB) as new memory, whose first write faults once per
-# 4 KiB page: filling a fresh 64 MiB tensor took 36 ms, 11 ms with 2 MiB pages (docs/benchmarks.md).
+# 4 KiB page: filling a fresh 64 MiB tensor took 35 ms, 10 ms with 2 MiB pages
+# (benchmarks/local_steps.py).
 HUGE_PAGES_FROM = 32 << 20
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
