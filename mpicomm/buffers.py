@@ -1,7 +1,7 @@
 """The one place where tensors become MPI buffers.
 
-Everything that hands tensor memory to MPI goes through :func:`mpi_spec`: the dtype table (which
-MPI datatype carries each torch dtype, and whether MPI may sum it), contiguity, and the CUDA stream
+Everything that hands tensor memory to MPI goes through :func:`mpi_spec`: the carrier datatype
+from :mod:`mpicomm.dtypes`, contiguity, and the CUDA stream
 synchronisation that mpi4py does not do itself. Host memory goes to MPI by address, device memory
 by DLPack. :class:`Workspace` holds the reusable scratch and pinned staging memory, grown on demand
 and never reallocated per call; :func:`huge_pages` prepares large fresh host results.
@@ -12,73 +12,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 
+from .dtypes import DTYPES
+
 _HOST = torch.device("cpu")
 _MAX_VIEWS = 64  # cached workspace views (shapes vary with token counts: keep the set bounded)
-
-
-@dataclass(frozen=True)
-class DtypeInfo:
-    """How one torch dtype travels through MPI.
-
-    ``carrier`` is a dtype of the same size that numpy and MPI understand (16-bit and 8-bit floats
-    travel as integers: their bytes move unchanged). ``sum_op`` is the MPI op that sums the dtype
-    exactly as mpicomm promises, or ``None`` when the sum must be done by torch. ``accumulate`` is
-    the dtype torch sums in.
-    """
-
-    dtype: torch.dtype
-    carrier: torch.dtype
-    mpi: MPI.Datatype
-    sum_op: MPI.Op | None
-    accumulate: torch.dtype
-
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
-
-
-def _table() -> dict[torch.dtype, DtypeInfo]:
-    rows = [
-        (torch.bool, torch.bool, MPI.C_BOOL, MPI.LOR, torch.bool),
-        (torch.uint8, torch.uint8, MPI.UINT8_T, MPI.SUM, torch.uint8),
-        (torch.int8, torch.int8, MPI.INT8_T, MPI.SUM, torch.int8),
-        (torch.int16, torch.int16, MPI.INT16_T, MPI.SUM, torch.int16),
-        (torch.int32, torch.int32, MPI.INT32_T, MPI.SUM, torch.int32),
-        (torch.int64, torch.int64, MPI.INT64_T, MPI.SUM, torch.int64),
-        (torch.uint16, torch.uint16, MPI.UINT16_T, MPI.SUM, torch.uint16),
-        (torch.uint32, torch.uint32, MPI.UINT32_T, MPI.SUM, torch.uint32),
-        (torch.uint64, torch.uint64, MPI.UINT64_T, MPI.SUM, torch.uint64),
-        (torch.float32, torch.float32, MPI.FLOAT, MPI.SUM, torch.float32),
-        (torch.float64, torch.float64, MPI.DOUBLE, MPI.SUM, torch.float64),
-        (torch.complex64, torch.complex64, MPI.C_FLOAT_COMPLEX, MPI.SUM, torch.complex64),
-        (torch.complex128, torch.complex128, MPI.C_DOUBLE_COMPLEX, MPI.SUM, torch.complex128),
-        (torch.float16, torch.int16, MPI.INT16_T, None, torch.float32),
-        (torch.bfloat16, torch.int16, MPI.INT16_T, None, torch.float32),
-    ]
-    for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
-        if hasattr(torch, name):
-            rows.append((getattr(torch, name), torch.uint8, MPI.UINT8_T, None, torch.float32))
-    if hasattr(torch, "float8_e8m0fnu"):
-        # A scale format (powers of two): it moves as bytes but has no meaningful sum.
-        rows.append((torch.float8_e8m0fnu, torch.uint8, MPI.UINT8_T, None, torch.float32))
-    return {row[0]: DtypeInfo(*row) for row in rows}
-
-
-DTYPES: dict[torch.dtype, DtypeInfo] = _table()
-
-
-def dtype_info(dtype: torch.dtype, argument: str = "input_") -> DtypeInfo:
-    """The table row for ``dtype``; ``TypeError`` naming ``argument`` for an unsupported dtype."""
-    info = DTYPES.get(dtype)
-    if info is None:
-        supported = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
-        raise TypeError(f"{argument}: dtype {dtype} is not supported (supported: {supported})")
-    return info
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,26 +18,11 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .buffers import dtype_info
 from .communicator import MPICommunicator
+from .dtypes import CHECKED, INEXACT_SUMS, dtype_info, short_name
 
-DTYPES: list[tuple[str, torch.dtype]] = [
-    ("bool", torch.bool),
-    ("u8", torch.uint8),
-    ("i8", torch.int8),
-    ("i16", torch.int16),
-    ("i32", torch.int32),
-    ("i64", torch.int64),
-    ("f16", torch.float16),
-    ("bf16", torch.bfloat16),
-    ("f32", torch.float32),
-    ("f64", torch.float64),
-    ("c64", torch.complex64),
-    ("c128", torch.complex128),
-    ("f8e4m3", torch.float8_e4m3fn),
-    ("f8e5m2", torch.float8_e5m2),
-]
-_INEXACT_SUM = {torch.float32, torch.float64, torch.complex64, torch.complex128}
+DTYPES: list[tuple[str, torch.dtype]] = [(short_name(d), d) for d in CHECKED]
+_INEXACT_SUM = INEXACT_SUMS
 
 
 def make_input(dtype: torch.dtype, rank: int, shape: tuple[int, ...], salt: int) -> torch.Tensor:

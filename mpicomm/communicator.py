@@ -19,10 +19,8 @@ from . import consistency, hierarchical, launch, reduction
 from .all2all import make_manager
 from .base import DeviceCommunicatorBase
 from .buffers import (
-    DTYPES,
     Workspace,
     byte_spec,
-    dtype_info,
     huge_pages,
     mpi_spec,
     sync_device,
@@ -31,6 +29,7 @@ from .buffers import (
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
+from .dtypes import DTYPES, dtype_info
 from .errors import CommunicationError
 from .validation import (
     check_device,

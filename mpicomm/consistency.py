@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .buffers import DTYPES
 from .calls import Caller
+from .dtypes import DTYPES
 
 OPERATIONS = (
     "all_reduce",

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from .buffers import DtypeInfo, Workspace, mpi_spec, sync_device, vector_spec
+from .buffers import Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
+from .dtypes import DtypeInfo
 
 # 16-bit floats that torch adds (CPU and CUDA) by widening to float32, adding, rounding once:
 # for two ranks its add is the rank-order sum, in one pass instead of four (tests/test_reduction.py

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .buffers import DtypeInfo, dtype_info
+from .dtypes import DtypeInfo, dtype_info
 
 
 def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
