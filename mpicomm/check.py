@@ -198,7 +198,7 @@ def run(comm: MPICommunicator, verbose: bool = False) -> tuple[np.ndarray, list[
                 errors.append(f"rank {comm.rank}: {name}/{short}: {exc!r}")
                 if verbose:
                     traceback.print_exc()
-                if comm._call.broken:
+                if comm.broken:
                     raise
     everywhere = np.empty_like(passed)
     comm.cpu_group.Allreduce(passed, everywhere, op=MPI.MIN)

@@ -1,9 +1,10 @@
 """MPICommunicator: the device-communicator interface on MPI.
 
-Every collective follows the same order: validate the arguments (no MPI yet), optionally check that
-all ranks agree (consistency mode, on the cpu communicator), bring the input to memory MPI can read
-(contiguous; staged to pinned host memory for CUDA without a CUDA-aware MPI), run MPI on the device
-communicator, and return a fresh tensor on the input's device.
+Every collective follows the same order (docs/architecture.md, "One call"): validate the arguments
+(no MPI yet), optionally check that all ranks agree (consistency mode, on the cpu communicator),
+look up the call's :class:`~mpicomm.staging.Route` (direct or staged), bring the input to memory
+MPI can read, run MPI on the device communicator, and return a fresh tensor on the input's device.
+Sums take the algorithm :mod:`mpicomm.plan` chooses.
 """
 
 from __future__ import annotations
@@ -15,22 +16,17 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import consistency, hierarchical, launch, reduction
-from .all2all import make_manager
+from . import consistency, hierarchical, launch, plan, reduction
 from .base import DeviceCommunicatorBase
-from .buffers import (
-    Workspace,
-    byte_spec,
-    huge_pages,
-    mpi_spec,
-    sync_device,
-    vector_spec,
-)
+from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
 from .dtypes import DTYPES, dtype_info
 from .errors import CommunicationError
+from .moe import make_manager, make_router
+from .staging import Route
+from .topology import NodeSplit, node_labels
 from .validation import (
     check_device,
     check_rank,
@@ -43,7 +39,6 @@ from .validation import (
 log = logging.getLogger("mpicomm")
 
 _P2P_TAG = 7
-_HOST = torch.device("cpu")
 
 
 class MPICommunicator(DeviceCommunicatorBase):
@@ -73,7 +68,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         Send every tensor through the host staging buffers, CPU tensors too (tests the staging
         path without a GPU). Default: ``MPICOMM_STAGING``.
     all2all_backend:
-        The MoE manager behind :meth:`dispatch` / :meth:`combine` (see :mod:`mpicomm.all2all`).
+        The MoE manager behind :meth:`dispatch` / :meth:`combine` (see :mod:`mpicomm.moe`).
+    node_of:
+        ``rank -> node label`` overriding MPI's shared-memory node detection (tests pretend one
+        host is several nodes with it; sites whose MPI cannot tell nodes apart may use it too).
     """
 
     def __init__(
@@ -88,6 +86,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         allreduce_algo: str | None = None,
         staging: bool | None = None,
         all2all_backend: str = "allgather_reducescatter",
+        node_of=None,
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
         env = settings()
@@ -104,10 +103,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.validate = env.validate if validate is None else bool(validate)
         self.staging = env.staging if staging is None else bool(staging)
         self.huge_pages = env.huge_pages
+        self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         self.cuda_aware = cuda_aware()
         label = unique_name or f"comm{self.ranks}"
         self._call = Caller(label, env_timeout)
         self._workspace = Workspace()
+        self._routes: dict[torch.device, Route] = {}
         self._destroyed = False
         self._owns_device_group = device_group is None
         if device_group is None:
@@ -125,8 +126,13 @@ class MPICommunicator(DeviceCommunicatorBase):
                 )
         self._call.prepare(self.cpu_group)
         self.all2all_manager = make_manager(all2all_backend, self)
-        self.hierarchical = hierarchical.mode()  # MPICOMM_HIERARCHICAL
-        self._node_split: hierarchical.NodeSplit | None = None  # made on first use
+        # The node split is made here, where every rank is already in a collective: a data call
+        # never runs an untimed one. Node and leader communicators exist only for groups that
+        # span nodes and may use the hierarchical all_reduce.
+        self.node_of = node_labels(self.device_group, node_of) if self.world_size > 1 else (0,)
+        self._nodes: NodeSplit | None = None
+        if max(self.node_of) > 0 and self.hierarchical != "0":
+            self._nodes = NodeSplit.create(self.device_group, self.node_of)
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -148,51 +154,29 @@ class MPICommunicator(DeviceCommunicatorBase):
             raise ValueError(f"timeout must be a number of seconds >= 0, got {seconds!r}")
         self._call.timeout = float(seconds) if seconds else None
 
-    # ----------------------------------------------------------------- memory MPI can read
-    def _staged(self, device: torch.device) -> bool:
-        # ``device == _HOST`` first: comparing devices is 5x cheaper than reading ``device.type``.
-        return self.staging or (not self.cuda_aware and device != _HOST and device.type == "cuda")
+    @property
+    def broken(self) -> str | None:
+        """Why the communicator is unusable (a timeout or an interrupted wait), or ``None``."""
+        return self._call.broken
 
-    def _stage_in(self, tensor: torch.Tensor, slot: str = "in") -> torch.Tensor:
-        """``tensor`` as a contiguous tensor in memory MPI can read (never a tensor MPI writes).
+    @property
+    def workspace(self) -> Workspace:
+        """The reusable scratch and staging memory (read it; do not write it)."""
+        return self._workspace
 
-        Detached: collectives are not recorded by autograd, and MPI cannot read a tensor that
-        requires grad (nor may a staging slot join an autograd graph).
-        """
-        if tensor.requires_grad:
-            tensor = tensor.detach()
-        if self.staging or (tensor.is_cuda and not self.cuda_aware):
-            host = self._workspace.tensor(slot, tuple(tensor.shape), tensor.dtype, _HOST, True)
-            host.copy_(tensor)
-            return host
-        tensor = tensor.contiguous()
-        if tensor.is_cuda:
-            sync_device(tensor.device)
-        return tensor
+    def staged(self, device: torch.device | str) -> bool:
+        """Whether tensors on ``device`` travel through host staging memory."""
+        return self._route(torch.device(device)).staged
 
-    def _output(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device):
-        """Memory for MPI to write a result of ``shape`` into, for a result on ``device``."""
-        if self._staged(device):
-            return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
-        if device == _HOST:
-            return self._fresh_host(torch.empty(shape, dtype=dtype))
-        out = torch.empty(shape, dtype=dtype, device=device)
-        # MPI writes device memory outside torch's stream order: kernels still queued on the
-        # stream may use this block (freed by the caching allocator before they ran).
-        sync_device(device)
-        return out
+    def _route(self, device: torch.device) -> Route:
+        route = self._routes.get(device)
+        if route is None:
+            staged = Route.needs_staging(device, self.cuda_aware, self.staging)
+            route = Route(device, staged, self._workspace, self.huge_pages)
+            self._routes[device] = route
+        return route
 
-    def _fresh_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A new host result, not yet written: on huge pages when large (MPICOMM_HUGE_PAGES)."""
-        return huge_pages(tensor) if self.huge_pages else tensor
-
-    def _result(self, out: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
-        if self._staged(device):
-            return out.to(device, copy=True)
-        return out
-
-    def _merge_ranks(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+    def _merge_ranks(self, buf: torch.Tensor, dim: int, route: Route) -> torch.Tensor:
         """:func:`_stacked` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
         if dim == 0:
             return buf
@@ -201,20 +185,27 @@ class MPICommunicator(DeviceCommunicatorBase):
         moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
         out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
         if out.is_cpu:
-            self._fresh_host(out)
+            route.fresh_host(out)
         out.view(moved.shape).copy_(moved)
         return out
 
-    def _begin(self, operation: str, row_fn=None) -> None:
-        """Refuse a destroyed communicator; in consistency mode, make all ranks agree first."""
+    def agree(self, operation: str, fingerprint=None) -> None:
+        """Refuse a destroyed communicator; in consistency mode, make all ranks agree first.
+
+        ``fingerprint``: a function returning this rank's
+        :class:`~mpicomm.consistency.Fingerprint` of the call, evaluated only in consistency mode
+        (then collective on the cpu communicator: every rank raises the same ``ValueError`` if
+        any differs). Layers built on the communicator (MoE routers) call it before their first
+        collective, as the communicator's own methods do.
+        """
         if self._destroyed:
             raise CommunicationError(
                 f"{operation} on group {self._call.group!r}: the communicator was destroyed",
                 operation=operation,
                 group=self._call.group,
             )
-        if self.validate and row_fn is not None:
-            consistency.agree(self._call, self.cpu_group, operation, row_fn())
+        if self.validate and fingerprint is not None:
+            consistency.agree(self._call, self.cpu_group, operation, fingerprint())
 
     # ----------------------------------------------------------------- collectives
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
@@ -225,55 +216,42 @@ class MPICommunicator(DeviceCommunicatorBase):
         """
         info = check_tensor(input_)
         check_device(input_, self.device)
-        self._begin("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
-        device = input_.device
-        x = self._stage_in(input_)
-        nbytes = x.nbytes
-        split = self._hierarchy(info.dtype, nbytes)
-        if split is not None:
-            return self._result(hierarchical.all_reduce(x, split, self._call), device)
-        staged = self._staged(device)
-        out = (
-            self._fresh_host(torch.empty_like(x))
-            if not staged and x.is_cpu
-            else self._output(x.shape, x.dtype, device)
-        )
-        comm = self.device_group
-        if reduction.choose_allreduce(info, nbytes, self.allreduce_algo) == "native":
-            reduction.all_reduce_native(self._call, "all_reduce", comm, x, out, info)
+        self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        route = self._route(input_.device)
+        x, out = route.stage_in_and_output(input_, input_.shape)
+        algo = self._plan(info, x.nbytes)
+        comm, call = self.device_group, self._call
+        if algo == plan.NATIVE:
+            reduction.all_reduce_native(call, "all_reduce", comm, x, out, info)
+        elif algo == plan.BYTES:
+            reduction.all_reduce_bytes(call, "all_reduce", comm, x, out, info, self._workspace)
         else:
-            reduction.all_reduce_bytes(
-                self._call, "all_reduce", comm, x, out, info, self._workspace
-            )
-        return self._result(out, device)
+            hierarchical.all_reduce(call, "all_reduce", self._nodes, x, out, info, self._workspace)
+        return route.result(out)
 
-    def _hierarchy(self, dtype: torch.dtype, nbytes: int) -> hierarchical.NodeSplit | None:
-        """The node split when the hierarchical all_reduce applies to this call, else ``None``.
+    def _plan(self, info, nbytes: int) -> str:
+        return plan.all_reduce_algorithm(
+            info, nbytes, self.allreduce_algo, self.hierarchical, self._nodes
+        )
 
-        The split is made (collectively) the first time a call qualifies; every rank decides
-        alike, from the dtype, the size and ``MPICOMM_HIERARCHICAL``.
-        """
-        how = self.hierarchical
-        if how == "0" or self.world_size < 2 or dtype not in hierarchical.ACCUMULATE:
-            return None
-        if how == "auto" and nbytes < hierarchical.ALLREDUCE_FROM:
-            return None
-        if self._node_split is None:
-            self._node_split = hierarchical.split_nodes(self.device_group)
-        return self._node_split if self._node_split.worthwhile(dtype, nbytes, how) else None
+    def all_reduce_algorithm(self, input_: torch.Tensor) -> str:
+        """The algorithm :meth:`all_reduce` would use for ``input_``: ``native``, ``bytes`` or
+        ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
+        return self._plan(check_tensor(input_), input_.nbytes)
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
         check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
         check_device(input_, self.device)
-        self._begin("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
-        x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
-        buf = self._output(_stacked(x.shape, self.world_size, dim), x.dtype, input_.device)
+        self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
+        route = self._route(input_.device)
+        x = input_.reshape(1) if input_.dim() == 0 else input_
+        x, buf = route.stage_in_and_output(x, _stacked(x.shape, self.world_size, dim))
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
-        return self._merge_ranks(self._result(buf, input_.device), dim)
+        return self._merge_ranks(route.result(buf), dim, route)
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
@@ -281,11 +259,14 @@ class MPICommunicator(DeviceCommunicatorBase):
         dim = normalize_dim(dim, input_.dim())
         check_rank(dst, self.world_size, "dst")
         check_device(input_, self.device)
-        self._begin("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
-        x = self._stage_in(input_.reshape(1) if input_.dim() == 0 else input_)
+        self.agree("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
+        route = self._route(input_.device)
+        x = input_.reshape(1) if input_.dim() == 0 else input_
         root = self.rank == dst
-        shape = _stacked(x.shape, self.world_size, dim)
-        buf = self._output(shape, x.dtype, input_.device) if root else None
+        if root:
+            x, buf = route.stage_in_and_output(x, _stacked(x.shape, self.world_size, dim))
+        else:
+            x, buf = route.stage_in(x), None
         self._call(
             "gather",
             self.device_group,
@@ -296,7 +277,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
         if not root:
             return None
-        return self._merge_ranks(self._result(buf, input_.device), dim)
+        return self._merge_ranks(route.result(buf), dim, route)
 
     def all_gatherv(
         self,
@@ -325,7 +306,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         sizes = [rows] * self.world_size if sizes is None else check_sizes(sizes, self.world_size)
         if sizes[self.rank] != rows:
             raise ValueError(f"sizes[{self.rank}]={sizes[self.rank]} but this rank has {rows} rows")
-        self._begin(
+        self.agree(
             "all_gatherv",
             lambda: consistency.fingerprint("all_gatherv", tensors[0], 0, sizes, rows_vary=True),
         )
@@ -333,14 +314,14 @@ class MPICommunicator(DeviceCommunicatorBase):
         return outs[0] if isinstance(input_, torch.Tensor) else outs
 
     def _gatherv(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        x = self._stage_in(tensor)
+        route = self._route(tensor.device)
+        x, buf = route.stage_in_and_output(tensor, (sum(sizes), *tensor.shape[1:]))
         row = math.prod(x.shape[1:])
-        buf = self._output((sum(sizes), *x.shape[1:]), x.dtype, tensor.device)
         counts = [s * row for s in sizes]
         self._call(
             "all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts)
         )
-        return self._result(buf, tensor.device)
+        return route.result(buf)
 
     def reduce_scatter(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.chunk(sum_over_ranks(input_), W, dim)[r]``; ``input_.shape[dim]`` divisible by W."""
@@ -369,20 +350,20 @@ class MPICommunicator(DeviceCommunicatorBase):
             sizes = even_sizes(total, self.world_size)
         else:
             sizes = check_sizes(sizes, self.world_size, total=total)
-        self._begin(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
-        x = self._stage_in(moved)
+        self.agree(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
+        route = self._route(input_.device)
+        x, out = route.stage_in_and_output(moved, (sizes[self.rank], *moved.shape[1:]))
         row = math.prod(x.shape[1:])
         counts = [s * row for s in sizes]
-        out = self._output((sizes[self.rank], *x.shape[1:]), x.dtype, input_.device)
-        algo = reduction.choose_allreduce(info, x.numel() * info.itemsize, self.allreduce_algo)
+        algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
         comm = self.device_group
-        if algo == "native":
+        if algo == plan.NATIVE:
             reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
         else:
             reduction.reduce_scatter_bytes(
                 self._call, operation, comm, x, counts, out, info, self._workspace
             )
-        result = self._result(out, input_.device)
+        result = route.result(out)
         if input_.dim() == 0:
             return result.reshape(())
         return result if dim == 0 else result.movedim(0, dim).contiguous()
@@ -392,13 +373,14 @@ class MPICommunicator(DeviceCommunicatorBase):
         check_tensor(tensor, "tensor")
         check_rank(src, self.world_size, "src")
         check_device(tensor, self.device, "tensor")
-        self._begin("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
-        buf = self._output(tuple(tensor.shape), tensor.dtype, tensor.device)
+        self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
+        route = self._route(tensor.device)
+        buf = route.output(tuple(tensor.shape), tensor.dtype)
         if self.rank == src:
             buf.copy_(tensor.detach())
             sync_device(buf.device)
         self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)
-        return self._result(buf, tensor.device)
+        return route.result(buf)
 
     # ----------------------------------------------------------------- point-to-point
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
@@ -407,8 +389,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         dst = (self.rank + 1) % self.world_size if dst is None else dst
         check_rank(dst, self.world_size, "dst")
         check_device(tensor, self.device, "tensor")
-        self._begin("send")
-        x = self._stage_in(tensor)
+        self.agree("send")
+        x = self._route(tensor.device).stage_in(tensor)
         self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)
 
     def recv(
@@ -423,8 +405,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         dtype_info(dtype, "dtype")
         src = (self.rank - 1) % self.world_size if src is None else src
         check_rank(src, self.world_size, "src")
-        self._begin("recv")
-        out = self._output(shape, dtype, self.device)
+        self.agree("recv")
+        route = self._route(self.device)
+        out = route.output(shape, dtype)
         message, status = self._call.probe("recv", self.device_group, src, _P2P_TAG)
         arrived, expected = status.Get_count(MPI.BYTE), out.numel() * dtype.itemsize
         if arrived != expected:
@@ -436,7 +419,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 group=self._call.group,
             )
         self._call("recv", message, "Recv", byte_spec(out))
-        return self._result(out, self.device)
+        return route.result(out)
 
     # ----------------------------------------------------------------- MoE
     def dispatch(
@@ -467,20 +450,59 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``router.dispatch(hidden_states, topk_ids, topk_weights)`` sends each token only to the
         ranks of its top-k experts (``MPI_Alltoallv``); ``router.combine(expert_output)`` returns
         the weighted sums to the token's owner. ``backend="allgather_reducescatter"`` gives the
-        same API on all-gather/reduce-scatter. See :mod:`mpicomm.expert_router`. No MPI call:
+        same API on all-gather/reduce-scatter. See :mod:`mpicomm.moe.routers`. No MPI call:
         ``num_experts`` not divisible by the group size raises ``ValueError`` on every rank.
         """
-        from .expert_router import make_router
-
         return make_router(backend, self, num_experts)
 
     def exchange_rows(self, rows: int) -> list[int]:
         """Every rank's ``rows`` (group order), exchanged on the cpu communicator."""
-        self._begin("exchange_rows")
+        self.agree("exchange_rows")
         mine = np.array([rows], dtype=np.int64)
         every = np.empty(self.world_size, dtype=np.int64)
         self._call("exchange_rows", self.cpu_group, "Allgather", mine, every)
         return every.tolist()
+
+    def exchange_counts(self, counts: np.ndarray) -> np.ndarray:
+        """All-to-all of int64 counts on the cpu communicator: ``counts`` is (W, k), row d goes to
+        rank d; returns (W, k) whose row s came from rank s. For MoE routing metadata."""
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        if counts.ndim != 2 or counts.shape[0] != self.world_size:
+            raise ValueError(f"counts must be ({self.world_size}, k), got shape {counts.shape}")
+        self.agree("exchange_counts")
+        incoming = np.empty_like(counts)
+        self._call("exchange_counts", self.cpu_group, "Alltoall", counts, incoming)
+        return incoming
+
+    def all_to_allv(
+        self, input_: torch.Tensor, send_rows: list[int], recv_rows: list[int]
+    ) -> torch.Tensor:
+        """Rows (dim 0) to every rank: ``send_rows[d]`` consecutive rows of ``input_`` to rank d,
+        in rank order; returns a fresh ``(sum(recv_rows), *input_.shape[1:])`` tensor holding
+        ``recv_rows[s]`` rows from rank s, in rank order. Every rank's trailing shape and dtype
+        must match, and ``recv_rows`` must mirror what the peers send (e.g. from
+        :meth:`exchange_counts`)."""
+        check_tensor(input_)
+        check_device(input_, self.device)
+        if input_.dim() == 0:
+            raise ValueError("all_to_allv needs a tensor with at least one dimension (rows)")
+        send_rows = check_sizes(send_rows, self.world_size, "send_rows", total=input_.shape[0])
+        recv_rows = check_sizes(recv_rows, self.world_size, "recv_rows")
+        self.agree(
+            "all_to_allv",
+            lambda: consistency.fingerprint("all_to_allv", input_, 0, rows_vary=True),
+        )
+        route = self._route(input_.device)
+        x, out = route.stage_in_and_output(input_, (sum(recv_rows), *input_.shape[1:]))
+        row = math.prod(x.shape[1:])
+        self._call(
+            "all_to_allv",
+            self.device_group,
+            "Alltoallv",
+            vector_spec(x, [r * row for r in send_rows]),
+            vector_spec(out, [r * row for r in recv_rows]),
+        )
+        return route.result(out)
 
     # ----------------------------------------------------------------- lifetime
     def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:
@@ -489,10 +511,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         Only does something where CUDA tensors are staged (no CUDA-aware MPI) or staging is forced.
         """
         tensors = [*model.parameters(), *model.buffers()]
-        if not tensors or not self._staged(self.device):
+        if not tensors or not self.staged(self.device):
             return
         for slot, nbytes, pinned in self._staging_needs(tensors):
-            self._workspace.reserve(nbytes, _HOST, pinned, (slot,))
+            self._workspace.reserve(nbytes, torch.device("cpu"), pinned, (slot,))
         self.all2all_manager.prepare(model)
 
     def _staging_needs(self, tensors: list[torch.Tensor]) -> list[tuple[str, int, bool]]:
@@ -506,7 +528,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 continue
             numel, size = t.numel(), info.itemsize
             need["in"] = need["out"] = max(need["out"], numel * size)
-            if reduction.choose_allreduce(info, numel * size, self.allreduce_algo) == "bytes":
+            if plan.flat_algorithm(info, numel * size, self.allreduce_algo) == plan.BYTES:
                 for slot, nbytes in reduction.bytes_workspace(numel, info, world).items():
                     need[slot] = max(need[slot], nbytes)
         return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
@@ -520,8 +542,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.all2all_manager.destroy()
         self._workspace.clear()
         self._call.close()
-        if self._node_split is not None:
-            self._node_split.free()
+        if self._nodes is not None:
+            self._nodes.free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:
             self.device_group.Free()
 

@@ -11,7 +11,16 @@
 ``MPICOMM_LOG_LEVEL``          a :mod:`logging` level name for the ``mpicomm`` logger
 ``MPICOMM_HUGE_PAGES``         ``0``: do not ask Linux for transparent huge pages under large
                                fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_HIERARCHICAL``       ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
+                               the node-aware all_reduce of :mod:`mpicomm.hierarchical`
+``MPICOMM_ABORT_ON_EXCEPTION`` ``0``: do not abort the MPI job on an uncaught exception
+                               (default ``1``; read when an exception arrives)
+``MPICOMM_VLLM``               ``1``: the vLLM platform plugin activates mpicomm
+``MPICOMM_VLLM_DEVICE``        ``cpu`` or ``cuda``: force the vLLM platform family
 =============================  ===========================================================
+
+Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
+unset variable means the default. A malformed value raises ``ValueError`` naming the variable.
 """
 
 from __future__ import annotations
@@ -20,9 +29,12 @@ import os
 from dataclasses import dataclass
 
 ALLREDUCE_ALGOS = ("auto", "native", "bytes")
+HIERARCHICAL_MODES = ("auto", "0", "1")
+VLLM_DEVICES = ("", "cpu", "cuda")
 
 
-def _flag(name: str, default: bool | None) -> bool | None:
+def flag(name: str, default: bool | None) -> bool | None:
+    """The boolean variable ``name``; ``default`` when unset or empty."""
     raw = os.environ.get(name, "").strip().lower()
     if raw == "":
         return default
@@ -46,7 +58,8 @@ def _seconds(name: str) -> float | None:
     return value
 
 
-def _choice(name: str, choices: tuple[str, ...], default: str) -> str:
+def choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The variable ``name``, lower-cased, one of ``choices``; ``default`` when unset or empty."""
     raw = os.environ.get(name, "").strip().lower() or default
     if raw not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
@@ -64,16 +77,47 @@ class Settings:
     allreduce_algo: str
     log_level: str | None
     huge_pages: bool = True
+    hierarchical: str = "auto"
 
 
 def settings() -> Settings:
     """Read the ``MPICOMM_*`` variables now. Raises ``ValueError`` naming a malformed variable."""
     return Settings(
-        cuda_aware=_flag("MPICOMM_CUDA_AWARE", None),
-        staging=bool(_flag("MPICOMM_STAGING", False)),
-        validate=bool(_flag("MPICOMM_VALIDATE", False)),
+        cuda_aware=flag("MPICOMM_CUDA_AWARE", None),
+        staging=bool(flag("MPICOMM_STAGING", False)),
+        validate=bool(flag("MPICOMM_VALIDATE", False)),
         timeout=_seconds("MPICOMM_TIMEOUT"),
-        allreduce_algo=_choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
+        allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=os.environ.get("MPICOMM_LOG_LEVEL") or None,
-        huge_pages=bool(_flag("MPICOMM_HUGE_PAGES", True)),
+        huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
+        hierarchical=_hierarchical(),
     )
+
+
+def _hierarchical() -> str:
+    raw = os.environ.get("MPICOMM_HIERARCHICAL", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    try:
+        return "1" if flag("MPICOMM_HIERARCHICAL", None) else "0"
+    except ValueError:
+        raise ValueError(f"MPICOMM_HIERARCHICAL must be auto, 0 or 1, got {raw!r}") from None
+
+
+def abort_on_exception() -> bool:
+    """``MPICOMM_ABORT_ON_EXCEPTION`` (default on). Read on its own: it is consulted inside an
+    exception hook, where a malformed unrelated variable must not matter."""
+    try:
+        return bool(flag("MPICOMM_ABORT_ON_EXCEPTION", True))
+    except ValueError:
+        return True
+
+
+def vllm_enabled() -> bool:
+    """``MPICOMM_VLLM``: whether the vLLM platform plugin activates mpicomm (default off)."""
+    return bool(flag("MPICOMM_VLLM", False))
+
+
+def vllm_device() -> str:
+    """``MPICOMM_VLLM_DEVICE``: ``cpu``, ``cuda`` or ``""`` (let vLLM detect)."""
+    return choice("MPICOMM_VLLM_DEVICE", VLLM_DEVICES, "")

@@ -28,6 +28,7 @@ OPERATIONS = (
     "broadcast",
     "dispatch",
     "combine",
+    "all_to_allv",
 )
 _DTYPES = list(DTYPES)
 _OP_CODE = {name: i for i, name in enumerate(OPERATIONS)}

@@ -39,7 +39,6 @@ __all__ = [
     "export_torch_env",
     "install_abort_on_exception",
     "launch_info",
-    "select_device",
     "uninstall_abort_on_exception",
 ]
 
@@ -163,18 +162,18 @@ def launch_info(comm=None, *, check_env: bool = True) -> LaunchInfo:
         comm = MPI.COMM_WORLD
     if not isinstance(comm, MPI.Comm):
         raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {type(comm).__name__}")
-    rank, size = comm.Get_rank(), comm.Get_size()
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    try:
-        local_rank, local_size = local.Get_rank(), local.Get_size()
-        leader = local.bcast(rank, root=0)
-    finally:
-        local.Free()
-    leaders = sorted(set(comm.allgather(leader)))
-    hostname = socket.gethostname()
-    env = env_ranks()
+    from .topology import node_topology
+
+    topo = node_topology(comm)
     info = LaunchInfo(
-        rank, size, local_rank, local_size, leaders.index(leader), len(leaders), hostname, env
+        comm.Get_rank(),
+        comm.Get_size(),
+        topo.local_rank,
+        topo.local_size,
+        topo.node_index,
+        topo.num_nodes,
+        socket.gethostname(),
+        env_ranks(),
     )
     if check_env and comm == MPI.COMM_WORLD:
         _cross_check(info)
@@ -198,22 +197,6 @@ def _cross_check(info: LaunchInfo) -> None:
             LaunchWarning,
             stacklevel=3,
         )
-
-
-def select_device(local_rank: int, local_world_size: int | None = None):
-    """The torch device this rank should use: ``cuda:(local_rank % n)`` with ``n`` visible GPUs.
-
-    When the launcher bound one GPU per task (``CUDA_VISIBLE_DEVICES`` lists one device, as
-    ``slurm/run.sbatch`` does) that is ``cuda:0``. Without CUDA it is ``cpu``. Several ranks share
-    a GPU when there are fewer GPUs than ranks on the node.
-    """
-    import torch
-
-    if local_rank < 0:
-        raise ValueError(f"local_rank must be >= 0, got {local_rank}")
-    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def _free_port() -> int:
@@ -282,8 +265,9 @@ _installed: dict[str, object] = {}  # "sys" / "threading" -> the hook we replace
 
 
 def _abort_enabled() -> bool:
-    value = os.environ.get("MPICOMM_ABORT_ON_EXCEPTION", "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    from .config import abort_on_exception
+
+    return abort_on_exception()
 
 
 def _world():

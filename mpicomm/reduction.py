@@ -1,12 +1,11 @@
-"""How a sum over the group is computed.
+"""The flat sums over a group: MPI's own, or raw bytes through MPI summed by torch.
 
-Two algorithms, chosen per call (:func:`choose_allreduce`):
+Which one a call uses is decided in :mod:`mpicomm.plan`.
 
 ``native``
-    MPI's own ``Allreduce`` / ``Reduce_scatter``: used where MPI sums the dtype exactly as promised
-    (integers, bool as logical or, float32/float64, complex) and where it is the faster of the two.
+    MPI's own ``Allreduce`` / ``Reduce_scatter``.
 ``bytes``
-    DESIGN.md principle 1: an all-to-all of raw bytes gives each rank the W slices of its chunk; torch
+    (docs/architecture.md, "Sums") an all-to-all of raw bytes gives each rank the W slices of its chunk; torch
     sums them in rank order in the accumulation dtype (float32 for 16-bit and 8-bit floats) and
     rounds once; an all-gather returns the chunks. It moves the bytes of a ring all-reduce, and every
     element is computed by exactly one rank, so all ranks hold identical bits.
@@ -29,14 +28,6 @@ from .dtypes import DtypeInfo
 # checks the bits, special values included).
 _ADD_IN_FLOAT32 = {torch.bfloat16, torch.float16}
 
-# Dtypes whose elementwise add torch does not implement on every device: MPI only.
-_TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
-
-# Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
-# sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
-# 64 MiB (1.25-1.47x) and tied or lost from 256 KiB to 16 MiB; see docs/benchmarks.md.
-BYTES_ALLREDUCE_FROM = 64 << 20
-
 # Below this many gathered bytes (W x message), the bytes algorithm gathers every rank's whole
 # input and each rank sums all of it: one MPI call instead of three (2 ranks, 8 B bf16: 56 us with
 # three calls, see docs/benchmarks.md).
@@ -45,17 +36,6 @@ GATHER_ALL_BELOW = 64 << 10
 # Narrow-float sums whose widened (W, n) copy is at most this many bytes widen it in one call
 # instead of row by row into the workspace (fewer torch calls; see sum_in_rank_order).
 WIDEN_WHOLE_BELOW = 64 << 10
-
-
-def choose_allreduce(info: DtypeInfo, nbytes: int, algo: str) -> str:
-    """``"native"`` or ``"bytes"`` for a sum of ``nbytes`` of ``info``'s dtype under ``algo``."""
-    if info.sum_op is None:
-        return "bytes"
-    if info.dtype in _TORCH_CANNOT_ADD:
-        return "native"
-    if algo == "auto":
-        return "bytes" if nbytes >= BYTES_ALLREDUCE_FROM else "native"
-    return algo
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

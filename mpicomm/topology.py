@@ -1,20 +1,52 @@
-"""Where each rank runs: node-local rank and size, node index, and the default device."""
+"""Where ranks run: the one place that splits a communicator's ranks by node.
+
+:func:`node_labels` is the node split (MPI's shared-memory split, or a caller's labels);
+:class:`Topology` (one rank's view, for launchers and ``info``) and :class:`NodeSplit` (the node and
+leader communicators of the hierarchical all_reduce) are both built from it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from mpi4py import MPI
 
 
+def node_labels(comm: MPI.Comm, node_of: Callable[[int], int] | None = None) -> tuple[int, ...]:
+    """Collective over ``comm``: the node index of every rank, nodes numbered by their lowest rank.
+
+    Nodes come from MPI's shared-memory split, or from ``node_of(rank) -> int`` when given (any
+    labels; tests use it to pretend one host is several nodes).
+    """
+    rank = comm.Get_rank()
+    if node_of is None:
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        try:
+            leader = local.bcast(rank, root=0)
+        finally:
+            local.Free()
+        every = comm.allgather(leader)
+    else:
+        label = node_of(rank)
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            raise ValueError(f"node_of({rank}) must be a non-negative int, got {label!r}")
+        every = comm.allgather(label)
+    first: dict[int, int] = {}
+    for r, label in enumerate(every):
+        first.setdefault(label, r)
+    order = sorted(first.values())
+    return tuple(order.index(first[label]) for label in every)
+
+
 @dataclass(frozen=True)
 class Topology:
     """This rank's place among the nodes of a communicator.
 
-    ``local_rank``/``local_size``: position and count of the ranks sharing this node (a
-    shared-memory split); ``node_index``: this node's index among the ``num_nodes`` nodes, ordered
-    by their lowest rank; ``hostname``: ``MPI.Get_processor_name()``.
+    ``local_rank``/``local_size``: position and count of the ranks sharing this node;
+    ``node_index``: this node's index among the ``num_nodes`` nodes, ordered by their lowest rank;
+    ``hostname``: ``MPI.Get_processor_name()``.
     """
 
     local_rank: int
@@ -23,24 +55,22 @@ class Topology:
     num_nodes: int
     hostname: str
 
+    @classmethod
+    def from_labels(cls, labels: tuple[int, ...], rank: int) -> Topology:
+        node = labels[rank]
+        return cls(
+            local_rank=labels[:rank].count(node),
+            local_size=labels.count(node),
+            node_index=node,
+            num_nodes=max(labels) + 1,
+            hostname=MPI.Get_processor_name(),
+        )
+
 
 def node_topology(comm: MPI.Comm | None = None) -> Topology:
     """The :class:`Topology` of this rank in ``comm`` (default ``COMM_WORLD``). Collective."""
     comm = MPI.COMM_WORLD if comm is None else comm
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        local_rank, local_size = local.Get_rank(), local.Get_size()
-        leader = local.bcast(comm.Get_rank(), root=0)
-    finally:
-        local.Free()
-    leaders = sorted(set(comm.allgather(leader)))
-    return Topology(
-        local_rank=local_rank,
-        local_size=local_size,
-        node_index=leaders.index(leader),
-        num_nodes=len(leaders),
-        hostname=MPI.Get_processor_name(),
-    )
+    return Topology.from_labels(node_labels(comm), comm.Get_rank())
 
 
 def default_device(local_rank: int) -> torch.device:
@@ -48,3 +78,63 @@ def default_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+@dataclass
+class NodeSplit:
+    """The ranks of ``comm`` by node, with the communicators a node-aware collective needs.
+
+    ``local``: this node's ranks, in group order (local rank 0 is the node's lowest rank, its
+    leader). ``leaders``: one rank per node in node order, ``MPI.COMM_NULL`` on non-leaders.
+    ``node_of[r]``: node index of group rank ``r``.
+    """
+
+    comm: MPI.Comm
+    local: MPI.Comm
+    leaders: MPI.Comm
+    node_of: tuple[int, ...]
+
+    @classmethod
+    def create(cls, comm: MPI.Comm, node_of: tuple[int, ...]) -> NodeSplit:
+        """Collective over ``comm``: the node and leader communicators for ``node_of`` (from
+        :func:`node_labels`)."""
+        rank = comm.Get_rank()
+        local = comm.Split(node_of[rank], rank)
+        leaders = comm.Split(0 if local.Get_rank() == 0 else MPI.UNDEFINED, rank)
+        return cls(comm, local, leaders, tuple(node_of))
+
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def local_rank(self) -> int:
+        return self.local.Get_rank()
+
+    @property
+    def local_size(self) -> int:
+        return self.local.Get_size()
+
+    @property
+    def node_index(self) -> int:
+        return self.node_of[self.rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return max(self.node_of) + 1
+
+    @property
+    def smallest_node(self) -> int:
+        """Ranks on the node with the fewest."""
+        return min(self.node_of.count(k) for k in range(self.num_nodes))
+
+    @property
+    def is_leader(self) -> bool:
+        return self.local_rank == 0
+
+    def free(self) -> None:
+        """Free the node and leader communicators (collective over ``comm``)."""
+        for c in (self.leaders, self.local):
+            if c != MPI.COMM_NULL:
+                c.Free()
+        self.leaders = self.local = MPI.COMM_NULL

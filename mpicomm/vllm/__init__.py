@@ -18,7 +18,7 @@ Names exported here (imported lazily, so that importing this module never import
 
 from __future__ import annotations
 
-import os
+from .. import config
 
 ENV_ENABLE = "MPICOMM_VLLM"
 """Set to ``1`` to make :func:`register` activate the mpicomm platform."""
@@ -30,20 +30,16 @@ CPU_PLATFORM = "mpicomm.vllm.platform.MPICpuPlatform"
 CUDA_PLATFORM = "mpicomm.vllm.platform_cuda.MPICudaPlatform"
 COMMUNICATOR = "mpicomm.vllm.communicator.VllmMPICommunicator"
 
-_TRUE = {"1", "true", "yes", "on"}
-
 
 def enabled() -> bool:
     """True when ``MPICOMM_VLLM`` asks for the mpicomm platform."""
-    return os.environ.get(ENV_ENABLE, "").strip().lower() in _TRUE
+    return config.vllm_enabled()
 
 
 def _cuda_detected() -> bool:
-    forced = os.environ.get(ENV_DEVICE, "").strip().lower()
-    if forced in ("cpu", "cuda"):
-        return forced == "cuda"
+    forced = config.vllm_device()
     if forced:
-        raise ValueError(f"{ENV_DEVICE} must be 'cpu' or 'cuda', got {forced!r}")
+        return forced == "cuda"
     try:  # vLLM's own detector: NVML based, does not initialise CUDA in this process
         from vllm.platforms import cuda_platform_plugin
     except ImportError:  # pragma: no cover - vLLM without the builtin detector

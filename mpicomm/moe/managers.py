@@ -1,11 +1,13 @@
 """MoE managers behind :meth:`MPICommunicator.dispatch` and :meth:`~MPICommunicator.combine`.
 
-Chosen by name (``all2all_backend``), as vLLM selects its all2all managers.
+Chosen by name (``all2all_backend``), as vLLM selects its all2all managers. A manager uses only its
+communicator's public collectives.
 
-``allgather_reducescatter`` (default)
-    vLLM's naive manager: ``dispatch`` all-gathers (variable rows per rank) the hidden states, the
-    router logits and any extra tensors so every rank sees every token; ``combine`` reduce-scatters
-    the expert outputs back with the sizes of the last dispatch.
+Both names give vLLM's naive manager: ``dispatch`` all-gathers (variable rows per rank) the hidden
+states, the router logits and any extra tensors so every rank sees every token; ``combine``
+reduce-scatters the expert outputs back with the sizes of the last dispatch. They differ in the
+top-k router :meth:`AllGatherReduceScatter.router` returns: ``allgather_reducescatter`` (default)
+gives the router with the same scheme, ``sparse_alltoallv`` the router that sends only routed rows.
 """
 
 from __future__ import annotations
@@ -14,20 +16,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .expert_router import make_router
-from .validation import check_sizes, check_tensor
+from ..validation import check_sizes, check_tensor
+from .routers import make_router
 
 if TYPE_CHECKING:
-    from .communicator import MPICommunicator
+    from ..communicator import MPICommunicator
 
 
 class AllGatherReduceScatter:
     """Every token to every rank; expert outputs summed back to the token's owner."""
 
-    name = "allgather_reducescatter"
-
-    def __init__(self, comm: MPICommunicator) -> None:
+    def __init__(self, comm: MPICommunicator, name: str = "allgather_reducescatter") -> None:
         self.comm = comm
+        self.name = name
         self.sizes: list[int] | None = None
 
     def dispatch(
@@ -73,7 +74,7 @@ class AllGatherReduceScatter:
         return self.comm.reduce_scatterv(hidden_states, 0, self.sizes)
 
     def router(self, num_experts: int):
-        """A top-k router with this manager's scheme (``ValueError`` if E % W != 0)."""
+        """The top-k router this manager's name selects (``ValueError`` if E % W != 0)."""
         return make_router(self.name, self.comm, num_experts)
 
     def get_handle(self, kwargs: dict):
@@ -87,20 +88,11 @@ class AllGatherReduceScatter:
         self.sizes = None
 
 
-class SparseAllToAllV(AllGatherReduceScatter):
-    """Router-logit dispatch as above; its :meth:`router` sends only routed rows (Alltoallv)."""
-
-    name = "sparse_alltoallv"
+MANAGERS = ("allgather_reducescatter", "sparse_alltoallv")
 
 
-MANAGERS = {m.name: m for m in (AllGatherReduceScatter, SparseAllToAllV)}
-
-
-def make_manager(name: str, comm: MPICommunicator):
+def make_manager(name: str, comm: MPICommunicator) -> AllGatherReduceScatter:
     """The manager called ``name`` for ``comm``; ``ValueError`` listing the names for another."""
-    try:
-        return MANAGERS[name](comm)
-    except KeyError:
-        raise ValueError(
-            f"all2all_backend must be one of {', '.join(MANAGERS)}, got {name!r}"
-        ) from None
+    if name not in MANAGERS:
+        raise ValueError(f"all2all_backend must be one of {', '.join(MANAGERS)}, got {name!r}")
+    return AllGatherReduceScatter(comm, name)

@@ -34,15 +34,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
-from . import consistency
-from .buffers import vector_spec
-from .validation import check_device, check_tensor
+from ..consistency import fingerprint
+from ..dtypes import DTYPES
+from ..validation import check_device, check_tensor
 
 if TYPE_CHECKING:
-    from .communicator import MPICommunicator
+    from ..communicator import MPICommunicator
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -62,7 +61,7 @@ class Dispatched:
 
 
 def _accumulate(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return DTYPES[dtype].accumulate
 
 
 class _RouterBase:
@@ -119,11 +118,9 @@ class _RouterBase:
                     f"topk_ids must lie in [0, num_experts={self.num_experts}), got values in "
                     f"[{low}, {high}]"
                 )
-        self.comm._begin(
+        self.comm.agree(
             "expert_dispatch",
-            lambda: consistency.fingerprint(
-                "dispatch", hidden_states, 0, [self.num_experts], rows_vary=True
-            ),
+            lambda: fingerprint("dispatch", hidden_states, 0, [self.num_experts], rows_vary=True),
         )
 
     def _check_combine(self, expert_output) -> dict:
@@ -140,9 +137,9 @@ class _RouterBase:
                 f"dispatch, got shape {tuple(expert_output.shape)}"
             )
         check_device(expert_output, self.comm.device, "expert_output")
-        self.comm._begin(
+        self.comm.agree(
             "expert_combine",
-            lambda: consistency.fingerprint("combine", expert_output, 0, rows_vary=True),
+            lambda: fingerprint("combine", expert_output, 0, rows_vary=True),
         )
         return pending
 
@@ -183,20 +180,17 @@ class ExpertRouter(_RouterBase):
 
         per_expert = torch.bincount(ids, minlength=self.num_experts).reshape(world, -1)
         counts = torch.cat([per_expert, rows_to.unsqueeze(1)], 1).cpu().numpy()
-        incoming = np.empty_like(counts)  # (W, E/W + 1): pairs per local expert, then rows
-        comm._call("expert_dispatch", comm.cpu_group, "Alltoall", counts, incoming)
+        incoming = comm.exchange_counts(counts)  # (W, E/W + 1): pairs per local expert, then rows
         send_pairs = counts[:, :-1].sum(1).tolist()
         recv_pairs = incoming[:, :-1].sum(1).tolist()
         send_rows, recv_rows = counts[:, -1].tolist(), incoming[:, -1].tolist()
 
         hidden = hidden_states.shape[1]
-        rows = self._exchange(
-            hidden_states.index_select(0, row_tokens), send_rows, recv_rows, hidden
-        )
+        rows = comm.all_to_allv(hidden_states.index_select(0, row_tokens), send_rows, recv_rows)
         pair_weights = topk_weights.reshape(-1).to(device)[order]
         # Each pair's row index and weight (float64 bits: exact for every float weight dtype).
         meta = torch.stack([pair_row, pair_weights.to(torch.float64).view(torch.int64)], 1)
-        meta = self._exchange(meta, send_pairs, recv_pairs, 2)
+        meta = comm.all_to_allv(meta, send_pairs, recv_pairs)
         where = meta[:, 0]
         # Rows from source s start at the sum of the earlier sources' rows.
         recv_rows_t = torch.tensor(recv_rows, dtype=torch.int64, device=device)
@@ -230,20 +224,6 @@ class ExpertRouter(_RouterBase):
         }
         return Dispatched(received, expert_ids, per_local.sum(0).to(device))
 
-    def _exchange(self, rows, send: list[int], recv: list[int], width: int, op="expert_dispatch"):
-        """``Alltoallv`` of (rows, width) blocks: ``send[d]`` rows to rank d, ``recv[s]`` from s."""
-        comm, device = self.comm, rows.device
-        x = comm._stage_in(rows)
-        out = comm._output((sum(recv), *rows.shape[1:]), rows.dtype, device)
-        comm._call(
-            op,
-            comm.device_group,
-            "Alltoallv",
-            vector_spec(x, [r * width for r in send]),
-            vector_spec(out, [r * width for r in recv]),
-        )
-        return comm._result(out, device)
-
     def combine(self, expert_output: torch.Tensor) -> torch.Tensor:
         """(M, H) expert outputs for the last dispatch's rows -> (n_tokens, H) on the owner.
 
@@ -275,7 +255,7 @@ class ExpertRouter(_RouterBase):
             hidden * (rows * acc.itemsize if summed_link else pairs * dtype.itemsize)
             for (pairs, rows), summed_link in zip(links, summed, strict=True)
         ]
-        back = self._exchange(torch.cat(blocks), sent, expect, 1, "expert_combine")
+        back = comm.all_to_allv(torch.cat(blocks), sent, expect)
         self.last_bytes["combine"] = sum(sent) - sent[comm.rank]
 
         out = torch.zeros((pending["n_tokens"], hidden), dtype=acc, device=device)

@@ -1,0 +1,97 @@
+"""How one call's tensors reach MPI: directly, or through pinned host staging memory.
+
+A communicator keeps one :class:`Route` per device it has seen; a collective looks its route up
+once (:meth:`Route.for_device` is the only place that decides "staged?") and then asks it for the
+memory MPI reads (:meth:`Route.stage_in`), the memory MPI writes (:meth:`Route.output`) and the
+caller's fresh result (:meth:`Route.result`).
+
+Staged: CUDA tensors without a CUDA-aware MPI, or every tensor when staging is forced
+(``MPICOMM_STAGING=1``, to test this path without a GPU). The staging memory is the communicator's
+:class:`~mpicomm.buffers.Workspace` (slots ``in`` and ``out``), reused from call to call.
+Direct: host tensors, and CUDA tensors with a CUDA-aware MPI, whose producing stream is
+synchronised once before MPI touches device memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import Workspace, huge_pages, sync_device
+
+_HOST = torch.device("cpu")
+
+
+class Route:
+    """The memory of one call on ``device``: staged through the host, or handed to MPI directly."""
+
+    __slots__ = ("device", "staged", "on_gpu", "_workspace", "_huge_pages")
+
+    def __init__(
+        self, device: torch.device, staged: bool, workspace: Workspace, huge: bool
+    ) -> None:
+        self.device = device
+        self.staged = staged
+        self.on_gpu = device != _HOST and device.type == "cuda"
+        self._workspace = workspace
+        self._huge_pages = huge
+
+    @staticmethod
+    def needs_staging(device: torch.device, cuda_aware: bool, forced: bool) -> bool:
+        """Whether a tensor on ``device`` goes through host staging memory."""
+        return forced or (not cuda_aware and device != _HOST and device.type == "cuda")
+
+    def stage_in(self, tensor: torch.Tensor, slot: str = "in", sync: bool = True) -> torch.Tensor:
+        """``tensor`` as a contiguous tensor in memory MPI can read (never one MPI writes).
+
+        Detached: collectives are not recorded by autograd, and MPI cannot read a tensor that
+        requires grad (nor may a staging slot join an autograd graph). ``sync=False`` when the
+        caller synchronises the device itself (:meth:`ready`) after making its output.
+        """
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if self.staged:
+            shape = tuple(tensor.shape)
+            host = self._workspace.tensor(slot, shape, tensor.dtype, _HOST, True)
+            host.copy_(tensor)
+            return host
+        tensor = tensor.contiguous()
+        if sync and self.on_gpu:
+            sync_device(self.device)
+        return tensor
+
+    def output(self, shape: tuple[int, ...], dtype: torch.dtype, sync: bool = True):
+        """Memory for MPI to write a result of ``shape`` into.
+
+        Direct device memory waits for the stream (kernels still queued may use the block the
+        caching allocator just handed out) unless ``sync=False`` (see :meth:`ready`).
+        """
+        if self.staged:
+            return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
+        if not self.on_gpu:
+            return self.fresh_host(torch.empty(shape, dtype=dtype))
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        if sync:
+            sync_device(self.device)
+        return out
+
+    def stage_in_and_output(self, tensor: torch.Tensor, shape, dtype=None):
+        """:meth:`stage_in` and :meth:`output` with one stream synchronisation between them."""
+        x = self.stage_in(tensor, sync=False)
+        out = self.output(shape, x.dtype if dtype is None else dtype, sync=False)
+        self.ready()
+        return x, out
+
+    def ready(self) -> None:
+        """Wait for the device's stream (direct device memory only)."""
+        if self.on_gpu and not self.staged:
+            sync_device(self.device)
+
+    def fresh_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A new host result, not yet written: on huge pages when large (MPICOMM_HUGE_PAGES)."""
+        return huge_pages(tensor) if self._huge_pages else tensor
+
+    def result(self, out: torch.Tensor) -> torch.Tensor:
+        """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
+        if self.staged:
+            return out.to(self.device, copy=True)
+        return out
