@@ -5,6 +5,10 @@ Every collective follows the same order (docs/architecture.md, "One call"): vali
 look up the call's :class:`~mpicomm.staging.Route` (direct or staged), bring the input to memory
 MPI can read, run MPI on the device communicator, and return a fresh tensor on the input's device.
 Sums take the algorithm :mod:`mpicomm.plan` chooses.
+
+Longer than ~400 lines on purpose: this module is the public class, one short method per operation
+of docs/contract.md, each in the order above; what the methods share (staging, planning, the sums,
+argument checks) lives in its own module.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
-from .dtypes import DTYPES, dtype_info
+from .dtypes import dtype_info
 from .errors import CommunicationError
 from .moe import make_manager, make_router
-from .staging import Route
+from .staging import Route, stacked_shape, staging_needs
 from .topology import NodeSplit, node_labels
 from .validation import (
+    check_choice,
     check_device,
     check_rank,
+    check_row_tensors,
+    check_seconds,
+    check_shape,
     check_sizes,
     check_tensor,
     even_sizes,
@@ -90,23 +98,16 @@ class MPICommunicator(DeviceCommunicatorBase):
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
         env = settings()
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-                raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-            env_timeout = float(timeout) or None
-        else:
-            env_timeout = env.timeout
+        seconds = env.timeout if timeout is None else check_seconds(timeout, "timeout")
         algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
-        if algo not in ALLREDUCE_ALGOS:
-            raise ValueError(f"allreduce_algo must be one of {ALLREDUCE_ALGOS}, got {algo!r}")
-        self.allreduce_algo = algo
+        self.allreduce_algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
         self.validate = env.validate if validate is None else bool(validate)
         self.staging = env.staging if staging is None else bool(staging)
         self.huge_pages = env.huge_pages
         self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         self.cuda_aware = cuda_aware()
         label = unique_name or f"comm{self.ranks}"
-        self._call = Caller(label, env_timeout)
+        self._call = Caller(label, seconds)
         self._workspace = Workspace()
         self._routes: dict[torch.device, Route] = {}
         self._destroyed = False
@@ -150,9 +151,7 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
-        if seconds is not None and (not isinstance(seconds, int | float) or seconds < 0):
-            raise ValueError(f"timeout must be a number of seconds >= 0, got {seconds!r}")
-        self._call.timeout = float(seconds) if seconds else None
+        self._call.timeout = None if seconds is None else check_seconds(seconds, "timeout")
 
     @property
     def broken(self) -> str | None:
@@ -175,19 +174,6 @@ class MPICommunicator(DeviceCommunicatorBase):
             route = Route(device, staged, self._workspace, self.huge_pages)
             self._routes[device] = route
         return route
-
-    def _merge_ranks(self, buf: torch.Tensor, dim: int, route: Route) -> torch.Tensor:
-        """:func:`_stacked` memory -> ``torch.cat`` of the W slices along ``dim``, contiguous."""
-        if dim == 0:
-            return buf
-        world, shape = buf.shape[0], buf.shape[1:]
-        merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
-        moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
-        out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
-        if out.is_cpu:
-            route.fresh_host(out)
-        out.view(moved.shape).copy_(moved)
-        return out
 
     def agree(self, operation: str, fingerprint=None) -> None:
         """Refuse a destroyed communicator; in consistency mode, make all ranks agree first.
@@ -247,11 +233,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
         route = self._route(input_.device)
         x = input_.reshape(1) if input_.dim() == 0 else input_
-        x, buf = route.stage_in_and_output(x, _stacked(x.shape, self.world_size, dim))
+        x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
-        return self._merge_ranks(route.result(buf), dim, route)
+        return route.gathered(buf, dim)
 
     def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
         """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
@@ -264,7 +250,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         x = input_.reshape(1) if input_.dim() == 0 else input_
         root = self.rank == dst
         if root:
-            x, buf = route.stage_in_and_output(x, _stacked(x.shape, self.world_size, dim))
+            x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
         else:
             x, buf = route.stage_in(x), None
         self._call(
@@ -277,7 +263,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
         if not root:
             return None
-        return self._merge_ranks(route.result(buf), dim, route)
+        return route.gathered(buf, dim)
 
     def all_gatherv(
         self,
@@ -291,21 +277,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         trailing shapes may differ between list entries). Output per tensor: rank 0's rows, then
         rank 1's, ...; a list in gives a list out. ``sizes=None``: every rank has the same rows.
         """
-        tensors = _tensor_list(input_)
+        tensors, sizes = check_row_tensors(input_, dim, sizes, self.world_size, self.rank)
         for i, t in enumerate(tensors):
-            check_tensor(t, "input_" if isinstance(input_, torch.Tensor) else f"input_[{i}]")
-            check_device(t, self.device)
-            if t.dim() == 0:
-                raise ValueError("all_gatherv needs tensors with at least one dimension (rows)")
-        if normalize_dim(dim, tensors[0].dim()) != 0:
-            raise ValueError(f"all_gatherv supports dim=0 only, got dim={dim}")
-        rows = tensors[0].shape[0]
-        for i, t in enumerate(tensors):
-            if t.shape[0] != rows:
-                raise ValueError(f"input_[{i}] has {t.shape[0]} rows, input_[0] has {rows}")
-        sizes = [rows] * self.world_size if sizes is None else check_sizes(sizes, self.world_size)
-        if sizes[self.rank] != rows:
-            raise ValueError(f"sizes[{self.rank}]={sizes[self.rank]} but this rank has {rows} rows")
+            check_device(t, self.device, "input_" if len(tensors) == 1 else f"input_[{i}]")
         self.agree(
             "all_gatherv",
             lambda: consistency.fingerprint("all_gatherv", tensors[0], 0, sizes, rows_vary=True),
@@ -399,7 +373,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         """Blocking receive of a ``size``/``dtype`` tensor from group rank ``src`` (default: the
         previous rank), returned on the communicator's device. A message of another byte size
         raises :class:`CommunicationError` (after it is consumed); nothing is truncated."""
-        shape = _shape(size)
+        shape = check_shape(size)
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
         dtype_info(dtype, "dtype")
@@ -513,25 +487,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         tensors = [*model.parameters(), *model.buffers()]
         if not tensors or not self.staged(self.device):
             return
-        for slot, nbytes, pinned in self._staging_needs(tensors):
+        for slot, nbytes, pinned in staging_needs(tensors, self.world_size, self.allreduce_algo):
             self._workspace.reserve(nbytes, torch.device("cpu"), pinned, (slot,))
         self.all2all_manager.prepare(model)
-
-    def _staging_needs(self, tensors: list[torch.Tensor]) -> list[tuple[str, int, bool]]:
-        """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of
-        any of ``tensors`` takes from the host workspace when staged."""
-        world = self.world_size
-        need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "widen": 0, "tails": 0}
-        for t in tensors:
-            info = DTYPES.get(t.dtype)
-            if info is None:
-                continue
-            numel, size = t.numel(), info.itemsize
-            need["in"] = need["out"] = max(need["out"], numel * size)
-            if plan.flat_algorithm(info, numel * size, self.allreduce_algo) == plan.BYTES:
-                for slot, nbytes in reduction.bytes_workspace(numel, info, world).items():
-                    need[slot] = max(need[slot], nbytes)
-        return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]
 
     def destroy(self) -> None:
         """Free the payload communicator if this object made it, and all buffers. Collective when
@@ -552,30 +510,3 @@ class MPICommunicator(DeviceCommunicatorBase):
             f"MPICommunicator({self._call.group!r}, rank={self.rank}/{self.world_size}, "
             f"device={self.device}, ranks={self.ranks})"
         )
-
-
-def _stacked(shape: torch.Size, world: int, dim: int) -> tuple[int, ...]:
-    """The shape MPI gathers W blocks of ``shape`` into: the final ``torch.cat`` shape for
-    ``dim == 0`` (rank blocks are already in place), else ``(W, *shape)`` to be merged."""
-    return (world * shape[0], *shape[1:]) if dim == 0 else (world, *shape)
-
-
-def _tensor_list(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, list | tuple) and value:
-        return list(value)
-    raise TypeError(f"input_ must be a tensor or a non-empty list of tensors, got {value!r:.60}")
-
-
-def _shape(size) -> tuple[int, ...]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size,)
-    if not isinstance(size, torch.Size | tuple | list):
-        raise TypeError(
-            f"size must be a torch.Size or a sequence of ints, got {type(size).__name__}"
-        )
-    for n in size:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"size must hold non-negative ints, got {tuple(size)}")
-    return tuple(size)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from . import plan, reduction
 from .buffers import Workspace, huge_pages, sync_device
+from .dtypes import DTYPES
 
 _HOST = torch.device("cpu")
 
@@ -95,3 +97,43 @@ class Route:
         if self.staged:
             return out.to(self.device, copy=True)
         return out
+
+    def gathered(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        """The result of a gather into :func:`stacked_shape` memory: ``torch.cat`` of the W
+        blocks along ``dim``, fresh and contiguous."""
+        buf = self.result(buf)
+        if dim == 0:
+            return buf
+        world, shape = buf.shape[0], buf.shape[1:]
+        merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
+        moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
+        out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
+        if out.is_cpu:
+            self.fresh_host(out)
+        out.view(moved.shape).copy_(moved)
+        return out
+
+
+def stacked_shape(shape: torch.Size, world: int, dim: int) -> tuple[int, ...]:
+    """The shape MPI gathers W blocks of ``shape`` into: the final ``torch.cat`` shape for
+    ``dim == 0`` (rank blocks are already in place), else ``(W, *shape)`` to be merged by
+    :meth:`Route.gathered`."""
+    return (world * shape[0], *shape[1:]) if dim == 0 else (world, *shape)
+
+
+def staging_needs(
+    tensors: list[torch.Tensor], world: int, algo: str
+) -> list[tuple[str, int, bool]]:
+    """``(slot, bytes, pinned)`` that an all_reduce, reduce_scatter or all_gather (output) of any
+    of ``tensors`` takes from the host workspace when staged (for reserving them ahead)."""
+    need = {"in": 0, "out": 0, "parts": 0, "accumulate": 0, "widen": 0, "tails": 0}
+    for t in tensors:
+        info = DTYPES.get(t.dtype)
+        if info is None:
+            continue
+        numel, size = t.numel(), info.itemsize
+        need["in"] = need["out"] = max(need["out"], numel * size)
+        if plan.flat_algorithm(info, numel * size, algo) == plan.BYTES:
+            for slot, nbytes in reduction.bytes_workspace(numel, info, world).items():
+                need[slot] = max(need[slot], nbytes)
+    return [(slot, n, slot in ("in", "out")) for slot, n in need.items() if n]

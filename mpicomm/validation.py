@@ -86,3 +86,63 @@ def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "in
         return
     if not tensor.is_cuda:
         raise ValueError(f"{argument} is on {tensor.device}: only CPU and CUDA tensors move")
+
+
+def check_seconds(value: object, argument: str) -> float | None:
+    """A number of seconds ``>= 0``; ``0`` means no bound (``None``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{argument} must be a number of seconds >= 0, got {value!r}")
+    return float(value) or None
+
+
+def check_choice(value: object, choices: tuple[str, ...], argument: str) -> str:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_shape(size: object, argument: str = "size") -> tuple[int, ...]:
+    """An int or a sequence of non-negative ints, as a shape tuple."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size,)
+    if not isinstance(size, torch.Size | tuple | list):
+        raise TypeError(
+            f"{argument} must be a torch.Size or a sequence of ints, got {type(size).__name__}"
+        )
+    for n in size:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{argument} must hold non-negative ints, got {tuple(size)}")
+    return tuple(size)
+
+
+def check_row_tensors(
+    value: object, dim: object, sizes: object, world_size: int, rank: int
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The tensors and per-rank row counts of an ``all_gatherv``.
+
+    ``value`` is a tensor or a non-empty list of tensors with the same rows (dim 0, the only
+    ``dim`` accepted); ``sizes`` (``None``: equal rows everywhere) must give this rank's rows.
+    """
+    if isinstance(value, torch.Tensor):
+        tensors, names = [value], ["input_"]
+    elif isinstance(value, list | tuple) and value:
+        tensors, names = list(value), [f"input_[{i}]" for i in range(len(value))]
+    else:
+        raise TypeError(
+            f"input_ must be a tensor or a non-empty list of tensors, got {value!r:.60}"
+        )
+    for name, t in zip(names, tensors, strict=True):
+        check_tensor(t, name)
+        if t.dim() == 0:
+            raise ValueError("all_gatherv needs tensors with at least one dimension (rows)")
+    if normalize_dim(dim, tensors[0].dim()) != 0:
+        raise ValueError(f"all_gatherv supports dim=0 only, got dim={dim}")
+    rows = tensors[0].shape[0]
+    for i, t in enumerate(tensors):
+        if t.shape[0] != rows:
+            raise ValueError(f"input_[{i}] has {t.shape[0]} rows, input_[0] has {rows}")
+    sizes = [rows] * world_size if sizes is None else check_sizes(sizes, world_size)
+    if sizes[rank] != rows:
+        raise ValueError(f"sizes[{rank}]={sizes[rank]} but this rank has {rows} rows")
+    return tensors, sizes
