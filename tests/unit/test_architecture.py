@@ -1,0 +1,147 @@
+"""The layering rules of docs/architecture.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import re
+
+import mpicomm
+
+PACKAGE = pathlib.Path(mpicomm.__file__).parent
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
+    """mpicomm modules ``name`` imports at run time (``if TYPE_CHECKING:`` blocks left out)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                found.add(full if full in modules else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # A package's __init__ re-exporting its submodules is not a cycle of the layers.
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not name.startswith(m + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def walk(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt) :] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                walk(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node)
+
+
+def test_cycle_finder_sees_a_cycle(tmp_path, monkeypatch):
+    """The check above can fail: two modules importing each other are reported."""
+    pkg = tmp_path / "mpicomm"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("from .a import thing\n")
+    monkeypatch.setattr(mpicomm, "__file__", str(pkg / "__init__.py"))
+    monkeypatch.setattr(
+        __import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", pkg, raising=True
+    )
+    try:
+        test_no_import_cycle()
+    except AssertionError as exc:
+        assert "mpicomm.a" in str(exc) and "mpicomm.b" in str(exc)
+    else:
+        raise AssertionError("a cycle between a.py and b.py went unnoticed")
+
+
+# A communicator's private members: ``comm._x`` / ``self.comm._x`` anywhere but communicator.py.
+_PRIVATE = re.compile(r"\b(?:comm|communicator|c)\._[a-z]\w*")
+
+
+def test_no_private_access_outside_the_communicator():
+    offenders = []
+    for name, path in _modules().items():
+        if name == "mpicomm.communicator":
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if _PRIVATE.search(line):
+                offenders.append(f"{path.name}:{lineno}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_setting_is_read_in_config():
+    readers = []
+    for name, path in _modules().items():
+        if name == "mpicomm.config":
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"environ(?:\.get)?\(?\[?\s*[\"'](MPICOMM_\w+)", text):
+            readers.append(f"{name}: {match.group(1)}")
+        for match in re.finditer(r"getenv\(\s*[\"'](MPICOMM_\w+)", text):
+            readers.append(f"{name}: {match.group(1)}")
+    # Writing a variable for a child process (setdefault) is not parsing it.
+    readers = [r for r in readers if "setdefault" not in r]
+    assert not readers, readers
+
+
+def test_long_modules_say_why():
+    for name, path in _modules().items():
+        lines = path.read_text().splitlines()
+        if len(lines) > 420:
+            head = "\n".join(lines[:20]).lower()
+            assert "lines" in head, f"{name} has {len(lines)} lines and no reason at its top"
+
+
+def test_no_tracker_references_in_code():
+    pattern = re.compile(r"\b[Ii]ssue\s+#?\d+|\b[Tt]icket\s+#?\d+|DESIGN\.md|CONTRACT\.md")
+    bad = [
+        f"{p.name}: {m.group(0)}"
+        for p in _modules().values()
+        for m in pattern.finditer(p.read_text())
+    ]
+    assert not bad, bad
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(os.linesep.join(sorted(_modules())))
