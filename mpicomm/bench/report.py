@@ -1,6 +1,6 @@
 """Markdown tables from a results.json (for docs/benchmarks.md).
 
-``python -m mpicomm.bench.report benchmarks/results/results.json [crossover/results.json]``
+``python -m mpicomm.bench.report benchmarks/results/results.json [more results.json ...]``
 prints, per collective and dtype, time and busbw of each backend at every measured size with
 mpicomm's speed ratio against each baseline, then the targets and the crossover table.
 """
@@ -54,6 +54,19 @@ def sweep_tables(doc: dict) -> list[str]:
         skipped = {r["skipped"] for r in rows if "skipped" in r and "smaller" not in r["skipped"]}
         for why in sorted(skipped):
             lines.append(f"\n_skipped: {why}_")
+    return lines
+
+
+def target_lines(evaluated: list[dict], stat: str = "median") -> list[str]:
+    """The targets as terminal lines (``HOLDS``/``MISSED``/``n/a``, the worst case)."""
+    lines = [
+        "",
+        f"# targets by {stat} time (side by side in this run; speed ratio > 1 = mpicomm faster)",
+    ]
+    for t in evaluated:
+        mark = {True: "HOLDS", False: "MISSED", None: "n/a"}[t["holds"]]
+        worst = "" if t["worst"] is None else f"worst {t['worst']:.3g} at {t['where']}"
+        lines.append(f"{mark:>6s}  {t['target']}  [{worst}; {t['compared']} compared]")
     return lines
 
 
@@ -119,4 +132,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["crossover_table", "main", "sweep_tables", "target_table"]
+__all__ = ["crossover_table", "main", "sweep_tables", "target_lines", "target_table"]
