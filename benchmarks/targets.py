@@ -12,10 +12,9 @@ Ratios are speeds (baseline time / mpicomm time): above 1 means mpicomm is faste
 
 from __future__ import annotations
 
-import json
 import sys
 
-from mpicomm.bench.report import target_lines
+from mpicomm.bench.report import documents, target_lines
 from mpicomm.bench.units import human
 
 MiB = 1 << 20
@@ -179,9 +178,7 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
-    for path in argv:
-        with open(path) as f:
-            doc = json.load(f)
+    for path, doc in documents(argv):
         if "crossover" in doc:
             verdicts = [evaluate_crossover(doc["crossover"], s) for s in ("us", "min_us")]
         else:

@@ -149,6 +149,7 @@ class Entry:
 
     name = ""
     reduces = False
+    even = False  # equal parts per rank: a case needs at least one element per rank
 
     def factor(self, n: int) -> float:
         return 1.0
@@ -157,7 +158,7 @@ class Entry:
         return 1.0, 1.0
 
     def min_count(self, n: int) -> int:
-        return 1
+        return n if self.even else 1
 
     def build(self, ctx: Ctx, backend: str, dtype: torch.dtype, count: int) -> Case:
         if backend == "gloo" and not ctx.gloo:

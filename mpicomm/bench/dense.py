@@ -76,9 +76,7 @@ class AllReduce(Entry):
 
 class AllGather(Gathers):
     name = "all_gather"
-
-    def min_count(self, n):
-        return n
+    even = True
 
     @staticmethod
     def _ref(ctx, dtype, count):
@@ -109,9 +107,7 @@ class AllGather(Gathers):
 
 class ReduceScatter(Scatters):
     name = "reduce_scatter"
-
-    def min_count(self, n):
-        return n
+    even = True
 
     @staticmethod
     def _ref(ctx, dtype, count):

@@ -104,14 +104,19 @@ def crossover_table(cross: dict) -> list[str]:
     return lines
 
 
+def documents(paths: list[str]):
+    """``(path, document)`` of each results file in ``paths``."""
+    for path in paths:
+        with open(path) as f:
+            yield path, json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(__doc__)
         return 2
-    for path in argv:
-        with open(path) as f:
-            doc = json.load(f)
+    for path, doc in documents(argv):
         meta = doc["meta"]
         print(f"<!-- {path}: {meta['date']}, {meta['nranks']} ranks, {meta['command']} -->")
         if "results" in doc:
@@ -132,4 +137,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["crossover_table", "main", "sweep_tables", "target_lines", "target_table"]
+__all__ = ["crossover_table", "documents", "main", "sweep_tables", "target_lines", "target_table"]
