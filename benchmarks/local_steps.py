@@ -16,6 +16,7 @@ import time
 import torch
 
 from mpicomm import buffers, reduction
+from mpicomm.dtypes import DTYPES
 
 
 def best_ms(fn, reps: int = 10, batch: int = 1) -> float:
@@ -39,7 +40,7 @@ def main() -> None:
         f"  ({plain / huge:.2f}x)"
     )
 
-    info = buffers.DTYPES[torch.bfloat16]
+    info = DTYPES[torch.bfloat16]
     for n in (1024, 65536, 1 << 20):
         parts = torch.randn(2, n).to(torch.bfloat16)
         out, ws = torch.empty(n, dtype=torch.bfloat16), buffers.Workspace()

@@ -1,10 +1,12 @@
 """Where the time of a small ``MPICommunicator.all_reduce`` goes (one process, min over batches).
 
 Run: ``PYTHONPATH=. python benchmarks/profile_small_allreduce.py`` (1 rank, no mpiexec needed).
-Each "+" line adds one step of ``MPICommunicator.all_reduce``'s body (mpicomm/communicator.py),
-so differences between lines are the cost of each step. The minimum over many batches of 200
-calls keeps the figures usable on a loaded machine. The last lines time the cheaper forms of the
-two most expensive steps (buffer spec and output allocation).
+Only public calls are timed: raw mpi4py ``Allreduce`` on preallocated numpy buffers (the floor),
+raw mpi4py as a minimal torch wrapper would call it (numpy views and a fresh output per call),
+then ``MPICommunicator.all_reduce`` with and without argument validation (the constructor's
+``validate=``) and with each ``allreduce_algo=``, and the other small collectives. The
+differences between lines are mpicomm's own costs; docs/benchmarks.md quotes them. The minimum
+over many batches of 200 calls keeps the figures usable on a loaded machine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
-from mpicomm import buffers, reduction, validation
+from mpicomm.dtypes import dtype_info
 
 
 def best(f, batch: int = 200, reps: int = 300) -> float:
@@ -32,72 +34,58 @@ def best(f, batch: int = 200, reps: int = 300) -> float:
     return low * 1e6
 
 
-def numpy_spec(tensor: torch.Tensor) -> list:
-    """The spec mpicomm built before 2026-11-24: a numpy view instead of the memory's address."""
-    info = buffers.DTYPES[tensor.dtype]
-    t = tensor if info.carrier is tensor.dtype else tensor.view(info.carrier)
-    return [t.numpy(), info.mpi]
+def show(name: str, f) -> None:
+    print(f"{name:56s} {best(f):7.2f} us")
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    c = mpicomm.MPICommunicator(MPI.COMM_WORLD)
-    raw = MPI.COMM_WORLD.Dup()
-    x, out = torch.ones(2), torch.empty(2)
+    world = MPI.COMM_WORLD
+    raw = world.Dup()
+    x, half = torch.ones(2), torch.ones(2, dtype=torch.bfloat16)
     xs, ys = x.numpy(), np.empty(2, np.float32)
-    info = buffers.dtype_info(x.dtype)
 
-    def upto(n):
-        def run():
-            steps = (
-                lambda: validation.check_tensor(x),
-                lambda: validation.check_device(x, c.device),
-                lambda: c._begin("all_reduce", None),
-                lambda: c._stage_in(x),
-                lambda: torch.empty_like(x),
-                lambda: reduction.choose_allreduce(info, x.numel() * 4, c.allreduce_algo),
-                lambda: reduction.all_reduce_native(
-                    c._call, "all_reduce", c.device_group, x, out, info
-                ),
+    def wrapped(t=x):
+        # What a minimal torch wrapper over mpi4py does: views, a fresh output, the call.
+        carrier = dtype_info(t.dtype).carrier
+        out = torch.empty_like(t)
+        raw.Allreduce(t.view(carrier).numpy(), out.view(carrier).numpy(), MPI.SUM)
+        return out
+
+    comms = {
+        "default": mpicomm.MPICommunicator(world, unique_name="profile"),
+        "validate=False": mpicomm.MPICommunicator(
+            world, unique_name="profile:novalidate", validate=False
+        ),
+        **{
+            f"allreduce_algo={algo!r}": mpicomm.MPICommunicator(
+                world, unique_name=f"profile:{algo}", allreduce_algo=algo
             )
-            for step in steps[:n]:
-                step()
-
-        return run
-
-    names = [
-        "check_tensor",
-        "check_device",
-        "_begin",
-        "_stage_in",
-        "output (torch.empty_like, as all_reduce on CPU)",
-        "choose_allreduce",
-        "all_reduce_native (2 mpi_spec + Caller + MPI)",
-    ]
-    print(f"{'raw Allreduce on numpy':52s} {best(lambda: raw.Allreduce(xs, ys, MPI.SUM)):6.2f} us")
-    for n, name in enumerate(names, 1):
-        print(f"{'+ ' + name:52s} {best(upto(n)):6.2f} us")
-    print(f"{'MPICommunicator.all_reduce':52s} {best(lambda: c.all_reduce(x)):6.2f} us")
-    half = torch.ones(2, dtype=torch.bfloat16)
-    print(
-        f"{'MPICommunicator.all_reduce (bf16, bytes algorithm)':52s} "
-        f"{best(lambda: c.all_reduce(half)):6.2f} us"
-    )
+            for algo in ("native", "bytes")
+        },
+    }
+    show("raw Allreduce on numpy (preallocated)", lambda: raw.Allreduce(xs, ys, MPI.SUM))
+    show("raw Allreduce + numpy views + fresh output", wrapped)
+    for label, c in comms.items():
+        show(f"all_reduce fp32, {label}", lambda c=c: c.all_reduce(x))
+    for label in ("default", "allreduce_algo='bytes'"):
+        c = comms[label]
+        show(f"all_reduce bf16, {label}", lambda c=c: c.all_reduce(half))
+    c = comms["default"]
     for name, call in (
-        ("all_gather (dim 0)", lambda: c.all_gather(x, 0)),
-        ("reduce_scatter (dim 0)", lambda: c.reduce_scatter(x, 0)),
-        ("broadcast", lambda: c.broadcast(x, 0)),
+        ("all_gather fp32 (dim 0)", lambda: c.all_gather(x, 0)),
+        ("reduce_scatter fp32 (dim 0)", lambda: c.reduce_scatter(x, 0)),
+        ("broadcast fp32", lambda: c.broadcast(x, 0)),
     ):
-        print(f"{'MPICommunicator.' + name:52s} {best(call):6.2f} us")
-    print(f"{'  mpi_spec(x)':52s} {best(lambda: buffers.mpi_spec(x)):6.2f} us")
-    print(f"{'  numpy-view spec (before 2026-11-24)':52s} {best(lambda: numpy_spec(x)):6.2f} us")
+        show(name, call)
     shape, dtype, device = x.shape, x.dtype, x.device
-    print(
-        f"{'  torch.empty(shape, dtype, device)':52s} "
-        f"{best(lambda: torch.empty(shape, dtype=dtype, device=device)):6.2f} us"
+    show(
+        "  torch.empty(shape, dtype, device)",
+        lambda: torch.empty(shape, dtype=dtype, device=device),
     )
-    print(f"{'  torch.empty_like(x)':52s} {best(lambda: torch.empty_like(x)):6.2f} us")
-    c.destroy()
+    show("  torch.empty_like(x)", lambda: torch.empty_like(x))
+    for c in comms.values():
+        c.destroy()
     raw.Free()
 
 

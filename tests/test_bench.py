@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpicomm.bench import collectives, crossover, targets
-from mpicomm.bench.collectives import ENTRIES, pattern, summed, uneven
+from mpicomm.bench import collectives, crossover, env
+from mpicomm.bench.collectives import COLLECTIVES, ENTRIES, pattern, summed, uneven
 from mpicomm.bench.timing import Schedule, bandwidths
 from mpicomm.bench.units import human, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ROOT / "benchmarks" / "targets.py"  # the targets file the harness reads (--targets)
+targets = env.load_targets(str(TARGETS))
 MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -175,6 +177,16 @@ def test_every_contract_collective_has_an_entry():
         "combine",
     }
     assert collectives.BACKENDS == ("mpicomm", "mpi4py", "gloo")
+    assert tuple(ENTRIES) == COLLECTIVES
+
+
+def test_dtypes_come_from_the_dtype_table():
+    from mpicomm.bench.harness import parse
+
+    args = parse(["--dtypes", "bf16,float32,f16,bfloat16,fp64", "--no-plots"])
+    assert args.dtypes == ["bfloat16", "float32", "float16", "float64"]
+    with pytest.raises(SystemExit):
+        parse(["--dtypes", "bool"])
 
 
 def test_bad_arguments_exit_before_mpi():
@@ -195,7 +207,8 @@ def test_bad_arguments_exit_before_mpi():
 @pytest.mark.timeout(420)
 def test_quick_sweep_on_two_ranks(tmp_path):
     out = tmp_path / "bench"
-    proc = _launch(["--quick", "--no-progress", "--out", str(out)], outer=400)
+    args = ["--quick", "--no-progress", "--targets", str(TARGETS), "--out", str(out)]
+    proc = _launch(args, outer=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "# all_reduce float32" in proc.stdout and "# targets" in proc.stdout
     doc = json.loads((out / "results.json").read_text())
@@ -261,19 +274,25 @@ def test_crossover_mode_on_two_ranks(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_gpu_bench_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_bench.py in its CPU mode: the script a GPU session runs, checked here so
-    that no device time is spent on a broken script. Every case must check out."""
-    out = tmp_path / "gpu.json"
-    cmd = ["timeout", "-k", "10", "240", MPIEXEC, "-n", "2", sys.executable]
-    args = ["benchmarks/gpu_bench.py", "--device", "cpu", "--max-bytes", "16k", "--out", str(out)]
-    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
+def test_cuda_mode_dry_run_on_cpu(tmp_path):
+    """The ``--device cuda`` mode of the engine run on CPU tensors (``--cuda-dry-run``): what
+    tests/gpu/run_on_gpu.sh runs on a GPU, checked here so that no device time is spent on a
+    broken mode. Every case must check out; the copy references and staging floors are there."""
+    out = tmp_path / "gpu"
+    colls = "all_reduce,all_gather,reduce_scatter"
+    args = ["--cuda-dry-run", "--collectives", colls, "--dtypes", "bf16,fp32", "--sizes", "4K,16K"]
+    proc = _launch([*args, "--no-progress", "--no-plots", "--out", str(out)], outer=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    doc = json.loads((out / "results.json").read_text())
     cases = {(r["collective"], r["dtype"], r["bytes"]) for r in doc["results"]}
-    for coll in ("all_reduce", "all_gather", "reduce_scatter"):
-        for dtype in ("bf16", "fp32"):
+    for coll in colls.split(","):
+        for dtype in ("bfloat16", "float32"):
             assert {(coll, dtype, 4096), (coll, dtype, 16384)} <= cases
     for r in doc["results"]:
-        assert r["mpicomm"]["ok"] is True and r["mpicomm"]["median_us"] > 0, r
-        assert r["gloo"]["ok"] is True, r
+        if r["backend"] == "mpicomm":
+            assert r["ok"] is True and r["time_us"] > 0, r
+            assert r["staging_floor_us"] > 0, r
+        if r["backend"] == "gloo":
+            assert r["ok"] is True, r
+    kinds = {(c["collective"], c["bytes"]) for c in doc["references"]}
+    assert kinds == {(k, n) for k in ("memcpy", "d2h", "h2d") for n in (4096, 16384)}

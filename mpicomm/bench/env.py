@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import platform
 import socket
@@ -19,26 +20,40 @@ import mpicomm
 def make_communicator(device: torch.device, algo: str | None = None):
     """An ``MPICommunicator`` over COMM_WORLD (collective: it duplicates the communicator).
 
-    ``algo`` selects the all-reduce algorithm (``native``/``bytes``/``auto``) through
-    ``MPICOMM_ALLREDUCE_ALGO`` at construction and the ``allreduce_algo`` attribute; ``None``
-    keeps the user's setting.
+    ``algo`` selects the all-reduce algorithm (``native``/``bytes``/``auto``) through the
+    constructor's ``allreduce_algo=``; ``None`` keeps the user's setting (``MPICOMM_ALLREDUCE_ALGO``).
     """
-    cls = mpicomm.MPICommunicator
-    saved = os.environ.get("MPICOMM_ALLREDUCE_ALGO")
-    try:
-        if algo is not None:
-            os.environ["MPICOMM_ALLREDUCE_ALGO"] = algo
-        comm = cls(
-            cpu_group=MPI.COMM_WORLD, device=device, unique_name=f"bench:{algo or 'default'}"
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("MPICOMM_ALLREDUCE_ALGO", None)
-        else:
-            os.environ["MPICOMM_ALLREDUCE_ALGO"] = saved
-    if algo is not None and hasattr(comm, "allreduce_algo"):
-        comm.allreduce_algo = algo
-    return comm
+    return mpicomm.MPICommunicator(
+        cpu_group=MPI.COMM_WORLD,
+        device=device,
+        unique_name=f"bench:{algo or 'default'}",
+        allreduce_algo=algo,
+    )
+
+
+def rank_device(comm: MPI.Comm, name: str) -> torch.device:
+    """The device of this rank: ``cuda`` without an index becomes ``cuda:<local rank % GPUs>``
+    (ranks of one node spread over its GPUs) and is made current; anything else as given."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node.rank
+        node.Free()
+        device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def load_targets(path: str):
+    """The module in file ``path`` (``--targets``): it provides ``evaluate(results, stat)`` and
+    ``evaluate_crossover(cross, stat)``, each returning verdict dicts (docs/benchmarks.md)."""
+    spec = importlib.util.spec_from_file_location("mpicomm_bench_targets", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--targets: cannot load {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def init_gloo(comm: MPI.Comm) -> str | None:

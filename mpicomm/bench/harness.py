@@ -17,25 +17,15 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import env, plots, targets
-from .collectives import BACKENDS, ENTRIES, Ctx, Skip
-from .timing import Schedule, bandwidths, time_loop
+from mpicomm.dtypes import CHECKED, parse_dtype, short_name
+
+from . import env, plots, references, report, terminal
+from .collectives import BACKENDS, COLLECTIVES, ENTRIES, Ctx, Skip
+from .timing import Schedule, figures, time_loop
 from .units import human, parse_size
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
+# What ``--dtypes`` accepts: the dtypes the self-check covers, except bool (it has no sum).
+BENCH_DTYPES: tuple[torch.dtype, ...] = tuple(d for d in CHECKED if d is not torch.bool)
 QUICK_SIZES = [8, 4096, 1 << 20]
 
 
@@ -50,6 +40,21 @@ def _csv(choices):
     return parse
 
 
+def _dtypes(text: str) -> list[torch.dtype]:
+    """``--dtypes``: names of :data:`BENCH_DTYPES` as ``mpicomm.dtypes.parse_dtype`` reads them
+    (``bf16``, ``bfloat16``), plus the ``fp`` spelling of the short float names (``fp32``)."""
+    items = []
+    for name in filter(None, (s.strip().lower() for s in text.split(","))):
+        try:
+            items.append(parse_dtype("f" + name[2:] if name.startswith("fp") else name))
+        except ValueError:
+            items.append(None)
+    if not items or any(d not in BENCH_DTYPES for d in items):
+        names = ", ".join(short_name(d) for d in BENCH_DTYPES)
+        raise argparse.ArgumentTypeError(f"choose from {names} (or torch's names); got {text!r}")
+    return items
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mpicomm bench",
@@ -59,9 +64,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick", action="store_true", help="a few sizes, few iterations (< 1 min on 2 ranks)"
     )
-    p.add_argument("--collectives", type=_csv(list(ENTRIES)), default=list(ENTRIES))
+    p.add_argument("--collectives", type=_csv(COLLECTIVES), default=list(COLLECTIVES))
     p.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS))
-    p.add_argument("--dtypes", type=_csv(list(DTYPES)), default=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtypes",
+        type=_dtypes,
+        default=[torch.float32, torch.bfloat16],
+        help="comma list, short or torch names (f32,bf16 or float32,bfloat16)",
+    )
     p.add_argument("--min-bytes", type=parse_size, default=8)
     p.add_argument("--max-bytes", type=parse_size, default=256 << 20)
     p.add_argument("--step-factor", type=int, default=2, help="size multiplier between steps")
@@ -81,7 +91,25 @@ def parser() -> argparse.ArgumentParser:
         default=256 << 20,
         help="iterations = clamp(iter_bytes / size, min_iters, iters)",
     )
-    p.add_argument("--device", default="cpu", help="device of mpicomm's tensors (cpu, cuda)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="device of mpicomm's and gloo's tensors (cpu, cuda: one GPU per rank on a node, "
+        "pinned-host copy references and staging floors)",
+    )
+    p.add_argument(
+        "--cuda-dry-run",
+        action="store_true",
+        help="the --device cuda mode on CPU tensors (copy references, staging floors): "
+        "checks the GPU mode without a GPU",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        metavar="FILE",
+        help="a Python file with evaluate(results, stat) and evaluate_crossover(cross, stat) "
+        "returning target verdicts (e.g. benchmarks/targets.py); printed and written to the JSON",
+    )
     p.add_argument("--no-reference", action="store_true", help="skip the memcpy/host-device copies")
     p.add_argument(
         "--crossover",
@@ -125,44 +153,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise SystemExit("--rounds must be >= 1")
     if args.iters < 1 or args.min_iters < 1 or args.min_iters > args.iters:
         raise SystemExit("need 1 <= --min-iters <= --iters")
-    args.dtypes = list(dict.fromkeys(str(DTYPES[d]).removeprefix("torch.") for d in args.dtypes))
+    if args.cuda_dry_run and args.device != "cpu":
+        raise SystemExit("--cuda-dry-run runs on CPU tensors: leave --device at cpu")
+    args.dtypes = list(dict.fromkeys(_torch_name(d) for d in args.dtypes))
     return args
 
 
-class Progress:
-    """tqdm on rank 0 (stderr) when available, else nothing; ``write`` prints above the bar."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(
-                    total=total,
-                    file=sys.stderr,
-                    unit="case",
-                    leave=False,
-                    dynamic_ncols=True,
-                    disable=None,
-                )
-            except ImportError:
-                pass
-
-    def step(self, label: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(label, refresh=False)
-            self.bar.update(1)
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _torch_name(dtype: torch.dtype) -> str:
+    """``bfloat16``: the name records, tables and plots use."""
+    return str(dtype).removeprefix("torch.")
 
 
 def measure(
@@ -211,6 +210,11 @@ def time_record(ctx: Ctx, rec: dict, factor: float) -> None:
     if case is None:
         return
     timing = time_loop(case.run, case.check, ctx.comm, rec["warmup"], rec["iters"])
+    if timing.error and rec["backend"] == "gloo" and ctx.device.type == "cuda":
+        # gloo lacks some collectives on CUDA tensors: a gap of the baseline, not a failure.
+        rec["skipped"] = f"gloo on {ctx.device.type}: {timing.error}"
+        rec.pop("_case")
+        return
     if timing.error:
         rec["error"] = timing.error
         rec["ok"] = False
@@ -220,7 +224,7 @@ def time_record(ctx: Ctx, rec: dict, factor: float) -> None:
         return
     rec.setdefault("_times", []).append(timing.times)
     rec["ok"] = rec.get("ok", True) and timing.ok
-    _figures(rec, np.concatenate(rec["_times"]), factor)
+    figures(rec, np.concatenate(rec["_times"]), factor)
 
 
 def finish_record(rec: dict) -> dict:
@@ -228,86 +232,6 @@ def finish_record(rec: dict) -> dict:
     rec.pop("_case", None)
     rec.pop("_times", None)
     return rec
-
-
-def _figures(rec: dict, times, factor: float) -> None:
-    med = float(np.median(times))
-    rec["time_us"] = med * 1e6
-    rec["time_us_min"] = float(times.min() * 1e6)
-    rec["time_us_p90"] = float(np.percentile(times, 90) * 1e6)
-    rec["algbw_GBps"], rec["busbw_GBps"] = bandwidths(rec["bytes"], med, factor)
-
-
-def measure_copies(
-    comm: MPI.Comm, device: torch.device, sizes: list[int], sched: Schedule, progress: Progress
-) -> list[dict]:
-    """Physical references on every rank at once: torch ``copy_`` (and on CUDA, pinned <-> device)."""
-    out = []
-    kinds = ["memcpy"] + (["d2h", "h2d"] if device.type == "cuda" else [])
-    for nbytes in sizes:
-        for kind in kinds:
-            if kind == "memcpy":
-                src = torch.ones(nbytes, dtype=torch.uint8, device=device)
-                dst = torch.empty_like(src)
-            else:
-                dev = torch.ones(nbytes, dtype=torch.uint8, device=device)
-                host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-                src, dst = (dev, host) if kind == "d2h" else (host, dev)
-
-            def run(src=src, dst=dst):
-                dst.copy_(src)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-
-            timing = time_loop(run, None, comm, sched.warmup(nbytes), sched.iters(nbytes))
-            rec = {
-                "collective": kind,
-                "backend": "torch",
-                "dtype": "uint8",
-                "bytes": nbytes,
-                "count": nbytes,
-                "nranks": comm.size,
-            }
-            _figures(rec, timing.times, 1.0)
-            out.append(rec)
-            progress.step(f"{kind} {human(nbytes)}")
-            del src, dst
-    return out
-
-
-def _table_header(entry, dtype: str, backends: list[str], n: int) -> list[str]:
-    cols = "".join(f" | {b:>10s} {'us':>9s} {'GB/s':>7s} {'':>4s}" for b in backends)
-    ratio = ""
-    if "mpicomm" in backends:
-        ratio = "".join(f" | {'x ' + b:>9s}" for b in backends if b != "mpicomm")
-    title = f"# {entry.name} {dtype}  ({n} ranks, busbw = algbw x {entry.factor(n):.3g})"
-    head = f"{'bytes':>9s} {'count':>10s}{cols}{ratio}"
-    sub = f"{'':>9s} {'':>10s}" + "".join(
-        f" | {'':>10s} {'time':>9s} {'busbw':>7s} {'chk':>4s}" for _ in backends
-    )
-    return ["", title, head, sub]
-
-
-def _table_row(nbytes: int, recs: dict[str, dict], backends: list[str]) -> str:
-    count = next((r["count"] for r in recs.values()), 0)
-    line = f"{human(nbytes):>9s} {count:>10d}"
-    for b in backends:
-        r = recs[b]
-        if "time_us" in r:
-            chk = {True: "ok", False: "FAIL", None: "-"}[r.get("ok")]
-            line += f" | {'':>10s} {r['time_us']:9.1f} {r['busbw_GBps']:7.3f} {chk:>4s}"
-        else:
-            tag = "error" if "error" in r else "skip"
-            line += f" | {'':>10s} {tag:>9s} {'':>7s} {'':>4s}"
-    if "mpicomm" in backends:
-        mine = recs["mpicomm"].get("time_us")
-        for b in backends:
-            if b == "mpicomm":
-                continue
-            other = recs[b].get("time_us")
-            # Speed of mpicomm relative to the baseline: > 1 means mpicomm is faster.
-            line += f" | {other / mine:9.2f}" if mine and other else f" | {'':>9s}"
-    return line
 
 
 def run_sweep(
@@ -322,16 +246,17 @@ def run_sweep(
     ctx = Ctx(comm=comm, communicator=communicator, gloo=gloo_error is None, device=device)
     entries = [ENTRIES[c] for c in args.collectives]
     total = len(entries) * len(args.dtypes) * len(args.sizes) * len(args.backends)
+    kinds = references.copy_kinds(device.type == "cuda" or args.cuda_dry_run)
     if not args.no_reference:
-        total += len(args.sizes) * (3 if device.type == "cuda" else 1)
-    progress = Progress(total, comm.rank == 0 and not args.no_progress)
+        total += len(args.sizes) * len(kinds)
+    progress = terminal.Progress(total, comm.rank == 0 and not args.no_progress)
     say = progress.write if comm.rank == 0 else (lambda line: None)
     results: list[dict] = []
     copies: list[dict] = []
     if not args.no_reference:
-        copies = measure_copies(comm, device, args.sizes, sched, progress)
+        copies = references.measure_copies(comm, device, args.sizes, sched, kinds, progress.step)
         say("")
-        say("# memcpy reference (torch copy_, every rank at once)")
+        say(f"# copy references ({', '.join(kinds)}: torch copy_, every rank at once)")
         for r in copies:
             say(
                 f"{human(r['bytes']):>9s} {r['collective']:>7s} {r['time_us']:9.1f} us "
@@ -339,8 +264,8 @@ def run_sweep(
             )
     for entry in entries:
         for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            for line in _table_header(entry, dtype_name, args.backends, comm.size):
+            dtype = parse_dtype(dtype_name)
+            for line in terminal.table_header(entry, dtype_name, args.backends, comm.size):
                 say(line)
             for nbytes in args.sizes:
                 row = {}
@@ -360,8 +285,9 @@ def run_sweep(
                 gc.collect()
                 if all("skipped" in r for r in row.values()):
                     continue
-                say(_table_row(nbytes, row, args.backends))
+                say(terminal.table_row(nbytes, row, args.backends))
     progress.close()
+    references.add_staging_floors(results, copies, ENTRIES)
     return results, copies
 
 
@@ -371,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD.Dup()
-    device = torch.device(args.device)
+    device = env.rank_device(comm, args.device)
     try:
         return _main(args, argv, comm, device)
     finally:
@@ -391,19 +317,22 @@ def _main(args, argv, comm: MPI.Comm, device: torch.device) -> int:
         if gloo_error and rank0:
             print(f"warning: {gloo_error}; gloo skipped", file=sys.stderr)
     doc = {"meta": meta, "options": {k: v for k, v in vars(args).items()}}
+    targets = env.load_targets(args.targets) if args.targets else None
     failures = 0
     try:
         if args.crossover:
             from . import crossover
 
             doc["crossover"] = crossover.run(args, comm, device, communicator)
-            doc["targets"] = targets.evaluate_crossover(doc["crossover"])
-            doc["targets_fastest"] = targets.evaluate_crossover(doc["crossover"], "min_us")
+            if targets is not None:
+                doc["targets"] = targets.evaluate_crossover(doc["crossover"])
+                doc["targets_fastest"] = targets.evaluate_crossover(doc["crossover"], "min_us")
         else:
             results, copies = run_sweep(args, comm, device, communicator, gloo_error)
             doc["results"], doc["references"] = results, copies
-            doc["targets"] = targets.evaluate(results)
-            doc["targets_fastest"] = targets.evaluate(results, "time_us_min")
+            if targets is not None:
+                doc["targets"] = targets.evaluate(results)
+                doc["targets_fastest"] = targets.evaluate(results, "time_us_min")
             failures = sum(1 for r in results if r.get("ok") is False)
     finally:
         if communicator is not None and hasattr(communicator, "destroy"):
@@ -412,9 +341,9 @@ def _main(args, argv, comm: MPI.Comm, device: torch.device) -> int:
             env.close_gloo()
     if rank0:
         if "targets" in doc:
-            for line in targets.report(doc["targets"]):
+            for line in report.target_lines(doc["targets"]):
                 print(line)
-            for line in targets.report(doc["targets_fastest"], "fastest iteration"):
+            for line in report.target_lines(doc["targets_fastest"], "fastest iteration"):
                 print(line)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")

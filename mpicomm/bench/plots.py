@@ -98,3 +98,26 @@ def write_all(doc: dict, out: str) -> list[str]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mpicomm.bench.plots RESULTS.json [OUT]``: the PNGs of a results file, on
+    demand (the committed results keep no PNGs); OUT defaults to the file's folder."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or len(argv) > 2:
+        print(main.__doc__)
+        return 2
+    with open(argv[0]) as f:
+        doc = json.load(f)
+    out = argv[1] if len(argv) > 1 else os.path.dirname(os.path.abspath(argv[0]))
+    os.makedirs(out, exist_ok=True)
+    for path in write_all(doc, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Markdown tables from a results.json (for docs/benchmarks.md).
 
-``python -m mpicomm.bench.report benchmarks/results/results.json [crossover/results.json]``
+``python -m mpicomm.bench.report benchmarks/results/results.json [more results.json ...]``
 prints, per collective and dtype, time and busbw of each backend at every measured size with
 mpicomm's speed ratio against each baseline, then the targets and the crossover table.
 """
@@ -57,6 +57,19 @@ def sweep_tables(doc: dict) -> list[str]:
     return lines
 
 
+def target_lines(evaluated: list[dict], stat: str = "median") -> list[str]:
+    """The targets as terminal lines (``HOLDS``/``MISSED``/``n/a``, the worst case)."""
+    lines = [
+        "",
+        f"# targets by {stat} time (side by side in this run; speed ratio > 1 = mpicomm faster)",
+    ]
+    for t in evaluated:
+        mark = {True: "HOLDS", False: "MISSED", None: "n/a"}[t["holds"]]
+        worst = "" if t["worst"] is None else f"worst {t['worst']:.3g} at {t['where']}"
+        lines.append(f"{mark:>6s}  {t['target']}  [{worst}; {t['compared']} compared]")
+    return lines
+
+
 def target_table(evaluated: list[dict]) -> list[str]:
     lines = ["", "| target | holds | worst | where | compared |", "|---|---|---|---|---|"]
     for t in evaluated:
@@ -91,14 +104,19 @@ def crossover_table(cross: dict) -> list[str]:
     return lines
 
 
+def documents(paths: list[str]):
+    """``(path, document)`` of each results file in ``paths``."""
+    for path in paths:
+        with open(path) as f:
+            yield path, json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(__doc__)
         return 2
-    for path in argv:
-        with open(path) as f:
-            doc = json.load(f)
+    for path, doc in documents(argv):
         meta = doc["meta"]
         print(f"<!-- {path}: {meta['date']}, {meta['nranks']} ranks, {meta['command']} -->")
         if "results" in doc:
@@ -119,4 +137,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["crossover_table", "main", "sweep_tables", "target_table"]
+__all__ = ["crossover_table", "documents", "main", "sweep_tables", "target_lines", "target_table"]

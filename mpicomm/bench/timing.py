@@ -99,3 +99,12 @@ def bandwidths(nbytes: int, seconds: float, factor: float) -> tuple[float, float
     """(algbw, busbw) in GB/s (1e9 bytes/s), nccl-tests' definitions."""
     algbw = nbytes / seconds / 1e9 if seconds > 0 else float("nan")
     return algbw, algbw * factor
+
+
+def figures(rec: dict, times: np.ndarray, factor: float) -> None:
+    """Set a record's median, minimum and 90th-percentile time and its bandwidths."""
+    med = float(np.median(times))
+    rec["time_us"] = med * 1e6
+    rec["time_us_min"] = float(times.min() * 1e6)
+    rec["time_us_p90"] = float(np.percentile(times, 90) * 1e6)
+    rec["algbw_GBps"], rec["busbw_GBps"] = bandwidths(rec["bytes"], med, factor)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification of mpicomm: the CUDA tests at 2 and 4 ranks sharing one GPU, the staging tests,
-# `python -m mpicomm info`/`check`, and the GPU benchmark (JSON), each step under `timeout`.
+# `python -m mpicomm info`/`check`, and the benchmark in its CUDA mode (JSON), each step under
+# `timeout`.
 #
 # 1. Here (a machine with a package registry), from the repository root, once:
 #        tests/gpu/run_on_gpu.sh fetch
@@ -8,10 +9,10 @@
 #    .whl/ (git-ignored; about 15 MB).
 # 2. On the GPU machine (the device tool's `run`, carry [".whl"], timeout_s 600), two calls:
 #        bash tests/gpu/run_on_gpu.sh tests     # info, detection, CUDA tests n=2,4, staging, check
-#        bash tests/gpu/run_on_gpu.sh bench     # gpu_bench.py at n=2 and n=4, 4 KiB .. 256 MiB
+#        bash tests/gpu/run_on_gpu.sh bench     # mpicomm bench --device cuda, n=2 and n=4, 4 KiB .. 256 MiB
 #    (`all` runs both, for machines without a per-command limit). Each phase stays under ~9.5
 #    minutes. Results go to $OUT (or ./gpu_results, or the second argument): summary.txt,
-#    logs-<phase>.tar.gz and gpu_bench_n{2,4}.json; the summary is also printed at the end.
+#    logs-<phase>.tar.gz and bench_n{2,4}/results.json; the summary is also printed at the end.
 #    MPI comes from the carried wheels, installed under /tmp/mpi (no registry needed).
 #    QUICK=1 stops the benchmark at 4 MiB. The exit status is 0 only if every step passed.
 set -u -o pipefail
@@ -83,9 +84,13 @@ if [[ "$PHASE" != tests ]]; then
     BENCH_MAX="${BENCH_MAX:-256m}"
     [[ "${QUICK:-0}" == 1 ]] && BENCH_MAX=4m
     for n in 2 4; do
-        step "bench_n$n" 270 mpiexec -n "$n" "$PY" benchmarks/gpu_bench.py --max-bytes "$BENCH_MAX" \
-            --iter-bytes 512m --out "$RESULTS/gpu_bench_n$n.json"
-        grep -E "^(copy|all_|reduce_)" "$LOGS/bench_n$n.log" >>"$SUMMARY"
+        # The engine's CUDA mode (tests/test_bench.py runs it on CPU with --cuda-dry-run):
+        # mpicomm and gloo on the same CUDA tensors, d2h/h2d copy references, staging floors.
+        step "bench_n$n" 270 mpiexec -n "$n" "$PY" -m mpicomm bench --device cuda \
+            --collectives all_reduce,all_gather,reduce_scatter --backends mpicomm,gloo \
+            --dtypes bf16,fp32 --min-bytes 4k --max-bytes "$BENCH_MAX" --step-factor 4 \
+            --iter-bytes 512m --no-progress --no-plots --out "$RESULTS/bench_n$n"
+        grep -E "^(#|  *[0-9.]+[KMG]?i?B )" "$LOGS/bench_n$n.log" >>"$SUMMARY"
     done
 fi
 tar -C "$LOGS" -czf "$RESULTS/logs-$PHASE.tar.gz" . && rm -rf "$LOGS"

@@ -1,13 +1,21 @@
-"""The issue's performance targets, evaluated on one run's records (side by side, same run).
+"""mpicomm's performance targets (docs/benchmarks.md), evaluated on one run's records.
 
-Each evaluation returns ``{"target", "holds", "worst", "where", "compared"}``: ``holds`` is
-``None`` when the run did not measure what the target needs (sizes, dtypes or backends left out).
+Read by the harness: ``python -m mpicomm bench --targets benchmarks/targets.py ...`` prints the
+verdicts after the sweep (by the median and by the fastest iteration) and writes them to
+``results.json`` (``targets``, ``targets_fastest``). On a results file already written:
+``python benchmarks/targets.py results.json``.
+
+All comparisons are side by side in the same run. Each evaluation returns ``{"target", "holds",
+"worst", "where", "compared"}``: ``holds`` is ``None`` when the run did not measure what the target needs (sizes, dtypes or backends left out).
 Ratios are speeds (baseline time / mpicomm time): above 1 means mpicomm is faster.
 """
 
 from __future__ import annotations
 
-from .units import human
+import sys
+
+from mpicomm.bench.report import documents, target_lines
+from mpicomm.bench.units import human
 
 MiB = 1 << 20
 GATHERS = ("all_gather", "reduce_scatter", "all_gatherv", "reduce_scatterv")
@@ -165,14 +173,21 @@ def evaluate_crossover(cross: dict, stat: str = "us") -> list[dict]:
     ]
 
 
-def report(evaluated: list[dict], stat: str = "median") -> list[str]:
-    """Lines of the targets table."""
-    lines = [
-        "",
-        f"# targets by {stat} time (side by side in this run; speed ratio > 1 = mpicomm faster)",
-    ]
-    for t in evaluated:
-        mark = {True: "HOLDS", False: "MISSED", None: "n/a"}[t["holds"]]
-        worst = "" if t["worst"] is None else f"worst {t['worst']:.3g} at {t['where']}"
-        lines.append(f"{mark:>6s}  {t['target']}  [{worst}; {t['compared']} compared]")
-    return lines
+def main(argv: list[str]) -> int:
+    """Print the verdicts of each results file in ``argv`` (median, then fastest iteration)."""
+    if not argv:
+        print(__doc__)
+        return 2
+    for path, doc in documents(argv):
+        if "crossover" in doc:
+            verdicts = [evaluate_crossover(doc["crossover"], s) for s in ("us", "min_us")]
+        else:
+            verdicts = [evaluate(doc["results"], s) for s in ("time_us", "time_us_min")]
+        print(f"# {path}")
+        for lines in (target_lines(verdicts[0]), target_lines(verdicts[1], "fastest iteration")):
+            print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
