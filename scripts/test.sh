@@ -13,7 +13,7 @@ ruff check . && ruff format --check .
 for n in 1 2 3 4; do
     echo "== multi-rank tests on $n rank(s)"
     # pytest-timeout ends a stuck rank (its exit ends the job); the outer timeout bounds the rest.
-    timeout -k 10 1500 mpiexec -n "$n" python -m pytest --with-mpi -q -p no:cacheprovider \
+    timeout -k 10 900 mpiexec -n "$n" python -m pytest --with-mpi -q -p no:cacheprovider \
         --timeout=300 --timeout-method=thread tests/mpi
 done
 echo "== CUDA test file in CPU self-test mode (its device-independent part, staging path), 3 ranks"
