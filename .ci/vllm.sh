@@ -69,6 +69,6 @@ export OMP_NUM_THREADS=1
 unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT
 export PATH="$VENV/bin:$PATH"
 timeout "$SUITE_TIMEOUT" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-    tests/test_vllm_plugin.py tests/vllm_integration
+    tests/unit/test_vllm_plugin.py tests/system/test_vllm_mpi.py
 t2=$(date +%s)
 echo "== vLLM integration tests passed in $((t2 - t1)) s (total $((t2 - t0)) s)"

@@ -1,4 +1,4 @@
-"""Conformance checks shared by tests/test_staging.py and tests/test_cuda.py (not collected).
+"""Conformance checks shared by tests/mpi/test_staging.py and tests/mpi/test_cuda.py.
 
 :func:`run` performs one collective on one communicator, with every rank's input placed on a given
 device, and checks what does not depend on the path taken: the result is a fresh contiguous tensor
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mpicomm.check import DTYPES, make_input, reference_sum
+from mpicomm.check import make_input, reference_sum
 from mpicomm.communicator import MPICommunicator
+from mpicomm.dtypes import CHECKED, INEXACT_SUMS, short_name
 
 COLLECTIVES = [
     "all_reduce",
@@ -29,9 +30,10 @@ COLLECTIVES = [
     "send_recv",
     "dispatch_combine",
 ]
-INEXACT_SUM = {torch.float32, torch.float64, torch.complex64, torch.complex128}
-DTYPE_IDS = [short for short, _ in DTYPES]
-DTYPE_LIST = [dtype for _, dtype in DTYPES]
+# The dtypes `python -m mpicomm check` covers, and those MPI sums itself (compared with a tolerance).
+INEXACT_SUM = INEXACT_SUMS
+DTYPE_LIST = list(CHECKED)
+DTYPE_IDS = [short_name(dtype) for dtype in DTYPE_LIST]
 
 
 @dataclass

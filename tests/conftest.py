@@ -1,5 +1,6 @@
-"""Shared fixtures. Multi-rank tests live in tests/mpi/ and run under
-``mpiexec -n N python -m pytest --with-mpi tests/mpi``; every other test runs in one process."""
+"""Settings for every test. The layout (tests/__init__.py): unit/ runs in one process, mpi/ under
+``mpiexec -n N python -m pytest --with-mpi tests/mpi``, system/ needs a real system; tests start
+mpiexec only through ``tests.helpers.run_mpi``."""
 
 import torch
 

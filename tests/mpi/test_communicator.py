@@ -6,27 +6,15 @@ import zlib
 
 import pytest
 import torch
-from conftest import bits, everywhere, same_bits_everywhere
 
-DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.complex64,
-    torch.complex128,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-]
+from mpicomm.dtypes import CHECKED, INEXACT_SUMS, NARROW_FLOATS
+from tests.helpers import bits, everywhere, same_bits_everywhere
+
+# The dtype lists come from the table (tests/unit/test_dtypes.py pins what is in them); the
+# expected values below are computed here, independently of the library.
+DTYPES = list(CHECKED)
 LAYOUTS = ["contiguous", "transposed", "empty", "scalar"]
-INEXACT = {torch.float32, torch.float64, torch.complex64, torch.complex128}
-NARROW_FLOATS = {torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+INEXACT = INEXACT_SUMS
 
 pytestmark = pytest.mark.mpi
 

@@ -3,10 +3,10 @@ left waiting), and MPI failures surface as CommunicationError naming operation a
 
 import pytest
 import torch
-from conftest import everywhere
 from mpi4py import MPI
 
 import mpicomm
+from tests.helpers import everywhere
 
 pytestmark = pytest.mark.mpi
 

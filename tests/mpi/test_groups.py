@@ -4,10 +4,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import everywhere
 from mpi4py import MPI
 
 import mpicomm
+from tests.helpers import everywhere
 
 pytestmark = pytest.mark.mpi
 

@@ -3,10 +3,10 @@ algorithm; integer sums exact; fp32 identical bits on every rank."""
 
 import pytest
 import torch
-from conftest import everywhere, same_bits_everywhere
 from mpi4py import MPI
 
 import mpicomm
+from tests.helpers import everywhere, same_bits_everywhere
 
 pytestmark = pytest.mark.mpi
 

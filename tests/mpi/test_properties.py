@@ -4,10 +4,11 @@ each verdict is agreed by all ranks, so a failure (and its shrinking) happens ev
 
 import pytest
 import torch
-from conftest import everywhere
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_communicator import DTYPES, equal, make, reference_sum
+
+from tests.helpers import everywhere
+from tests.mpi.test_communicator import DTYPES, equal, make, reference_sum
 
 pytestmark = pytest.mark.mpi
 

@@ -1,0 +1,110 @@
+"""What many tests share: running a program under ``mpiexec``, and cross-rank checks.
+
+``run_mpi`` is the one way a test starts ``mpiexec``: it finds the launcher (beside this Python,
+else on ``PATH``), bounds the job with ``timeout``, and returns the finished process. The
+``everywhere`` family is for tests that themselves run on every rank (``tests/mpi/``).
+
+Import as ``from tests.helpers import run_mpi`` (pytest puts the repository root on ``sys.path``:
+``pythonpath`` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ROOT / "tests" / "programs"
+# Variables a launcher sets for its ranks: a child job started from inside one must not see them.
+LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` beside ``sys.executable`` (the venv's MPI), else the first on ``PATH``."""
+    beside = Path(sys.executable).with_name("mpiexec")
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+
+
+def child_env(
+    set: Mapping[str, str | None] | None = None, drop: Iterable[str] = ()
+) -> dict[str, str]:
+    """This environment for a child job: the repository root first on ``PYTHONPATH``,
+    ``OMP_NUM_THREADS=1``, variables starting with a prefix in ``drop`` removed, then ``set``
+    applied (a ``None`` value removes the variable)."""
+    drop = tuple(drop)
+    env = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    for key, value in (set or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+def run_mpi(
+    n: int,
+    *argv: str,
+    timeout: float = 120,
+    env: Mapping[str, str | None] | None = None,
+    drop: Iterable[str] = (),
+    cwd: Path | str = ROOT,
+) -> subprocess.CompletedProcess:
+    """``timeout -k 5 T mpiexec -n N python ARGV...``; the finished process (output captured).
+
+    ``env`` and ``drop`` adjust the child's environment (:func:`child_env`). Skips the test where
+    there is no ``mpiexec`` or pytest itself runs under one (a nested job would share its ranks).
+    The output is printed when the job fails, so pytest shows it with the failure.
+    """
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec beside this python or on PATH")
+    if MPI.COMM_WORLD.Get_size() > 1:
+        pytest.skip("starts its own mpiexec: run this test in a one-process pytest")
+    cmd = ["timeout", "-k", "5", f"{timeout:g}", MPIEXEC, "-n", str(n), sys.executable, *argv]
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=child_env(env, drop),
+        capture_output=True,
+        text=True,
+        timeout=timeout + 30,
+    )
+    if proc.returncode != 0:
+        print(f"$ {' '.join(cmd)}\nexit {proc.returncode}")
+        print(proc.stdout[-6000:])
+        print(proc.stderr[-6000:], file=sys.stderr)
+    return proc
+
+
+# --- for tests that run on every rank of a job (tests/mpi/) -----------------------------------
+
+
+def everywhere(flag: bool) -> bool:
+    """True only if ``flag`` holds on every rank: failures then happen on all ranks together,
+    so no rank runs ahead into a collective the others never enter."""
+    out = np.zeros(1, dtype=np.int32)
+    MPI.COMM_WORLD.Allreduce(np.array([int(bool(flag))], dtype=np.int32), out, op=MPI.MIN)
+    return bool(out[0])
+
+
+def bits(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t`` in logical order, whatever its strides or dtype."""
+    flat = t.contiguous().reshape(-1)
+    return flat.as_strided((flat.numel(),), (1,)).view(torch.uint8).numpy().tobytes()
+
+
+def same_bits_everywhere(t: torch.Tensor) -> bool:
+    return len(set(MPI.COMM_WORLD.allgather(bits(t)))) == 1

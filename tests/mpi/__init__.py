@@ -1,0 +1,1 @@
+"""Tests run on every rank: mpiexec -n N python -m pytest --with-mpi tests/mpi."""

@@ -1,0 +1,1 @@
+"""Tests that need a real system: Slurm, (simulated) hosts, vLLM; skipped without one."""

@@ -1,0 +1,1 @@
+"""One-process tests, one file per mpicomm module (some start tests/programs/ under mpiexec)."""

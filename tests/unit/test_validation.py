@@ -1,0 +1,54 @@
+"""Argument checks made before any MPI call."""
+
+import pytest
+import torch
+
+from mpicomm.dtypes import dtype_info
+from mpicomm.reduction import choose_allreduce, split_evenly
+from mpicomm.validation import check_rank, check_sizes, check_tensor, even_sizes, normalize_dim
+
+
+def test_normalize_dim():
+    assert normalize_dim(-1, 3) == 2
+    assert normalize_dim(0, 0) == 0 and normalize_dim(-1, 0) == 0
+    with pytest.raises(ValueError, match="dim=3"):
+        normalize_dim(3, 3)
+    with pytest.raises(TypeError, match="dim"):
+        normalize_dim(True, 3)
+
+
+def test_check_sizes():
+    assert check_sizes(torch.tensor([1, 2]), 2, total=3) == [1, 2]
+    with pytest.raises(ValueError, match="2 entries"):
+        check_sizes([1, 2], 3)
+    with pytest.raises(ValueError, match="adds up to 3"):
+        check_sizes([1, 2], 2, total=4)
+    with pytest.raises(TypeError, match=r"sizes\[1\]"):
+        check_sizes([1, 2.0], 2)
+    with pytest.raises(ValueError, match="negative"):
+        check_sizes([-1, 2], 2)
+
+
+def test_even_sizes_and_split():
+    assert even_sizes(6, 3) == [2, 2, 2]
+    with pytest.raises(ValueError, match="not divisible"):
+        even_sizes(7, 3)
+    assert split_evenly(7, 3) == [3, 2, 2] and sum(split_evenly(10**9 + 7, 4)) == 10**9 + 7
+
+
+def test_check_rank_and_tensor():
+    assert check_rank(1, 2, "dst") == 1
+    with pytest.raises(ValueError, match="dst=2"):
+        check_rank(2, 2, "dst")
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        check_tensor([1])
+    with pytest.raises(TypeError, match="dense"):
+        check_tensor(torch.eye(2).to_sparse())
+
+
+def test_choose_allreduce():
+    bf16, f32, u32 = (dtype_info(d) for d in (torch.bfloat16, torch.float32, torch.uint32))
+    assert choose_allreduce(bf16, 4, "native") == "bytes"
+    assert choose_allreduce(f32, 4, "auto") == "native"
+    assert choose_allreduce(f32, 4, "bytes") == "bytes"
+    assert choose_allreduce(u32, 1 << 30, "bytes") == "native"
