@@ -224,6 +224,11 @@ class Workspace:
     def nbytes(self) -> int:
         return sum(t.numel() for t in self._slots.values())
 
+    @property
+    def held(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The memory held, by ``(slot, device)`` (a copy of the mapping, for inspection)."""
+        return dict(self._slots)
+
     def clear(self) -> None:
         """Drop every slot, once the streams that used device slots have finished with them."""
         for stream in set(self._streams.values()):

@@ -159,6 +159,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         return self._call.broken
 
     @property
+    def outstanding(self) -> int:
+        """MPI requests this communicator still holds (abandoned after a timeout, or arrival
+        notices in flight): a leak shows as growth here."""
+        return self._call.outstanding
+
+    @property
     def workspace(self) -> Workspace:
         """The reusable scratch and staging memory (read it; do not write it)."""
         return self._workspace

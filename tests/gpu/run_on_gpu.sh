@@ -73,10 +73,10 @@ if [[ "$PHASE" != bench ]]; then
     step info_n1 30 "$PY" -m mpicomm info
     step info_n2 30 mpiexec -n 2 "$PY" -m mpicomm info
     cat "$LOGS/info_n2.log" >>"$SUMMARY"
-    step detect 120 "${PYTEST[@]}" tests/test_cuda_detect.py
-    step cuda_n2 150 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/test_cuda.py
-    step cuda_n4 150 mpiexec -n 4 "${PYTEST[@]}" --with-mpi tests/test_cuda.py
-    step staging_n2 60 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/test_staging.py
+    step detect 120 "${PYTEST[@]}" tests/unit/test_cuda_detect.py
+    step cuda_n2 150 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/mpi/test_cuda.py
+    step cuda_n4 150 mpiexec -n 4 "${PYTEST[@]}" --with-mpi tests/mpi/test_cuda.py
+    step staging_n2 60 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/mpi/test_staging.py
     step check_n2 40 mpiexec -n 2 "$PY" -m mpicomm check
     grep -h -E "^(FAILED|ERROR|SKIPPED)" "$LOGS"/*.log | sort | uniq -c | head -n 40 | tee -a "$SUMMARY"
 fi
@@ -84,7 +84,7 @@ if [[ "$PHASE" != tests ]]; then
     BENCH_MAX="${BENCH_MAX:-256m}"
     [[ "${QUICK:-0}" == 1 ]] && BENCH_MAX=4m
     for n in 2 4; do
-        # The engine's CUDA mode (tests/test_bench.py runs it on CPU with --cuda-dry-run):
+        # The engine's CUDA mode (tests/unit/test_bench.py runs it on CPU with --cuda-dry-run):
         # mpicomm and gloo on the same CUDA tensors, d2h/h2d copy references, staging floors.
         step "bench_n$n" 270 mpiexec -n "$n" "$PY" -m mpicomm bench --device cuda \
             --collectives all_reduce,all_gather,reduce_scatter --backends mpicomm,gloo \

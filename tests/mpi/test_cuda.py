@@ -71,7 +71,7 @@ def cpu_comm():
 
 
 def staged(comm: MPICommunicator, device: torch.device) -> bool:
-    return comm._staged(device)
+    return comm.staged(device)
 
 
 @pytest.mark.parametrize("dtype", conformance.DTYPE_LIST, ids=conformance.DTYPE_IDS)
@@ -89,12 +89,12 @@ def test_path_matches_the_library(comm, device):
     """CUDA tensors are staged exactly when MPI is not CUDA-aware (or staging is forced)."""
     assert staged(comm, device) == (comm.staging or not comm.cuda_aware)
     x = torch.ones(16, device=device)
-    before = comm._workspace.allocations
+    before = comm.workspace.allocations
     comm.all_reduce(x)
     if staged(comm, device):
-        assert ("in", "cpu") in comm._workspace._slots and ("out", "cpu") in comm._workspace._slots
+        assert ("in", "cpu") in comm.workspace.held and ("out", "cpu") in comm.workspace.held
     else:
-        assert comm._workspace.allocations == before
+        assert comm.workspace.allocations == before
 
 
 @needs_gpu
@@ -102,7 +102,7 @@ def test_staging_memory_is_pinned(comm, device):
     if not staged(comm, device):
         pytest.skip("MPI is CUDA-aware here: nothing is staged")
     comm.all_reduce(torch.ones(1000, dtype=torch.bfloat16, device=device))
-    slots = comm._workspace._slots
+    slots = comm.workspace.held
     assert slots[("in", "cpu")].is_pinned() and slots[("out", "cpu")].is_pinned()
 
 
@@ -129,29 +129,29 @@ def test_no_allocation_after_first_call_of_a_size(device, dtype):
         calls = _device_calls(c, x)
         for call in calls:
             call()
-        first = c._workspace.allocations
+        first = c.workspace.allocations
         in_use = torch.cuda.memory_allocated(device) if HAVE_CUDA else 0
         for _ in range(5):
             for call in calls:
                 call()
-        repeated = c._workspace.allocations
+        repeated = c.workspace.allocations
         if HAVE_CUDA:
             torch.cuda.synchronize(device)
         in_use_after = torch.cuda.memory_allocated(device) if HAVE_CUDA else 0
         big = make_input(dtype, c.rank, (64 * c.world_size, 32), 2).to(device)
         growth = []
         for call in _device_calls(c, big):
-            before = c._workspace.allocations
+            before = c.workspace.allocations
             call()
-            growth.append(c._workspace.allocations - before)
-        grown = c._workspace.allocations
+            growth.append(c.workspace.allocations - before)
+        grown = c.workspace.allocations
         for call in _device_calls(c, big) + calls:
             call()
         # every rank made every call; now check
         assert repeated == first, "repeated calls allocated staging/scratch memory"
         assert in_use_after == in_use, "GPU memory in use grew across repeated calls"
-        assert max(growth) <= len(c._workspace._slots), growth
-        assert c._workspace.allocations == grown
+        assert max(growth) <= len(c.workspace.held), growth
+        assert c.workspace.allocations == grown
     finally:
         c.destroy()
 
@@ -167,14 +167,14 @@ def test_prepare_reserves_for_the_first_call(device):
         model.proj = torch.nn.Linear(64, 48)
         model.to(device)
         c.prepare_communication_buffer_for_model(model)
-        reserved = c._workspace.allocations
+        reserved = c.workspace.allocations
         assert reserved > 0
         big = make_input(torch.bfloat16, c.rank, (24 * world, 64), 4).to(device)
         c.all_reduce(big)
         c.all_reduce(model.proj.weight.detach())
         c.reduce_scatter(big, 0)
         c.all_gather(big[:24], 0)
-        assert c._workspace.allocations == reserved
+        assert c.workspace.allocations == reserved
     finally:
         c.destroy()
 

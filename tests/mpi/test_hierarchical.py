@@ -1,4 +1,4 @@
-"""Hierarchical collectives on one host, with the node split faked by ``node_of(rank)``.
+"""The hierarchical all_reduce on one host, with the node split faked by ``node_of(rank)``.
 
 The ``mpi``-marked tests run inside ``mpiexec -n N python -m pytest --with-mpi``; scripts/test.sh
 runs this file with the rest of tests/mpi at 1, 2, 3 and 4 ranks (bounded by timeouts). Every rank builds every rank's input
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mpicomm import hierarchical
+from mpicomm import hierarchical, plan, topology
 
 MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 TINY_ULP = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
@@ -50,9 +50,18 @@ def comm():
     return MPI.COMM_WORLD
 
 
-def split_for(comm, layout: str):
-    w = comm.Get_size()
-    return hierarchical.split_nodes(comm, node_of=lambda r: LAYOUTS[layout](r, w))
+def node_of(layout: str, world: int):
+    return lambda r: LAYOUTS[layout](r, world)
+
+
+def hier_comm(comm, layout: str):
+    """A communicator whose node split follows ``layout`` and that always takes the hierarchical
+    all_reduce where it applies (as MPICOMM_HIERARCHICAL=1 would)."""
+    import mpicomm
+
+    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=node_of(layout, comm.Get_size()))
+    c.hierarchical = "1"
+    return c
 
 
 def same_bits_everywhere(comm, t: torch.Tensor) -> bool:
@@ -63,7 +72,8 @@ def same_bits_everywhere(comm, t: torch.Tensor) -> bool:
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_split_nodes(comm, layout):
-    split = split_for(comm, layout)
+    labels_ = topology.node_labels(comm, node_of(layout, comm.Get_size()))
+    split = topology.NodeSplit.create(comm, labels_)
     try:
         w, r = comm.Get_size(), comm.Get_rank()
         labels = [LAYOUTS[layout](i, w) for i in range(w)]
@@ -84,12 +94,14 @@ def test_split_nodes(comm, layout):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_reduce(comm, layout, dtype):
     w, r = comm.Get_size(), comm.Get_rank()
-    split = split_for(comm, layout)
+    c = hier_comm(comm, layout)
     try:
         for shape in [(1000,), (3, 5, 7), (), (0,), (1,), (2, 3)]:
             inputs = [make_input(i, shape, dtype, seed=len(shape)) for i in range(w)]
             x = inputs[r].clone()
-            out = hierarchical.all_reduce(x, split)
+            spans_nodes = len(set(c.node_of)) > 1
+            assert (c.all_reduce_algorithm(x) == plan.HIERARCHICAL) == spans_nodes
+            out = c.all_reduce(x)
             assert torch.equal(x, inputs[r])  # input untouched
             assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
             assert out.numel() == 0 or out.data_ptr() != x.data_ptr()
@@ -100,92 +112,51 @@ def test_all_reduce(comm, layout, dtype):
                 torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
             assert same_bits_everywhere(comm, out), shape
     finally:
-        split.free()
+        c.destroy()
 
 
 @pytest.mark.mpi(min_size=2)
 def test_all_reduce_fp16_rounded_once(comm):
     """Values whose fp16 partial sums would round: only a single final rounding is exact."""
     w, r = comm.Get_size(), comm.Get_rank()
-    split = split_for(comm, "blocks")
+    c = hier_comm(comm, "blocks")
     try:
         # 1 + k * 2^-11 style: each term is half an fp16 ulp of 1.0; pairwise fp16 sums would
         # round to even and lose them, fp32 accumulation keeps them.
         x = torch.full((64,), 2.0**-11 if r else 1.0, dtype=torch.float16)
-        out = hierarchical.all_reduce(x, split)
+        out = c.all_reduce(x)
         exact = torch.tensor(1.0 + (w - 1) * 2.0**-11, dtype=torch.float64)
         assert torch.equal(out, exact.to(torch.float16).expand(64))
     finally:
-        split.free()
+        c.destroy()
 
 
 @pytest.mark.mpi(min_size=2)
 def test_all_reduce_noncontiguous(comm):
     w, r = comm.Get_size(), comm.Get_rank()
-    split = split_for(comm, "interleaved")
+    c = hier_comm(comm, "interleaved")
     try:
         inputs = [make_input(i, (6, 4), torch.float32, seed=3) for i in range(w)]
-        out = hierarchical.all_reduce(inputs[r].t(), split)
+        assert c.all_reduce_algorithm(inputs[r].t()) == plan.HIERARCHICAL
+        out = c.all_reduce(inputs[r].t())
         torch.testing.assert_close(out, torch.stack(inputs).sum(0).t())
+        assert out.is_contiguous()
     finally:
-        split.free()
-
-
-@pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("layout", ["blocks", "interleaved", "labels", "one-node"])
-def test_all_gather(comm, layout):
-    w, r = comm.Get_size(), comm.Get_rank()
-    split = split_for(comm, layout)
-    try:
-        for dtype in [torch.bool, torch.int8, torch.int64, torch.bfloat16, torch.complex64]:
-            for shape in [(3, 4), (), (0, 2)]:
-                inputs = [make_input(i, shape, dtype, seed=5) for i in range(w)]
-                x = inputs[r].clone()
-                out = hierarchical.all_gather(x, split)
-                assert torch.equal(out, torch.stack(inputs)), (dtype, shape)
-                assert torch.equal(x, inputs[r])
-    finally:
-        split.free()
-
-
-@pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("layout", ["blocks", "interleaved", "lonely-first", "labels"])
-def test_reduce_scatter(comm, layout):
-    w, r = comm.Get_size(), comm.Get_rank()
-    split = split_for(comm, layout)
-    try:
-        for dtype in [torch.bfloat16, torch.float16, torch.float32]:
-            for counts in [[(3 * i + 1) % 5 for i in range(w)], [100] * w]:  # uneven, zeros
-                n = sum(counts)
-                inputs = [make_input(i, (n,), dtype, seed=9) for i in range(w)]
-                x = inputs[r].clone()
-                out = hierarchical.reduce_scatter(x, counts, split)
-                start = sum(counts[:r])
-                exact = torch.stack([t.double() for t in inputs]).sum(0)[start : start + counts[r]]
-                assert out.shape == (counts[r],) and out.dtype == dtype
-                if dtype == torch.float32:
-                    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
-                else:
-                    assert within_one_ulp(out, exact), (dtype, counts)
-                assert torch.equal(x, inputs[r])
-    finally:
-        split.free()
+        c.destroy()
 
 
 @pytest.mark.mpi(min_size=2)
 def test_rejects_bad_arguments(comm):
-    split = split_for(comm, "blocks")
-    try:
-        with pytest.raises(TypeError, match="input_"):
-            hierarchical.all_reduce(torch.ones(4, dtype=torch.int32), split)
-        with pytest.raises(TypeError, match="input_"):
-            hierarchical.all_gather([1, 2], split)
-        with pytest.raises(ValueError, match="counts"):
-            hierarchical.reduce_scatter(torch.ones(4), [4] * comm.Get_size(), split)
-    finally:
-        split.free()
     with pytest.raises(ValueError, match="node_of"):
-        hierarchical.split_nodes(comm, node_of=lambda r: -1)
+        topology.node_labels(comm, node_of=lambda r: -1)
+    c = hier_comm(comm, "blocks")
+    try:
+        # Integers never take the hierarchy (it sums floats only): the flat path handles them.
+        assert c.all_reduce_algorithm(torch.ones(4, dtype=torch.int32)) == plan.NATIVE
+        out = c.all_reduce(torch.ones(4, dtype=torch.int32))
+        assert torch.equal(out, torch.full((4,), comm.Get_size(), dtype=torch.int32))
+    finally:
+        c.destroy()
 
 
 @pytest.mark.mpi(min_size=2)
@@ -202,9 +173,9 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(hierarchical, "all_reduce", spy)
-    c = mpicomm.MPICommunicator(cpu_group=comm)
+    interleaved = node_of("interleaved", comm.Get_size())  # 2 nodes at any size
+    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=interleaved)
     try:
-        c._node_split = split_for(c.device_group, "interleaved")  # 2 nodes at any size
         w, r = comm.Get_size(), comm.Get_rank()
         for how, nbytes, expect in [("1", 8, True), ("0", 1 << 20, False), ("auto", 8, False)]:
             c.hierarchical = how
@@ -215,9 +186,9 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
             assert bool(calls) == expect, (how, nbytes)
             assert within_one_ulp(out, torch.stack([t.double() for t in inputs]).sum(0))
         c.hierarchical = "auto"
-        monkeypatch.setattr(hierarchical, "AUTO_MIN_PER_NODE", 2)
+        monkeypatch.setattr(plan, "AUTO_MIN_PER_NODE", 2)
         calls.clear()
-        n = hierarchical.ALLREDUCE_FROM // 2
+        n = plan.HIERARCHICAL_FROM // 2
         for dtype in (torch.bfloat16, torch.float32):
             calls.clear()
             out = c.all_reduce(torch.full((n,), float(r), dtype=dtype))

@@ -61,7 +61,7 @@ def test_both_reduction_algorithms_staged(algo):
         for name in ("all_reduce", "reduce_scatter", "reduce_scatterv", "dispatch_combine"):
             outcomes, problems = conformance.run(comm, name, torch.float32, "cpu", salt=3)
             conformance.check_against_reference(outcomes, problems)
-        assert ("parts", "cpu") in comm._workspace._slots or algo == "native"
+        assert ("parts", "cpu") in comm.workspace.held or algo == "native"
     finally:
         comm.destroy()
 
@@ -87,11 +87,11 @@ def test_device_memory_handoff(plain, monkeypatch, algo):
 def test_staging_uses_the_workspace(staged, plain):
     """The staged communicator really stages (its workspace fills); the plain one does not."""
     x = torch.arange(12, dtype=torch.float32)
-    before = plain._workspace.allocations
+    before = plain.workspace.allocations
     staged.all_reduce(x)
     plain.all_reduce(x)
-    assert {"in", "out"} <= {slot for slot, _ in staged._workspace._slots}
-    assert plain._workspace.allocations == before
+    assert {"in", "out"} <= {slot for slot, _ in staged.workspace.held}
+    assert plain.workspace.allocations == before
 
 
 def test_staging_switched_on_by_environment(monkeypatch):
@@ -100,7 +100,7 @@ def test_staging_switched_on_by_environment(monkeypatch):
     try:
         assert comm.staging
         comm.all_reduce(torch.ones(4))
-        assert comm._workspace.allocations > 0
+        assert comm.workspace.allocations > 0
     finally:
         comm.destroy()
 
@@ -135,7 +135,7 @@ def _calls(comm: MPICommunicator, rows: int, dtype: torch.dtype) -> list:
 
 def _each_growth(comm: MPICommunicator, rows: int, dtype: torch.dtype) -> list[int]:
     """The number of workspace allocations made by each call of :func:`_calls`."""
-    ws, grown = comm._workspace, []
+    ws, grown = comm.workspace, []
     for call in _calls(comm, rows, dtype):
         before = ws.allocations
         call()
@@ -149,7 +149,7 @@ def test_no_allocation_after_first_call_of_a_size(dtype):
     each slot it uses at most once; smaller calls afterwards allocate nothing. (Every rank makes
     every call before anything is asserted, so a failure cannot leave a rank waiting.)"""
     comm = fresh()
-    ws = comm._workspace
+    ws = comm.workspace
     rows = 12 * comm.world_size
     problems = []
     try:
@@ -161,7 +161,7 @@ def test_no_allocation_after_first_call_of_a_size(dtype):
             problems.append("the first calls allocated nothing: not staged?")
         if any(sum(r) for r in repeats):
             problems.append(f"repeated calls of one size allocated staging memory: {repeats}")
-        if sum(larger) == 0 or max(larger) > len(ws._slots):
+        if sum(larger) == 0 or max(larger) > len(ws.held):
             problems.append(f"a larger size should grow each slot at most once: {larger}")
         if any(sum(g) for g in later.values()):
             problems.append(f"calls no larger than before allocated staging memory: {later}")
@@ -188,9 +188,9 @@ def test_prepare_reserves_the_first_call(algo):
     try:
         model = _model(world)
         comm.prepare_communication_buffer_for_model(model)
-        reserved = comm._workspace.allocations
+        reserved = comm.workspace.allocations
         assert reserved > 0
-        assert comm._workspace.nbytes >= 2 * model.embed.numel() * 2
+        assert comm.workspace.nbytes >= 2 * model.embed.numel() * 2
         big = make_input(torch.bfloat16, rank, tuple(model.embed.shape), 1)
         proj = make_input(torch.float32, rank, tuple(model.proj.weight.shape), 1)
         comm.all_reduce(big)
@@ -199,23 +199,23 @@ def test_prepare_reserves_the_first_call(algo):
         comm.reduce_scatter(proj, 0) if proj.shape[0] % world == 0 else None
         comm.all_gather(big[: big.shape[0] // world], 0)
         comm.all_gather(big[:, : 64 // world if 64 % world == 0 else 16], -1)
-        assert comm._workspace.allocations == reserved, "the first call allocated staging memory"
+        assert comm.workspace.allocations == reserved, "the first call allocated staging memory"
     finally:
         comm.destroy()
 
 
 def test_prepare_does_nothing_without_staging(plain):
     model = _model(plain.world_size)
-    before = plain._workspace.allocations
+    before = plain.workspace.allocations
     plain.prepare_communication_buffer_for_model(model)
-    assert plain._workspace.allocations == before
+    assert plain.workspace.allocations == before
     plain.prepare_communication_buffer_for_model(torch.nn.Module())  # no parameters at all
 
 
 def _overlaps_workspace(result: torch.Tensor, comm: MPICommunicator) -> bool:
     return any(
         conformance.same_storage(result, held)
-        for held in comm._workspace._slots.values()
+        for held in comm.workspace.held.values()
         if held.device == result.device
     )
 

@@ -84,9 +84,7 @@ def test_cycle_finder_sees_a_cycle(tmp_path, monkeypatch):
     (pkg / "a.py").write_text("from . import b\n")
     (pkg / "b.py").write_text("from .a import thing\n")
     monkeypatch.setattr(mpicomm, "__file__", str(pkg / "__init__.py"))
-    monkeypatch.setattr(
-        __import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", pkg, raising=True
-    )
+    monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", pkg, raising=True)
     try:
         test_no_import_cycle()
     except AssertionError as exc:

@@ -74,8 +74,8 @@ def test_communicator_takes_the_answer_at_creation(library_says, monkeypatch):
         assert aware.cuda_aware and not staged.cuda_aware
         # CUDA tensors are staged exactly when MPI is not CUDA-aware; CPU tensors never are.
         cuda_dev, cpu_dev = torch.device("cuda", 0), torch.device("cpu")
-        assert staged._staged(cuda_dev) and not aware._staged(cuda_dev)
-        assert not staged._staged(cpu_dev) and not aware._staged(cpu_dev)
+        assert staged.staged(cuda_dev) and not aware.staged(cuda_dev)
+        assert not staged.staged(cpu_dev) and not aware.staged(cpu_dev)
     finally:
         staged.destroy()
         aware.destroy()

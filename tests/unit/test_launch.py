@@ -104,7 +104,7 @@ def test_env_ranks_ignores_garbage():
     assert launch.env_ranks(env).source == "none"
 
 
-# --- one process: launch_info, export_torch_env, select_device ------------------------------
+# --- one process: launch_info, export_torch_env ------------------------------
 
 
 def test_launch_info_single_process():
@@ -133,18 +133,6 @@ def test_export_torch_env_keeps_master_and_replaces_stale_rank():
     with pytest.warns(launch.LaunchWarning, match="RANK=7"):
         out = launch.export_torch_env(env=env)
     assert (out["MASTER_ADDR"], out["MASTER_PORT"], env["RANK"]) == ("10.1.2.3", "29555", "0")
-
-
-def test_select_device():
-    import torch
-
-    dev = launch.select_device(3)
-    if torch.cuda.is_available():
-        assert dev == torch.device("cuda", 3 % torch.cuda.device_count())
-    else:
-        assert dev == torch.device("cpu")
-    with pytest.raises(ValueError, match="local_rank"):
-        launch.select_device(-1)
 
 
 # --- the hooks, in this process ------------------------------------------------------------

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from mpicomm.dtypes import dtype_info
-from mpicomm.reduction import choose_allreduce, split_evenly
+from mpicomm.reduction import split_evenly
 from mpicomm.validation import check_rank, check_sizes, check_tensor, even_sizes, normalize_dim
 
 
@@ -44,11 +43,3 @@ def test_check_rank_and_tensor():
         check_tensor([1])
     with pytest.raises(TypeError, match="dense"):
         check_tensor(torch.eye(2).to_sparse())
-
-
-def test_choose_allreduce():
-    bf16, f32, u32 = (dtype_info(d) for d in (torch.bfloat16, torch.float32, torch.uint32))
-    assert choose_allreduce(bf16, 4, "native") == "bytes"
-    assert choose_allreduce(f32, 4, "auto") == "native"
-    assert choose_allreduce(f32, 4, "bytes") == "bytes"
-    assert choose_allreduce(u32, 1 << 30, "bytes") == "native"

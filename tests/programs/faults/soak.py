@@ -109,8 +109,8 @@ def state(comms) -> dict:
     gc.collect()
     return {
         "rss": rss(),
-        "workspace": sum(c._workspace.nbytes for c in comms),
-        "outstanding": sum(c._call.outstanding for c in comms),
+        "workspace": sum(c.workspace.nbytes for c in comms),
+        "outstanding": sum(c.outstanding for c in comms),
     }
 
 

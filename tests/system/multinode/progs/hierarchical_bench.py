@@ -105,7 +105,7 @@ def main() -> int:
                     if not ok or err > tol:
                         failures.append(f"{algo} {dtype_name} {nbytes}: same={ok} err={err:g}")
             c.hierarchical = "auto"
-            chosen = "hierarchical" if c._hierarchy(dtype, nbytes) is not None else "flat"
+            chosen = "hierarchical" if c.all_reduce_algorithm(x) == "hierarchical" else "flat"
             flat, hier = (statistics.median(times[a]) for a in ("flat", "hierarchical"))
             row = {
                 "dtype": dtype_name,

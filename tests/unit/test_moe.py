@@ -11,7 +11,7 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
-from mpicomm.expert_router import ExpertRouter, GatheredRouter
+from mpicomm.moe import ExpertRouter, GatheredRouter
 from tests.helpers import run_mpi
 
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,27 +19,16 @@ from mpicomm.bench import collectives, crossover, env
 from mpicomm.bench.collectives import COLLECTIVES, ENTRIES, pattern, summed, uneven
 from mpicomm.bench.timing import Schedule, bandwidths
 from mpicomm.bench.units import human, parse_size
+from tests.helpers import ROOT, child_env, run_mpi
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ROOT / "benchmarks" / "targets.py"  # the targets file the harness reads (--targets)
 targets = env.load_targets(str(TARGETS))
-MPIEXEC = shutil.which("mpiexec") or str(Path(sys.executable).with_name("mpiexec"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _launch(args: list[str], outer: int) -> subprocess.CompletedProcess:
-    cmd = ["timeout", "-k", "10", str(outer), MPIEXEC, "-n", "2", sys.executable, "-m", "mpicomm"]
-    return subprocess.run(
-        [*cmd, "bench", *args], cwd=ROOT, env=_env(), capture_output=True, text=True
-    )
+def _launch(args: list[str], outer: int):
+    return run_mpi(2, "-m", "mpicomm", "bench", *args, timeout=outer)
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -193,7 +179,7 @@ def test_bad_arguments_exit_before_mpi():
     proc = subprocess.run(
         [sys.executable, "-m", "mpicomm", "bench", "--collectives", "all_reduce,bogus"],
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=60,

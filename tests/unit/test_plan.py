@@ -1,0 +1,48 @@
+"""mpicomm.plan: which algorithm a sum uses, decided alike on every rank."""
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpicomm import plan
+from mpicomm.dtypes import dtype_info
+from mpicomm.topology import NodeSplit
+
+
+def test_flat_algorithm():
+    bf16, f32, u32 = (dtype_info(d) for d in (torch.bfloat16, torch.float32, torch.uint32))
+    assert plan.flat_algorithm(bf16, 4, "native") == plan.BYTES  # MPI cannot sum bf16
+    assert plan.flat_algorithm(f32, 4, "auto") == plan.NATIVE
+    assert plan.flat_algorithm(f32, plan.BYTES_ALLREDUCE_FROM, "auto") == plan.BYTES
+    assert plan.flat_algorithm(f32, 4, "bytes") == plan.BYTES
+    assert plan.flat_algorithm(u32, 1 << 30, "bytes") == plan.NATIVE  # torch cannot add it
+
+
+class FakeNodes(NodeSplit):
+    """A node split without communicators: only ``node_of`` matters to the plan."""
+
+    def __init__(self, node_of):
+        super().__init__(MPI.COMM_SELF, MPI.COMM_NULL, MPI.COMM_NULL, tuple(node_of))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nbytes", "mode", "node_of", "want"),
+    [
+        (torch.bfloat16, 1 << 20, "auto", [0] * 4 + [1] * 4, plan.HIERARCHICAL),
+        (torch.bfloat16, 1 << 10, "auto", [0] * 4 + [1] * 4, plan.BYTES),  # too small
+        (torch.bfloat16, 1 << 20, "auto", [0, 0, 1, 1], plan.BYTES),  # too few per node
+        (torch.float32, 1 << 20, "auto", [0] * 4 + [1] * 4, plan.NATIVE),  # never automatic
+        (torch.float32, 8, "1", [0, 1], plan.HIERARCHICAL),
+        (torch.bfloat16, 1 << 20, "0", [0] * 4 + [1] * 4, plan.BYTES),
+        (torch.int64, 1 << 20, "1", [0, 1], plan.NATIVE),  # floats only
+        (torch.bfloat16, 1 << 20, "1", [0, 0], plan.BYTES),  # one node
+    ],
+)
+def test_all_reduce_algorithm(dtype, nbytes, mode, node_of, want):
+    nodes = FakeNodes(node_of)
+    assert plan.all_reduce_algorithm(dtype_info(dtype), nbytes, "auto", mode, nodes) == want
+
+
+def test_no_split_means_flat():
+    info = dtype_info(torch.bfloat16)
+    assert plan.all_reduce_algorithm(info, 1 << 30, "auto", "1", None) == plan.BYTES
