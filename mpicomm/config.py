@@ -1,23 +1,23 @@
 """The ``MPICOMM_*`` environment settings, parsed in one place.
 
-=============================  ===========================================================
-``MPICOMM_CUDA_AWARE``         ``0``/``1``: override the MPI library's CUDA-awareness answer
-``MPICOMM_STAGING``            ``1``: send every tensor through the host staging buffers,
-                               CPU tensors included (for testing the staging path)
-``MPICOMM_VALIDATE``           ``1``: check before each collective that all ranks agree on
-                               operation, dtype, shape, dim, sizes and root
-``MPICOMM_TIMEOUT``            seconds: bound every collective and receive; unset = no bound
-``MPICOMM_ALLREDUCE_ALGO``     ``auto`` (default), ``native`` or ``bytes``
-``MPICOMM_LOG_LEVEL``          a :mod:`logging` level name for the ``mpicomm`` logger
-``MPICOMM_HUGE_PAGES``         ``0``: do not ask Linux for transparent huge pages under large
-                               fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
-``MPICOMM_HIERARCHICAL``       ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
-                               the node-aware all_reduce of :mod:`mpicomm.hierarchical`
-``MPICOMM_ABORT_ON_EXCEPTION`` ``0``: do not abort the MPI job on an uncaught exception
-                               (default ``1``; read when an exception arrives)
-``MPICOMM_VLLM``               ``1``: the vLLM platform plugin activates mpicomm
-``MPICOMM_VLLM_DEVICE``        ``cpu`` or ``cuda``: force the vLLM platform family
-=============================  ===========================================================
+================================  ===========================================================
+``MPICOMM_CUDA_AWARE``            ``0``/``1``: override the MPI library's CUDA-awareness answer
+``MPICOMM_STAGING``               ``1``: send every tensor through the host staging buffers,
+                                  CPU tensors included (for testing the staging path)
+``MPICOMM_VALIDATE``              ``1``: check before each collective that all ranks agree on
+                                  operation, dtype, shape, dim, sizes and root
+``MPICOMM_TIMEOUT``               seconds: bound every collective and receive; unset = no bound
+``MPICOMM_ALLREDUCE_ALGO``        ``auto`` (default), ``native`` or ``bytes``
+``MPICOMM_LOG_LEVEL``             a :mod:`logging` level name for the ``mpicomm`` logger
+``MPICOMM_HUGE_PAGES``            ``0``: do not ask Linux for transparent huge pages under large
+                                  fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_HIERARCHICAL``          ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
+                                  the node-aware all_reduce of :mod:`mpicomm.hierarchical`
+``MPICOMM_ABORT_ON_EXCEPTION``    ``0``: do not abort the MPI job on an uncaught exception
+                                  (default ``1``; read when an exception arrives)
+``MPICOMM_VLLM``                  ``1``: the vLLM platform plugin activates mpicomm
+``MPICOMM_VLLM_DEVICE``           ``cpu`` or ``cuda``: force the vLLM platform family
+================================  ===========================================================
 
 Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
 unset variable means the default. A malformed value raises ``ValueError`` naming the variable.

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 from mpi4py import MPI
-from mpicomm.expert_router import ExpertRouter, GatheredRouter
 
 import mpicomm
+from mpicomm.moe import ExpertRouter, GatheredRouter
 
 torch.set_num_threads(1)
 HIDDEN = 16

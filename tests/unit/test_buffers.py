@@ -135,12 +135,13 @@ def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
     """Fresh host results are offered to huge_pages() unless MPICOMM_HUGE_PAGES=0."""
     from mpi4py import MPI
 
-    import mpicomm.communicator as module
+    import mpicomm
+    import mpicomm.staging as module
 
     advised = []
     monkeypatch.setattr(module, "huge_pages", lambda t: advised.append(t.nbytes) or t)
     monkeypatch.setenv("MPICOMM_HUGE_PAGES", setting)
-    comm = module.MPICommunicator(MPI.COMM_SELF)
+    comm = mpicomm.MPICommunicator(MPI.COMM_SELF)
     try:
         big = torch.ones(HUGE_PAGES_FROM // 4)
         assert torch.equal(comm.all_reduce(big), big)
