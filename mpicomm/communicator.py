@@ -133,7 +133,11 @@ class MPICommunicator(DeviceCommunicatorBase):
                 )
         self._control = created(label, self.cpu_group.Dup, "its control communicator")
         if device_group is None:
-            self.device_group = created(label, self.cpu_group.Dup, "its payload communicator")
+            try:
+                self.device_group = created(label, self.cpu_group.Dup, "its payload communicator")
+            except CommunicationError:
+                self._control.Free()
+                raise
         try:
             consistency.agree_settings(self._control, label, self._must_match(seconds))
         except ValueError:

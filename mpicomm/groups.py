@@ -64,7 +64,9 @@ def _agreed_sizes(comm: MPI.Comm, sizes: dict[str, object]) -> tuple[int, ...]:
     raise ``ValueError`` naming it; ranks that passed different sizes all raise ``ValueError``.
     """
     try:
-        mine: tuple[int, ...] | str = tuple(_positive(k, v) for k, v in sizes.items())
+        mine: tuple[int, ...] | str = tuple(
+            int(bool(v)) if k.startswith("enable") else _positive(k, v) for k, v in sizes.items()
+        )
         error = None
     except (TypeError, ValueError) as exc:
         mine, error = f"{type(exc).__name__}: {exc}", exc
@@ -108,7 +110,7 @@ def initialize_model_parallel(
         "tensor_parallel_size": tensor_parallel_size,
         "pipeline_parallel_size": pipeline_parallel_size,
         "data_parallel_size": data_parallel_size,
-        "enable_expert_parallel": int(bool(enable_expert_parallel)),
+        "enable_expert_parallel": enable_expert_parallel,
     }
     tp_size, pp_size, dp_size, _ = _agreed_sizes(comm, sizes)
     world_size, rank = comm.Get_size(), comm.Get_rank()
