@@ -406,9 +406,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         this rank itself raises ``ValueError`` (as torch.distributed does), also in a group of
         one rank: a blocking send to oneself cannot complete before its receive is posted."""
         check_tensor(tensor, "tensor")
+        check_device(tensor, self.device, "tensor")
         dst = (self.rank + 1) % self.world_size if dst is None else dst
         dst = check_peer(dst, self.world_size, self.rank, "dst")
-        check_device(tensor, self.device, "tensor")
         self.agree("send")
         x = self._route(tensor.device).stage_in(tensor)
         self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)

@@ -53,10 +53,6 @@ def check_device_type(device: torch.device) -> None:
         raise ValueError(f"device={str(device)!r}: mpicomm serves cpu and cuda devices only")
     if not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device on this rank")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"device={str(device)!r}, but torch sees {torch.cuda.device_count()} CUDA device(s)"
-        )
 
 
 def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
