@@ -1,7 +1,8 @@
-"""Reliability in one process (COMM_SELF): lazy views, interrupted waits, list fingerprints,
+"""Reliability in one process (COMM_SELF): lazy views, list fingerprints,
 settings, bad communicators and devices, numpy integers, self-sends, error texts, the exit warning;
 and, under ``mpiexec``, a rank that leaves early and communicator exhaustion
-(``tests/programs/faults/reliability.py``). See docs/reliability.md."""
+(``tests/programs/faults/reliability.py``). Interrupted waits: tests/unit/test_calls.py. See
+docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
-from mpicomm import calls, consistency, launch, ops
+from mpicomm import consistency, launch, ops
 from mpicomm.calls import Caller
 from mpicomm.config import settings
 from mpicomm.errors import CollectiveTimeoutError, CommunicationError
@@ -57,38 +58,6 @@ def test_lazy_views_are_sent_as_their_values(name, staging):
         assert torch.equal(h, want) and torch.equal(lg, want)
     finally:
         c.destroy()
-
-
-def test_an_interrupt_while_polling_keeps_the_request_and_breaks_the_caller(monkeypatch):
-    """Ctrl-C (KeyboardInterrupt) in a timed wait: the receive stays posted with its buffer, and
-    the caller refuses further calls, as after a timeout."""
-    call = Caller("ep", timeout=30)
-    box = np.zeros(2)
-
-    def interrupt(seconds):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(calls.time, "sleep", interrupt)  # the first sleep of the wait
-    with pytest.raises(KeyboardInterrupt):
-        call("recv", MPI.COMM_SELF, "Recv", box, 0, 41)
-    monkeypatch.undo()
-    assert call.broken == "recv was interrupted by KeyboardInterrupt while waiting"
-    assert call.outstanding == 1
-    with pytest.raises(CommunicationError, match="unusable after an earlier failure"):
-        call("recv", MPI.COMM_SELF, "Recv", np.zeros(2), 0, 42)
-    ((request, _args),) = call._abandoned
-    MPI.COMM_SELF.Send(np.array([5.0, 6.0]), 0, 41)
-    request.Wait()  # the buffer it was given is still the one MPI writes
-    assert box.tolist() == [5.0, 6.0]
-
-
-def test_a_system_exit_while_polling_breaks_the_caller(monkeypatch):
-    call = Caller("ep", timeout=30)
-    monkeypatch.setattr(calls.time, "sleep", lambda s: (_ for _ in ()).throw(SystemExit(3)))
-    with pytest.raises(SystemExit):
-        call.probe("recv", MPI.COMM_SELF, 0, 43)
-    assert call.broken == "recv was interrupted by SystemExit while waiting"
-    assert call.outstanding == 1
 
 
 def test_the_timeout_hint_knows_whether_validation_is_on():
