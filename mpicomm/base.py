@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from mpi4py import MPI
 
-from .validation import check_rank, check_sizes, even_sizes, normalize_dim
+from .validation import check_comm, check_rank, check_sizes, even_sizes, normalize_dim
 
 
 def _global_ranks(comm: MPI.Comm) -> list[int]:
@@ -40,12 +40,9 @@ class DeviceCommunicatorBase:
     ) -> None:
         if cpu_group is None:
             cpu_group = MPI.COMM_WORLD
-        if not isinstance(cpu_group, MPI.Comm) or cpu_group == MPI.COMM_NULL:
-            raise TypeError(f"cpu_group must be an mpi4py MPI.Comm, got {type(cpu_group).__name__}")
-        if device_group is not None and not isinstance(device_group, MPI.Comm):
-            raise TypeError(
-                f"device_group must be an mpi4py MPI.Comm or None, got {type(device_group).__name__}"
-            )
+        check_comm(cpu_group, "cpu_group")
+        if device_group is not None:
+            check_comm(device_group, "device_group")
         if not isinstance(unique_name, str):
             raise TypeError(f"unique_name must be a str, got {type(unique_name).__name__}")
         try:

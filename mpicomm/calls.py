@@ -15,6 +15,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 from mpi4py import MPI
@@ -33,9 +34,30 @@ _SPIN = 0.002
 _YIELD = 0.1
 
 
+_T = TypeVar("_T")
+
+
 def nonblocking(method: str) -> str:
     """mpi4py's non-blocking twin of a blocking method: ``Allreduce`` -> ``Iallreduce``."""
     return "I" + method[0].lower() + method[1:]
+
+
+def created(group: str, make: Callable[[], _T], what: str) -> _T:
+    """``make()`` (an ``MPI_Comm_dup`` or ``MPI_Comm_split``) with its failure as a
+    :class:`CommunicationError` naming the likely cause: MPI runs out of communicators (MPICH:
+    2048 per process) when communicators are made and never destroyed."""
+    try:
+        return make()
+    except MPI.Exception as exc:
+        lines = [line.strip() for line in exc.Get_error_string().splitlines() if line.strip()]
+        error = lines[-1] if lines else str(exc)  # MPICH: the last line of its stack says why
+        raise CommunicationError(
+            f"group {group!r}: MPI could not create {what} ({error}). MPI has a limited number "
+            f"of communicators per process (MPICH: 2048); an MPICommunicator holds 2 or 3 and "
+            f"frees them in destroy(): destroy the communicators you no longer use",
+            operation="create",
+            group=group,
+        ) from exc
 
 
 class Arrivals:
@@ -118,9 +140,12 @@ class Arrivals:
 class Caller:
     """Calls mpi4py methods on behalf of a named group.
 
-    ``timeout`` (seconds or ``None``) bounds every call. After a timeout the pending request and its
-    buffers are kept alive (MPI may still write into them) and the caller is marked broken: every
-    later call raises :class:`CommunicationError` rather than mixing with the stale operation.
+    ``timeout`` (seconds or ``None``) bounds every call. After a timeout, or any exception raised
+    while polling (``KeyboardInterrupt``, a ``SystemExit`` from a signal handler), the pending
+    request and its buffers are kept alive (MPI may still read or write them) and the caller is
+    marked broken: every later call raises :class:`CommunicationError` rather than mixing with the
+    stale operation. ``validating``: the owner checks arguments across ranks before each
+    collective (consistency mode); it only changes the hint in a timeout's message.
     """
 
     def __init__(self, group: str, timeout: float | None = None) -> None:
@@ -131,6 +156,7 @@ class Caller:
         self.arrivals: Arrivals | None = None
         self._last_missing: list[int] | None = None
         self.size: int | None = None  # the group's size, once prepare() has seen it
+        self.validating = False
 
     @property
     def outstanding(self) -> int:
@@ -188,6 +214,12 @@ class Caller:
             self._last_missing = late
             if late:
                 return self._ranks_text(comm, late, "had not entered it")
+            if self.validating:
+                return (
+                    " Every rank had entered it, and the consistency mode is on (ranks that "
+                    "disagree on a checked call's arguments raise ValueError): the ranks may be "
+                    "in different calls of this group, or MPI is not progressing."
+                )
             return (
                 " Every rank had entered it: the ranks may be in different collectives or "
                 "disagree on its arguments (MPICOMM_VALIDATE=1 checks that)."
@@ -207,7 +239,7 @@ class Caller:
 
     def _duplicate(self, operation: str, comm: MPI.Comm) -> MPI.Comm:
         """The private notice communicator: a duplicate of ``comm``, itself bounded by the timeout."""
-        dup, request = comm.Idup()
+        dup, request = created(self.group, comm.Idup, "its arrival-notice communicator")
         self._poll(operation, request.Test, (request, dup), lambda: "")
         return dup
 
@@ -239,33 +271,41 @@ class Caller:
         start = time.monotonic()
         deadline = start + self.timeout
         pause = 0.0
-        while True:
-            result = test()
-            if result:
-                return result
-            now = time.monotonic()
-            if now - start < _SPIN:
-                continue
-            if now - start < _YIELD:
-                os.sched_yield()
-                continue
-            if now > deadline:
-                self._abandoned.append(keepalive)
-                self.broken = f"{operation} timed out after {self.timeout:g} s"
-                self._last_missing = None
-                detail = who()
-                raise CollectiveTimeoutError(
-                    f"{operation} on group {self.group!r} did not complete within "
-                    f"{self.timeout:g} s (MPICOMM_TIMEOUT).{detail} A rank may have failed, "
-                    f"be stuck, or never have called it. End the job: leave this error uncaught "
-                    f"(mpicomm's abort hook then calls MPI_Abort) or call MPI.COMM_WORLD.Abort().",
-                    operation=operation,
-                    group=self.group,
-                    timeout=self.timeout,
-                    missing=self._last_missing,
-                )
-            pause = min(max(pause * 2, 2e-5), 1e-3)
-            time.sleep(pause)
+        try:
+            while True:
+                result = test()
+                if result:
+                    return result
+                now = time.monotonic()
+                if now - start < _SPIN:
+                    continue
+                if now - start < _YIELD:
+                    os.sched_yield()
+                    continue
+                if now > deadline:
+                    break
+                pause = min(max(pause * 2, 2e-5), 1e-3)
+                time.sleep(pause)
+        except BaseException as exc:
+            # Ctrl-C, a signal handler's SystemExit, an MPI error: the request may still be live,
+            # so its buffers stay owned here and the caller refuses further calls.
+            self._abandoned.append(keepalive)
+            self.broken = f"{operation} was interrupted by {type(exc).__name__} while waiting"
+            raise
+        self._abandoned.append(keepalive)
+        self.broken = f"{operation} timed out after {self.timeout:g} s"
+        self._last_missing = None
+        detail = who()
+        raise CollectiveTimeoutError(
+            f"{operation} on group {self.group!r} did not complete within "
+            f"{self.timeout:g} s (MPICOMM_TIMEOUT).{detail} A rank may have failed, "
+            f"be stuck, or never have called it. End the job: leave this error uncaught "
+            f"(mpicomm's abort hook then calls MPI_Abort) or call MPI.COMM_WORLD.Abort().",
+            operation=operation,
+            group=self.group,
+            timeout=self.timeout,
+            missing=self._last_missing,
+        )
 
     def probe(self, operation: str, comm: MPI.Comm, source: int, tag: int):
         """Matched probe (bounded like any call): ``(message, status)`` of the next message."""

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from .config import settings
+
 
 def _info(args: argparse.Namespace) -> int:
     from .info import report
@@ -63,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     torch.set_num_threads(1)
+    if args.command != "info":  # info reports what it can whatever the settings say
+        try:
+            settings()
+        except ValueError as exc:  # a malformed MPICOMM_* variable: one line, no traceback
+            print(f"python -m mpicomm {args.command}: {exc}", file=sys.stderr, flush=True)
+            return 2
     if args.command == "bench":
         return _bench(args, rest)
     if rest:

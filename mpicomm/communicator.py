@@ -23,7 +23,7 @@ from mpi4py import MPI
 from . import consistency, hierarchical, launch, plan, reduction
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
-from .calls import Caller
+from .calls import Caller, created
 from .config import ALLREDUCE_ALGOS, settings
 from .cuda import cuda_aware
 from .dtypes import dtype_info
@@ -34,6 +34,8 @@ from .topology import NodeSplit, node_labels
 from .validation import (
     check_choice,
     check_device,
+    check_device_type,
+    check_peer,
     check_rank,
     check_row_tensors,
     check_seconds,
@@ -55,7 +57,9 @@ class MPICommunicator(DeviceCommunicatorBase):
     Parameters
     ----------
     cpu_group:
-        ``mpi4py.MPI.Comm`` for control traffic (row counts, fingerprints). Default ``COMM_WORLD``.
+        ``mpi4py.MPI.Comm`` (an intracommunicator) naming the group. Default ``COMM_WORLD``. The
+        control traffic (row counts, fingerprints) runs on a private duplicate made here and freed
+        by :meth:`destroy`, so communicators sharing a ``cpu_group`` never cross messages.
     device:
         ``torch.device`` or string; default ``cpu``. CUDA inputs must be on this GPU; CPU inputs
         are always accepted. Results land on the input's device.
@@ -97,6 +101,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         node_of=None,
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
+        check_device_type(self.device)
         env = settings()
         seconds = env.timeout if timeout is None else check_seconds(timeout, "timeout")
         algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
@@ -107,14 +112,15 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         self.cuda_aware = cuda_aware()
         label = unique_name or f"comm{self.ranks}"
+        launch.apply_log_level(env.log_level)
         self._call = Caller(label, seconds)
+        self._call.validating = self.validate
         self._workspace = Workspace()
         self._routes: dict[torch.device, Route] = {}
         self._destroyed = False
+        self._nodes: NodeSplit | None = None
         self._owns_device_group = device_group is None
-        if device_group is None:
-            self.device_group = self.cpu_group.Dup()
-        else:
+        if device_group is not None:
             relation = MPI.Comm.Compare(self.cpu_group, device_group)
             if relation == MPI.IDENT:
                 raise ValueError(
@@ -125,15 +131,28 @@ class MPICommunicator(DeviceCommunicatorBase):
                 raise ValueError(
                     "device_group must have the members of cpu_group in the same order"
                 )
-        self._call.prepare(self.cpu_group)
+        self._control = created(label, self.cpu_group.Dup, "its control communicator")
+        if device_group is None:
+            try:
+                self.device_group = created(label, self.cpu_group.Dup, "its payload communicator")
+            except CommunicationError:
+                self._control.Free()
+                raise
+        try:
+            consistency.agree_settings(self._control, label, self._must_match(seconds))
+        except ValueError:
+            self._free_groups()
+            raise
+        self._call.prepare(self._control)
         self.all2all_manager = make_manager(all2all_backend, self)
         # The node split is made here, where every rank is already in a collective: a data call
         # never runs an untimed one. Node and leader communicators exist only for groups that
         # span nodes and may use the hierarchical all_reduce.
         self.node_of = node_labels(self.device_group, node_of) if self.world_size > 1 else (0,)
-        self._nodes: NodeSplit | None = None
         if max(self.node_of) > 0 and self.hierarchical != "0":
-            self._nodes = NodeSplit.create(self.device_group, self.node_of)
+            self._nodes = created(
+                label, lambda: NodeSplit.create(self.device_group, self.node_of), "node groups"
+            )
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -143,6 +162,25 @@ class MPICommunicator(DeviceCommunicatorBase):
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
         launch.install_abort_on_exception()  # an uncaught exception on any rank ends the job
+        launch.track(self, label)  # warned about at exit unless destroyed
+
+    def _must_match(self, seconds: float | None) -> dict[str, tuple[object, str]]:
+        """Settings every rank of the group must share (compared once, at construction)."""
+        timed = "off" if seconds is None else f"{seconds:g} s"
+        return {
+            "timeout (MPICOMM_TIMEOUT)": (seconds is None, timed),
+            "validate (MPICOMM_VALIDATE)": (self.validate, str(int(self.validate))),
+            "allreduce_algo (MPICOMM_ALLREDUCE_ALGO)": (self.allreduce_algo, self.allreduce_algo),
+            "MPICOMM_HIERARCHICAL": (self.hierarchical, self.hierarchical),
+        }
+
+    def _free_groups(self) -> None:
+        """Free the communicators this object made (collective)."""
+        if self._nodes is not None:
+            self._nodes.free()
+        self._control.Free()
+        if self._owns_device_group and self.device_group != MPI.COMM_NULL:
+            self.device_group.Free()
 
     @property
     def timeout(self) -> float | None:
@@ -197,7 +235,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 group=self._call.group,
             )
         if self.validate and fingerprint is not None:
-            consistency.agree(self._call, self.cpu_group, operation, fingerprint())
+            consistency.agree(self._call, self._control, operation, fingerprint())
 
     # ----------------------------------------------------------------- collectives
     def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
@@ -249,7 +287,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
         check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
-        check_rank(dst, self.world_size, "dst")
+        dst = check_rank(dst, self.world_size, "dst")
         check_device(input_, self.device)
         self.agree("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
         route = self._route(input_.device)
@@ -288,7 +326,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             check_device(t, self.device, "input_" if len(tensors) == 1 else f"input_[{i}]")
         self.agree(
             "all_gatherv",
-            lambda: consistency.fingerprint("all_gatherv", tensors[0], 0, sizes, rows_vary=True),
+            lambda: consistency.fingerprint("all_gatherv", tensors, 0, sizes, rows_vary=True),
         )
         outs = [self._gatherv(t, sizes) for t in tensors]
         return outs[0] if isinstance(input_, torch.Tensor) else outs
@@ -351,7 +389,7 @@ class MPICommunicator(DeviceCommunicatorBase):
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s tensor on every rank (all ranks pass the same shape and dtype)."""
         check_tensor(tensor, "tensor")
-        check_rank(src, self.world_size, "src")
+        src = check_rank(src, self.world_size, "src")
         check_device(tensor, self.device, "tensor")
         self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
         route = self._route(tensor.device)
@@ -364,11 +402,13 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     # ----------------------------------------------------------------- point-to-point
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
-        """Blocking send of ``tensor`` to group rank ``dst`` (default: the next rank)."""
+        """Blocking send of ``tensor`` to group rank ``dst`` (default: the next rank). Sending to
+        this rank itself raises ``ValueError`` (as torch.distributed does), also in a group of
+        one rank: a blocking send to oneself cannot complete before its receive is posted."""
         check_tensor(tensor, "tensor")
-        dst = (self.rank + 1) % self.world_size if dst is None else dst
-        check_rank(dst, self.world_size, "dst")
         check_device(tensor, self.device, "tensor")
+        dst = (self.rank + 1) % self.world_size if dst is None else dst
+        dst = check_peer(dst, self.world_size, self.rank, "dst")
         self.agree("send")
         x = self._route(tensor.device).stage_in(tensor)
         self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)
@@ -384,7 +424,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
         dtype_info(dtype, "dtype")
         src = (self.rank - 1) % self.world_size if src is None else src
-        check_rank(src, self.world_size, "src")
+        src = check_peer(src, self.world_size, self.rank, "src")
         self.agree("recv")
         route = self._route(self.device)
         out = route.output(shape, dtype)
@@ -440,7 +480,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.agree("exchange_rows")
         mine = np.array([rows], dtype=np.int64)
         every = np.empty(self.world_size, dtype=np.int64)
-        self._call("exchange_rows", self.cpu_group, "Allgather", mine, every)
+        self._call("exchange_rows", self._control, "Allgather", mine, every)
         return every.tolist()
 
     def exchange_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -451,7 +491,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             raise ValueError(f"counts must be ({self.world_size}, k), got shape {counts.shape}")
         self.agree("exchange_counts")
         incoming = np.empty_like(counts)
-        self._call("exchange_counts", self.cpu_group, "Alltoall", counts, incoming)
+        self._call("exchange_counts", self._control, "Alltoall", counts, incoming)
         return incoming
 
     def all_to_allv(
@@ -506,10 +546,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.all2all_manager.destroy()
         self._workspace.clear()
         self._call.close()
-        if self._nodes is not None:
-            self._nodes.free()
-        if self._owns_device_group and self.device_group != MPI.COMM_NULL:
-            self.device_group.Free()
+        self._free_groups()
+        launch.untrack(self)
 
     def __repr__(self) -> str:
         return (

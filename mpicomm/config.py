@@ -1,23 +1,25 @@
 """The ``MPICOMM_*`` environment settings, parsed in one place.
 
-================================  ===========================================================
-``MPICOMM_CUDA_AWARE``            ``0``/``1``: override the MPI library's CUDA-awareness answer
-``MPICOMM_STAGING``               ``1``: send every tensor through the host staging buffers,
-                                  CPU tensors included (for testing the staging path)
-``MPICOMM_VALIDATE``              ``1``: check before each collective that all ranks agree on
-                                  operation, dtype, shape, dim, sizes and root
-``MPICOMM_TIMEOUT``               seconds: bound every collective and receive; unset = no bound
-``MPICOMM_ALLREDUCE_ALGO``        ``auto`` (default), ``native`` or ``bytes``
-``MPICOMM_LOG_LEVEL``             a :mod:`logging` level name for the ``mpicomm`` logger
-``MPICOMM_HUGE_PAGES``            ``0``: do not ask Linux for transparent huge pages under large
-                                  fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
-``MPICOMM_HIERARCHICAL``          ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
-                                  the node-aware all_reduce of :mod:`mpicomm.hierarchical`
-``MPICOMM_ABORT_ON_EXCEPTION``    ``0``: do not abort the MPI job on an uncaught exception
-                                  (default ``1``; read when an exception arrives)
-``MPICOMM_VLLM``                  ``1``: the vLLM platform plugin activates mpicomm
-``MPICOMM_VLLM_DEVICE``           ``cpu`` or ``cuda``: force the vLLM platform family
-================================  ===========================================================
+==================================  ===========================================================
+``MPICOMM_CUDA_AWARE``              ``0``/``1``: override the MPI library's CUDA-awareness answer
+``MPICOMM_STAGING``                 ``1``: send every tensor through the host staging buffers,
+                                    CPU tensors included (for testing the staging path)
+``MPICOMM_VALIDATE``                ``1``: check before each collective that all ranks agree on
+                                    operation, dtype, shape, dim, sizes and root
+``MPICOMM_TIMEOUT``                 seconds: bound every collective and receive; unset or any
+                                    zero (``0``, ``0.0``, ``00``) = no bound
+``MPICOMM_ALLREDUCE_ALGO``          ``auto`` (default), ``native`` or ``bytes``
+``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name (``DEBUG``, ``INFO``, ...) set on the
+                                    ``mpicomm`` logger when a communicator is built
+``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under large
+                                    fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_HIERARCHICAL``            ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
+                                    the node-aware all_reduce of :mod:`mpicomm.hierarchical`
+``MPICOMM_ABORT_ON_EXCEPTION``      ``0``: do not abort the MPI job on an uncaught exception
+                                    (default ``1``; read when an exception arrives)
+``MPICOMM_VLLM``                    ``1``: the vLLM platform plugin activates mpicomm
+``MPICOMM_VLLM_DEVICE``             ``cpu`` or ``cuda``: force the vLLM platform family
+==================================  ===========================================================
 
 Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
 unset variable means the default. A malformed value raises ``ValueError`` naming the variable.
@@ -25,6 +27,8 @@ unset variable means the default. A malformed value raises ``ValueError`` naming
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -46,16 +50,31 @@ def flag(name: str, default: bool | None) -> bool | None:
 
 
 def _seconds(name: str) -> float | None:
+    """A finite number of seconds >= 0; unset, empty or zero (in any spelling) mean ``None``."""
     raw = os.environ.get(name, "").strip()
-    if raw == "" or raw == "0":
+    if raw == "":
         return None
     try:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {raw!r}")
-    return value
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name} must be a finite number of seconds >= 0 (0: no bound), got {raw!r}"
+        )
+    return value or None
+
+
+def _log_level(name: str) -> str | None:
+    """A :mod:`logging` level name, upper-cased; ``None`` when unset or empty."""
+    raw = os.environ.get(name, "").strip().upper()
+    if raw == "":
+        return None
+    if not isinstance(logging.getLevelName(raw), int):
+        raise ValueError(
+            f"{name} must be a logging level (DEBUG, INFO, WARNING, ERROR, CRITICAL), got {raw!r}"
+        )
+    return raw
 
 
 def choice(name: str, choices: tuple[str, ...], default: str) -> str:
@@ -88,7 +107,7 @@ def settings() -> Settings:
         validate=bool(flag("MPICOMM_VALIDATE", False)),
         timeout=_seconds("MPICOMM_TIMEOUT"),
         allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
-        log_level=os.environ.get("MPICOMM_LOG_LEVEL") or None,
+        log_level=_log_level("MPICOMM_LOG_LEVEL"),
         huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
         hierarchical=_hierarchical(),
     )

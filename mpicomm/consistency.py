@@ -34,7 +34,8 @@ _DTYPES = list(DTYPES)
 _OP_CODE = {name: i for i, name in enumerate(OPERATIONS)}
 _DTYPE_CODE = {dtype: i for i, dtype in enumerate(_DTYPES)}
 _MAX_DIMS = 10
-WIDTH = 6 + _MAX_DIMS
+WIDTH = 7 + _MAX_DIMS  # 6 fields, the shape, then the key of a list of tensors
+_LIST = WIDTH - 1
 _PAD = [-1] * _MAX_DIMS
 ANY = -2  # a shape entry that may differ between ranks (the rows of a v-collective)
 
@@ -54,7 +55,7 @@ class Fingerprint(NamedTuple):
 
 def fingerprint(
     operation: str,
-    tensor: torch.Tensor,
+    tensor: torch.Tensor | list[torch.Tensor],
     dim: int = -1,
     sizes: list[int] | None = None,
     root: int = -1,
@@ -62,9 +63,14 @@ def fingerprint(
 ) -> Fingerprint:
     """What every rank of a call must share: operation, dtype, shape, dim, sizes, root.
 
+    ``tensor`` may be a list (``all_gatherv`` of several tensors, ``dispatch``): the first entry
+    fills the dtype and shape fields, and the list's length with every entry's dtype and shape
+    (all but the rows when ``rows_vary``) enter as one more field (``-1`` for a single tensor).
     ``rows_vary``: the first dimension may differ between ranks (the rows of a v-collective).
     Shapes of more than 10 dimensions and the sizes list enter the row as CRC32 hashes.
     """
+    tensors = tensor if isinstance(tensor, list | tuple) else [tensor]
+    tensor = tensors[0]
     shape = list(tensor.shape)
     if rows_vary and shape:
         shape[0] = ANY
@@ -73,8 +79,21 @@ def fingerprint(
         shape = shape[: _MAX_DIMS - 1] + [zlib.crc32(np.array(shape[_MAX_DIMS - 1 :]).tobytes())]
     sizes_key = -1 if sizes is None else zlib.crc32(np.asarray(sizes, dtype=np.int64).tobytes())
     row = [_OP_CODE[operation], _DTYPE_CODE[tensor.dtype], ndim, dim, root, sizes_key, *shape]
-    row += _PAD[: WIDTH - len(row)]
+    row += _PAD[: _LIST - len(row)]
+    row.append(_list_key(tensors, rows_vary))
     return Fingerprint(np.array(row, dtype=np.int64), None if sizes is None else list(sizes))
+
+
+def _list_key(tensors: list[torch.Tensor], rows_vary: bool) -> int:
+    """``-1`` for one tensor; else the count (high bits) and a CRC32 of every entry's dtype,
+    number of dimensions and shape (rows left out when they vary)."""
+    if len(tensors) == 1:
+        return -1
+    spec = []
+    for t in tensors:
+        shape = list(t.shape)
+        spec += [_DTYPE_CODE[t.dtype], len(shape), *(shape[1:] if rows_vary else shape)]
+    return (len(tensors) << 32) | zlib.crc32(np.array(spec, dtype=np.int64).tobytes())
 
 
 def describe(row: np.ndarray, sizes: list[int] | None = None) -> str:
@@ -90,14 +109,19 @@ def describe(row: np.ndarray, sizes: list[int] | None = None) -> str:
         text += f", root={root}"
     if sizes_key >= 0:
         text += f", sizes#{sizes_key:08x}" if sizes is None else f", sizes={sizes}"
+    key = int(row[_LIST])
+    if key >= 0:
+        text += f", {key >> 32} tensors#{key & 0xFFFFFFFF:08x}"
     return text + ")"
 
 
 def differences(rows: np.ndarray) -> list[str]:
     """Names of the fields on which the rows (one per rank) differ."""
     fields = [name for i, name in enumerate(_FIELDS) if (rows[:, i] != rows[0, i]).any()]
-    if (rows[:, 6:] != rows[0, 6:]).any():
+    if (rows[:, 6:_LIST] != rows[0, 6:_LIST]).any():
         fields.append("shape")
+    if (rows[:, _LIST] != rows[0, _LIST]).any():
+        fields.append("the list of tensors (length, dtypes or shapes)")
     return fields
 
 
@@ -130,3 +154,20 @@ def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> No
     raise ValueError(
         f"{operation} on group {call.group!r}: the ranks disagree on {', '.join(fields)}: {calls}"
     )
+
+
+def agree_settings(comm: MPI.Comm, group: str, values: dict[str, tuple[object, str]]) -> None:
+    """Once, when a communicator is built (collective on ``comm``, untimed like the rest of
+    construction): raise the same ``ValueError`` on every rank if a setting that must match
+    differs. ``values``: setting name -> (what is compared, how it is shown)."""
+    every = comm.allgather(values)
+    differ = [name for name in values if any(e[name][0] != every[0][name][0] for e in every)]
+    if differ:
+        detail = "; ".join(
+            f"{name}: " + ", ".join(f"rank {i} {e[name][1]}" for i, e in enumerate(every))
+            for name in differ
+        )
+        raise ValueError(
+            f"group {group!r}: the ranks disagree on settings that must match on every rank "
+            f"({detail}). Set them alike on every rank (environment or MPICommunicator arguments)"
+        )

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from mpi4py import MPI
 
+from .calls import created
 from .communicator import MPICommunicator
 from .topology import Topology, default_device, node_topology
+from .validation import as_int, check_comm
 
 
 @dataclass
@@ -49,11 +51,40 @@ class ParallelGroups:
 
 
 def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = as_int(value, name)
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+def _agreed_sizes(comm: MPI.Comm, sizes: dict[str, object]) -> tuple[int, ...]:
+    """The checked sizes, the same on every rank of ``comm`` (one exchange, collective).
+
+    A rank whose own sizes are invalid raises its ``TypeError``/``ValueError``; the other ranks
+    raise ``ValueError`` naming it; ranks that passed different sizes all raise ``ValueError``.
+    """
+    try:
+        mine: tuple[int, ...] | str = tuple(
+            int(bool(v)) if k.startswith("enable") else _positive(k, v) for k, v in sizes.items()
+        )
+        error = None
+    except (TypeError, ValueError) as exc:
+        mine, error = f"{type(exc).__name__}: {exc}", exc
+    every = comm.allgather(mine)
+    if error is not None:
+        raise error
+    bad = [f"rank {r}: {e}" for r, e in enumerate(every) if isinstance(e, str)]
+    if bad:
+        raise ValueError(
+            f"initialize_model_parallel: invalid sizes on other ranks ({'; '.join(bad)})"
+        )
+    if any(e != mine for e in every):
+        names = ", ".join(sizes)
+        table = "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
+        raise ValueError(
+            f"initialize_model_parallel: the ranks passed different sizes ({names}): {table}"
+        )
+    return mine
 
 
 def initialize_model_parallel(
@@ -70,14 +101,18 @@ def initialize_model_parallel(
 
     ``device`` defaults to this rank's GPU (local rank modulo the GPUs torch sees) or ``cpu``.
     Extra keywords (``timeout``, ``validate``, ...) go to every :class:`MPICommunicator`.
-    Raises ``ValueError`` on every rank when TP*PP*DP does not divide the world size.
+    Raises ``ValueError`` on every rank when TP*PP*DP does not divide the world size, or when the
+    ranks passed different sizes (exchanged once, before any group is made).
     """
-    tp_size = _positive("tensor_parallel_size", tensor_parallel_size)
-    pp_size = _positive("pipeline_parallel_size", pipeline_parallel_size)
-    dp_size = _positive("data_parallel_size", data_parallel_size)
     comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(comm, MPI.Comm):
-        raise TypeError(f"comm must be an mpi4py MPI.Comm, got {type(comm).__name__}")
+    check_comm(comm, "comm")
+    sizes = {
+        "tensor_parallel_size": tensor_parallel_size,
+        "pipeline_parallel_size": pipeline_parallel_size,
+        "data_parallel_size": data_parallel_size,
+        "enable_expert_parallel": enable_expert_parallel,
+    }
+    tp_size, pp_size, dp_size, _ = _agreed_sizes(comm, sizes)
     world_size, rank = comm.Get_size(), comm.Get_rank()
     block = tp_size * pp_size * dp_size
     if world_size % block:
@@ -96,9 +131,9 @@ def initialize_model_parallel(
         code = 0
         for part, base in zip(color, (world_size, tp_size, pp_size, dp_size), strict=False):
             code = code * (base + 1) + part
-        return comm.Split(code, key)
+        return created("initialize_model_parallel", lambda: comm.Split(code, key), "a group")
 
-    cpu_groups = [comm.Dup()]
+    cpu_groups = [created("initialize_model_parallel", comm.Dup, "the world group")]
     cpu_groups.append(split((replica, dp, pp), tp))
     cpu_groups.append(split((replica, dp, tp), pp))
     cpu_groups.append(split((replica, pp, tp), dp))

@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 
 from .buffers import HUGE_PAGES_FROM, thp_mode
-from .config import settings
+from .config import flag
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .topology import default_device, node_topology
 
@@ -22,7 +22,11 @@ _THREAD_LEVELS = {
 
 def huge_pages_report() -> str:
     """Whether large fresh results are put on transparent huge pages, and whether Linux obliges."""
-    if not settings().huge_pages:
+    try:
+        wanted_on = flag("MPICOMM_HUGE_PAGES", True)
+    except ValueError as exc:  # info works whatever the other settings say; this one is shown
+        return f"unknown: {exc}"
+    if not wanted_on:
         return "off (MPICOMM_HUGE_PAGES=0)"
     wanted = f"for host results >= {HUGE_PAGES_FROM >> 20} MiB"
     mode = thp_mode()
@@ -31,6 +35,14 @@ def huge_pages_report() -> str:
     if mode == "never":
         return f"asked {wanted}, but transparent huge pages are off (never): no effect"
     return f"on {wanted} (transparent huge pages: {mode})"
+
+
+def _or_error(report_line) -> str:
+    """``report_line()``, or the malformed setting it tripped on (info never needs settings)."""
+    try:
+        return report_line()
+    except ValueError as exc:
+        return f"unknown: {exc}"
 
 
 def report(comm: MPI.Comm | None = None) -> str | None:
@@ -59,7 +71,7 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"mpi4py           {mpi4py.__version__}",
         f"thread level     {_THREAD_LEVELS.get(MPI.Query_thread(), MPI.Query_thread())}",
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
-        f"CUDA-aware MPI   {cuda_awareness_report()}",
+        f"CUDA-aware MPI   {_or_error(cuda_awareness_report)}",
         f"huge pages       {huge_pages_report()}",
         f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
         "",

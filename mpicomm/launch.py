@@ -1,5 +1,8 @@
 """Launch helpers: rank/device mapping, torch launcher variables, abort on uncaught exceptions.
 
+Longer than ~400 lines on purpose: each helper is short, and they share the launcher variables,
+the world lookup and the rank-tagged output to stderr.
+
 These work the same under ``mpiexec``/``mpirun``, ``srun`` and plain ``python`` (one rank).
 
 * :func:`env_ranks` reads what the launcher put in the environment (no MPI call): Open MPI
@@ -16,11 +19,17 @@ These work the same under ``mpiexec``/``mpirun``, ``srun`` and plain ``python`` 
   other thread) print its traceback tagged with the rank and call ``MPI.COMM_WORLD.Abort(1)``, so
   the whole job ends with a non-zero status instead of the other ranks waiting forever.
   ``MPICOMM_ABORT_ON_EXCEPTION=0`` disables it.
+* :func:`track` / :func:`untrack`: communicators of more than one rank that were never destroyed
+  are named on stderr when the process exits (a rank leaving early, e.g. ``sys.exit(0)``, leaves
+  its peers waiting in their next collective on that group).
+* :func:`apply_log_level`: ``MPICOMM_LOG_LEVEL`` on the ``mpicomm`` logger.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -39,7 +48,9 @@ __all__ = [
     "export_torch_env",
     "install_abort_on_exception",
     "launch_info",
+    "track",
     "uninstall_abort_on_exception",
+    "untrack",
 ]
 
 
@@ -380,3 +391,54 @@ def uninstall_abort_on_exception() -> None:
         if threading.excepthook is _thread_hook:
             threading.excepthook = _installed.get("threading") or threading.__excepthook__
         _installed.clear()
+
+
+_live: dict[int, tuple[str, int]] = {}  # id(communicator) -> (name, group size), until destroyed
+_at_exit: list[bool] = []  # [True] once warn_undestroyed is registered with atexit
+
+
+def track(comm, name: str) -> None:
+    """Remember ``comm`` (an object with ``world_size``) until :func:`untrack`; at exit, any
+    still remembered with more than one rank is named on stderr."""
+    with _lock:
+        if not _at_exit:
+            atexit.register(warn_undestroyed)
+            _at_exit.append(True)
+        _live[id(comm)] = (name, comm.world_size)
+
+
+def untrack(comm) -> None:
+    """Forget ``comm`` (it was destroyed)."""
+    with _lock:
+        _live.pop(id(comm), None)
+
+
+def warn_undestroyed() -> list[str]:
+    """Name on stderr the multi-rank communicators never destroyed (run at exit); returns them."""
+    with _lock:
+        names = [name for name, size in _live.values() if size > 1]
+    if names:
+        _, world = _world()
+        rank = world.Get_rank() if world is not None else env_ranks().rank
+        with contextlib.suppress(Exception):
+            sys.stderr.write(
+                f"[rank {rank}] mpicomm: exiting with communicator(s) {', '.join(names)} never "
+                f"destroyed. If the other ranks are still in a collective on them they wait until "
+                f"their MPICOMM_TIMEOUT, or forever without one: call destroy() on every rank "
+                f"before leaving, or MPI.COMM_WORLD.Abort() to end the job.\n"
+            )
+            sys.stderr.flush()
+    return names
+
+
+def apply_log_level(level: str | None) -> None:
+    """Set the ``mpicomm`` logger to ``level`` (a :mod:`logging` level name, from
+    ``MPICOMM_LOG_LEVEL``) and, when nothing handles its records, print them on stderr."""
+    if level is None:
+        return
+    logger = logging.getLogger("mpicomm")
+    logger.setLevel(level)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("mpicomm %(levelname)s: %(message)s"))
+        logger.addHandler(handler)

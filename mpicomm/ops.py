@@ -91,6 +91,13 @@ def _check_world(comm: Any, world_size: int, name: str) -> None:
         raise ValueError(f"world_size={world_size} but group {name!r} has {comm.world_size} ranks")
 
 
+def _check_sizes(comm: Any, sizes: list[int], name: str) -> None:
+    if len(sizes) != comm.world_size:
+        raise ValueError(
+            f"sizes has {len(sizes)} entries, but group {name!r} has {comm.world_size} ranks"
+        )
+
+
 def _resized(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[_norm_dim(dim, x.dim())] = length
@@ -118,6 +125,9 @@ def _all_gather(x: torch.Tensor, dim: int, world_size: int, group_name: str) -> 
 
 @_all_gather.register_fake
 def _(x, dim, world_size, group_name):
+    if x.dim() == 0:  # eager gathers a 0-d tensor as shape (1,): (W,)
+        _norm_dim(dim, 0)
+        return x.new_empty((world_size,))
     return _resized(x, dim, x.shape[_norm_dim(dim, x.dim())] * world_size)
 
 
@@ -138,7 +148,7 @@ def _(x, dim, world_size, group_name):
 @torch.library.custom_op("mpicomm::all_gatherv", mutates_args=())
 def _all_gatherv(x: torch.Tensor, sizes: list[int], group_name: str) -> torch.Tensor:
     comm = get_communicator(group_name)
-    _check_world(comm, len(sizes), group_name)
+    _check_sizes(comm, sizes, group_name)
     return _fresh(comm.all_gatherv(x, 0, list(sizes)), x)
 
 
@@ -153,7 +163,7 @@ def _reduce_scatterv(
     x: torch.Tensor, dim: int, sizes: list[int], rank: int, group_name: str
 ) -> torch.Tensor:
     comm = get_communicator(group_name)
-    _check_world(comm, len(sizes), group_name)
+    _check_sizes(comm, sizes, group_name)
     if comm.rank_in_group != rank:
         raise ValueError(f"rank={rank} but this is rank {comm.rank_in_group} of {group_name!r}")
     return _fresh(comm.reduce_scatterv(x, dim, list(sizes)), x)

@@ -46,11 +46,15 @@ class Route:
         """``tensor`` as a contiguous tensor in memory MPI can read (never one MPI writes).
 
         Detached: collectives are not recorded by autograd, and MPI cannot read a tensor that
-        requires grad (nor may a staging slot join an autograd graph). ``sync=False`` when the
-        caller synchronises the device itself (:meth:`ready`) after making its output.
+        requires grad (nor may a staging slot join an autograd graph). Lazy views are resolved:
+        the memory of ``x.conj()`` (complex) or of a negative view (``x.conj().imag``) holds the
+        unconjugated, unnegated values, and MPI reads memory. ``sync=False`` when the caller
+        synchronises the device itself (:meth:`ready`) after making its output.
         """
         if tensor.requires_grad:
             tensor = tensor.detach()
+        if tensor.is_conj() or tensor.is_neg():
+            tensor = tensor.resolve_conj().resolve_neg()
         if self.staged:
             shape = tuple(tensor.shape)
             host = self._workspace.tensor(slot, shape, tensor.dtype, _HOST, True)

@@ -6,17 +6,61 @@ fails on every rank alike instead of leaving the others waiting in a collective.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from mpi4py import MPI
 
 from .dtypes import DtypeInfo, dtype_info
 
 
+def as_int(value: object, argument: str, what: str = "an int") -> int:
+    """``value`` as a Python int: an ``int``, a numpy integer or anything with ``__index__``
+    (as torch accepts), never a bool."""
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{argument} must be {what}, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{argument} must be {what}, got {type(value).__name__}") from None
+
+
+def check_comm(value: object, argument: str) -> None:
+    """``value`` must be an intracommunicator this rank belongs to (not ``COMM_NULL``, not an
+    intercommunicator). Local: no message is exchanged."""
+    if not isinstance(value, MPI.Comm):
+        raise TypeError(f"{argument} must be an mpi4py MPI.Comm, got {type(value).__name__}")
+    if value == MPI.COMM_NULL:
+        raise ValueError(
+            f"{argument} is MPI.COMM_NULL: this rank is not a member of that group (a Split "
+            f"with MPI.UNDEFINED, or a freed communicator)"
+        )
+    if value.Is_inter():
+        raise TypeError(
+            f"{argument} is an intercommunicator: mpicomm needs an intracommunicator "
+            f"(make one with {argument}.Merge())"
+        )
+
+
+def check_device_type(device: torch.device) -> None:
+    """A communicator serves ``cpu`` or an existing CUDA device (checked at construction)."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise ValueError(f"device={str(device)!r}: mpicomm serves cpu and cuda devices only")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}, but torch sees no CUDA device on this rank")
+
+
 def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
-    """``value`` must be a tensor of a supported dtype; returns its dtype row."""
+    """``value`` must be a dense tensor of a supported dtype; returns its dtype row."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{argument} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise TypeError(f"{argument} is a nested tensor: pass its components (.unbind())")
     if value.layout is not torch.strided:
         raise TypeError(f"{argument} must be a dense (strided) tensor, got layout {value.layout}")
     return dtype_info(value.dtype, argument)
@@ -24,8 +68,7 @@ def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
 
 def normalize_dim(dim: object, ndim: int, argument: str = "dim") -> int:
     """``dim`` in ``[-ndim, ndim)`` made non-negative; a 0-d tensor counts as one dimension."""
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise TypeError(f"{argument} must be an int, got {type(dim).__name__}")
+    dim = as_int(dim, argument)
     span = max(ndim, 1)
     if not -span <= dim < span:
         raise ValueError(f"{argument}={dim} is out of range for a tensor with {ndim} dimensions")
@@ -34,10 +77,20 @@ def normalize_dim(dim: object, ndim: int, argument: str = "dim") -> int:
 
 def check_rank(value: object, world_size: int, argument: str) -> int:
     """``value`` must be a rank of the group: an int in ``[0, world_size)``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int rank, got {type(value).__name__}")
+    value = as_int(value, argument, "an int rank")
     if not 0 <= value < world_size:
         raise ValueError(f"{argument}={value} is not a rank of a group of size {world_size}")
+    return value
+
+
+def check_peer(value: object, world_size: int, rank: int, argument: str) -> int:
+    """A rank of the group other than this one (``rank``): the peer of a send or receive."""
+    value = check_rank(value, world_size, argument)
+    if value == rank:
+        raise ValueError(
+            f"{argument}={value} is this rank: a blocking send or receive to itself cannot "
+            f"complete (use the tensor directly)"
+        )
     return value
 
 
@@ -47,12 +100,13 @@ def check_sizes(
     """``sizes`` must be ``world_size`` non-negative ints, adding up to ``total`` when given."""
     if isinstance(sizes, torch.Tensor):
         sizes = sizes.tolist()
+    if isinstance(sizes, np.ndarray):
+        sizes = list(sizes)
     if not isinstance(sizes, Sequence) or isinstance(sizes, str | bytes):
         raise TypeError(f"{argument} must be a sequence of ints, got {type(sizes).__name__}")
     out = []
     for i, s in enumerate(sizes):
-        if isinstance(s, bool) or not isinstance(s, int):
-            raise TypeError(f"{argument}[{i}] must be an int, got {type(s).__name__}")
+        s = as_int(s, f"{argument}[{i}]")
         if s < 0:
             raise ValueError(f"{argument}[{i}]={s} is negative")
         out.append(s)
@@ -89,9 +143,16 @@ def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "in
 
 
 def check_seconds(value: object, argument: str) -> float | None:
-    """A number of seconds ``>= 0``; ``0`` means no bound (``None``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"{argument} must be a number of seconds >= 0, got {value!r}")
+    """A finite number of seconds ``>= 0``; ``0`` means no bound (``None``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value >= 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(
+            f"{argument} must be a finite number of seconds >= 0 (0: no bound), got {value!r}"
+        )
     return float(value) or None
 
 
@@ -104,16 +165,22 @@ def check_choice(value: object, choices: tuple[str, ...], argument: str) -> str:
 
 def check_shape(size: object, argument: str = "size") -> tuple[int, ...]:
     """An int or a sequence of non-negative ints, as a shape tuple."""
-    if isinstance(size, int) and not isinstance(size, bool):
+    if isinstance(size, int | np.integer) and not isinstance(size, bool):
         size = (size,)
     if not isinstance(size, torch.Size | tuple | list):
         raise TypeError(
             f"{argument} must be a torch.Size or a sequence of ints, got {type(size).__name__}"
         )
+    shape = []
     for n in size:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        try:
+            n = as_int(n, argument)
+        except TypeError:
+            n = -1
+        if n < 0:
             raise ValueError(f"{argument} must hold non-negative ints, got {tuple(size)}")
-    return tuple(size)
+        shape.append(n)
+    return tuple(shape)
 
 
 def check_row_tensors(

@@ -40,7 +40,11 @@ class AllGatherReduceScatter:
         *,
         sizes: list[int] | None = None,
     ):
-        """(tokens_r, ...) per rank -> (sum_r tokens_r, ...) on every rank, rank-major rows."""
+        """(tokens_r, ...) per rank -> (sum_r tokens_r, ...) on every rank, rank-major rows.
+
+        In consistency mode the ranks also agree on the number of tensors and on each one's
+        dtype and trailing shape (the fingerprint of the list that ``all_gatherv`` takes)."""
+        self.comm.agree("dispatch")  # a destroyed communicator says so, naming dispatch
         tensors = [hidden_states, router_logits, *(extra_tensors or [])]
         names = ["hidden_states", "router_logits"]
         names += [f"extra_tensors[{i}]" for i in range(len(tensors) - 2)]
@@ -69,6 +73,7 @@ class AllGatherReduceScatter:
 
     def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False):
         """(sum_r tokens_r, H) expert outputs -> this rank's (tokens_r, H), summed over ranks."""
+        self.comm.agree("combine")  # after destroy(): "destroyed", not "before dispatch"
         if self.sizes is None:
             raise ValueError("combine() called before dispatch(): no token counts to return to")
         return self.comm.reduce_scatterv(hidden_states, 0, self.sizes)

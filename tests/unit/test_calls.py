@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpicomm import calls
 from mpicomm.calls import Arrivals, Caller, nonblocking
 from mpicomm.errors import CollectiveTimeoutError, CommunicationError
 
@@ -85,14 +86,45 @@ def test_timeout_raises_marks_broken_and_keeps_the_request_alive():
     assert err.timeout == 0.2 and (err.operation, err.group) == ("dispatch", "ep")
     assert "dispatch on group 'ep' did not complete within 0.2 s (MPICOMM_TIMEOUT)" in str(err)
     assert call.broken == "dispatch timed out after 0.2 s"
+    assert_kept_alive(call, box, 77)
+
+
+def assert_kept_alive(call: Caller, box: np.ndarray, tag: int) -> None:
+    """``call`` holds one abandoned receive into ``box`` (tag ``tag``) and refuses new calls;
+    the receive is still posted: a late message lands in ``box``."""
     assert call.outstanding == 1
     with pytest.raises(CommunicationError, match="unusable after an earlier failure"):
-        call("dispatch", MPI.COMM_SELF, "Recv", np.zeros(2), 0, 78)
-    # The abandoned receive is still posted: a late message lands in its buffer.
+        call("again", MPI.COMM_SELF, "Recv", np.zeros(2), 0, tag + 1)
     ((request, _args),) = call._abandoned
-    MPI.COMM_SELF.Send(np.array([3.0, 4.0]), 0, 77)
+    MPI.COMM_SELF.Send(np.array([3.0, 4.0]), 0, tag)
     request.Wait()
     assert box.tolist() == [3.0, 4.0]
+
+
+def test_an_interrupt_while_polling_keeps_the_request_and_breaks_the_caller(monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) in a timed wait: the receive stays posted with its buffer, and
+    the caller refuses further calls, as after a timeout."""
+    call = Caller("ep", timeout=30)
+    box = np.zeros(2)
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calls.time, "sleep", interrupt)  # the first sleep of the wait
+    with pytest.raises(KeyboardInterrupt):
+        call("recv", MPI.COMM_SELF, "Recv", box, 0, 41)
+    monkeypatch.undo()
+    assert call.broken == "recv was interrupted by KeyboardInterrupt while waiting"
+    assert_kept_alive(call, box, 41)
+
+
+def test_a_system_exit_while_polling_breaks_the_caller(monkeypatch):
+    call = Caller("ep", timeout=30)
+    monkeypatch.setattr(calls.time, "sleep", lambda s: (_ for _ in ()).throw(SystemExit(3)))
+    with pytest.raises(SystemExit):
+        call.probe("recv", MPI.COMM_SELF, 0, 43)
+    assert call.broken == "recv was interrupted by SystemExit while waiting"
+    assert call.outstanding == 1
 
 
 def test_probe_timeout_names_the_rank_that_sent_nothing():

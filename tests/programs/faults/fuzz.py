@@ -6,9 +6,11 @@ call, and checks it against the reference it computes itself from every rank's i
 gathers the outcomes: either every rank returned the reference result (fresh, contiguous, same
 dtype, input untouched), or every rank raised the error that CONTRACT.md documents for those
 arguments. Cases drawn: operation, dtype, shape (0 to 4 dims, sizes 0 to 5), dim (possibly out
-of range), layout (contiguous, transposed, strided, expanded), sizes (possibly wrong), root
-(possibly out of range), consistency mode on/off, and with it on, one rank disagreeing on the
-dtype or shape. ``MPICOMM_TIMEOUT`` bounds every call; a timeout aborts the job (a hang is a bug).
+of range), layout (contiguous, transposed, strided, expanded, or a lazy view: ``x.conj()`` for
+complex dtypes, a negative-bit view for signed ones), sizes (possibly wrong), root (possibly out
+of range), ints given as numpy integers, ``all_gatherv`` of a list (a second tensor of another
+dtype and trailing shape), consistency mode on/off, and with it on, one rank disagreeing on the
+dtype or shape (of the list's second tensor too). ``MPICOMM_TIMEOUT`` bounds every call; a timeout aborts the job (a hang is a bug).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import sys
 import traceback
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -36,7 +39,7 @@ OPS = [
     "gather",
     "broadcast",
 ]
-LAYOUTS = ["contiguous", "transposed", "strided", "expanded"]
+LAYOUTS = ["contiguous", "transposed", "strided", "expanded", "lazy"]
 VICTIM = W - 1
 
 
@@ -49,7 +52,7 @@ def build(case: dict, rank: int) -> torch.Tensor:
     if case["inject"] and rank == VICTIM:
         if case["inject"] == "dtype":
             dtype = torch.float64 if dtype != torch.float64 else torch.float32
-        elif shape:
+        elif case["inject"] == "shape" and shape:
             shape[-1] += 1
     g = torch.Generator().manual_seed(case["seed"] * 31 + rank)
     layout = case["layout"]
@@ -63,8 +66,21 @@ def build(case: dict, rank: int) -> torch.Tensor:
     else:
         values = torch.randint(0, 5, shape, generator=g)
     if dtype.is_complex:
-        return (values + 1j * (values - 2)).to(dtype)
-    return values.to(dtype)
+        x = (values + 1j * (values - 2)).to(dtype)
+        return x.conj() if layout == "lazy" else x  # a conj view: its memory is unconjugated
+    x = values.to(dtype)
+    if layout == "lazy" and (dtype.is_signed and dtype.itemsize > 1):
+        return torch._neg_view(-x)  # a negative-bit view: its memory holds -x
+    return x
+
+
+def companion(case: dict, rank: int) -> torch.Tensor:
+    """The second tensor of a list all_gatherv: ``build``'s rows, another dtype and width."""
+    x = build(case, rank)
+    rows = x.shape[0] if x.dim() else 1  # a 0-d first entry is the error the call must raise
+    dtype = torch.float32 if case["inject"] == "list" and rank == VICTIM else torch.float64
+    g = torch.Generator().manual_seed(case["seed"] * 37 + rank)
+    return torch.randint(0, 5, (rows, 2), generator=g).to(dtype)
 
 
 def _sizes_ok(case) -> bool:
@@ -128,11 +144,16 @@ def reference(case: dict, every: list[torch.Tensor]):
 
 def call(comm, case: dict, x: torch.Tensor):
     op, dim, sizes, root = case["op"], case["dim"], case["sizes"], case["root"]
+    if case["numpy"]:  # accepted wherever an int is, as torch accepts them
+        dim, root = np.int64(dim), np.int64(root)
+        sizes = None if sizes is None else [np.int32(s) for s in sizes]
     if op == "all_reduce":
         return comm.all_reduce(x)
     if op == "all_gather":
         return comm.all_gather(x, dim)
     if op == "all_gatherv":
+        if case["as_list"]:
+            return comm.all_gatherv([x, companion(case, RANK)], dim, sizes)
         return comm.all_gatherv(x, dim, sizes)
     if op == "reduce_scatter":
         return comm.reduce_scatter(x, dim)
@@ -161,6 +182,11 @@ def run_case(comms: dict, case: dict) -> tuple[str, str]:
         return "raised", f"{type(exc).__name__}: {exc}"
     if not torch.equal(x, before):
         return "wrong", "input was modified"
+    if case["as_list"]:
+        out, second = out
+        want = torch.cat([companion(case, r) for r in range(W)])
+        if not torch.equal(second, want):
+            return "wrong", f"list entry 1 differs: got {second.flatten()[:8]}"
     try:
         ref = reference(case, [build(case, r) for r in range(W)])
     except Exception:  # noqa: BLE001
@@ -223,13 +249,18 @@ def rank0(comms: dict, examples: int) -> int:
             "validate": draw(st.booleans()),
             "seed": draw(st.integers(0, 2**20)),
             "inject": None,
+            "numpy": draw(st.booleans()),
+            "as_list": False,
         }
         if case["op"] in ("all_gatherv", "reduce_scatterv"):
             case["sizes"] = draw(sizes)
         if case["op"] == "all_gatherv" and draw(st.booleans()):
             case["dim"] = 0
+        if case["op"] == "all_gatherv":
+            case["as_list"] = draw(st.booleans())
         if case["validate"] and draw(st.integers(0, 3)) == 0:
-            case["inject"] = draw(st.sampled_from(["dtype", "shape"]))
+            kinds = ["dtype", "shape", "list"] if case["as_list"] else ["dtype", "shape"]
+            case["inject"] = draw(st.sampled_from(kinds))
             if case["inject"] == "shape" and (
                 not case["shape"] or case["op"] not in ("all_reduce", "all_gather", "broadcast")
             ):

@@ -5,8 +5,11 @@ Every rank draws the same sequence of calls from a seeded generator; inputs are 
 derived from (step, rank), so every rank computes the exact reference for every call itself.
 Two communicators alternate: a plain one, and one with a timeout and validation (the polling,
 arrival-notice and fingerprint paths). After a warm-up that runs every operation and dtype at the
-largest size, the resident memory, the workspace bytes and the outstanding requests must not grow.
-Rank 0 prints one JSON line with the summary; the exit status is 0 only if everything held.
+largest size, the library's own holdings must not grow: workspace bytes, outstanding requests,
+and the Python objects alive (a tensor or request kept per call shows there at once). Resident
+memory is sampled at ``MARKS`` points and summarised as a least-squares slope (bytes per call):
+transparent huge pages move RSS in 2 MiB steps, which a slope over the run averages away.
+Rank 0 prints one JSON line with the summary; the exit status is 0 only if every result held.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ OPS = [
     "dispatch",
 ]
 MAX_ROWS, MAX_COLS = 64, 96  # largest tensor: 64 x 96 elements per rank
+MARKS = 20  # samples of memory and objects after the warm-up
 
 
 def rss() -> int:
@@ -109,9 +113,20 @@ def state(comms) -> dict:
     gc.collect()
     return {
         "rss": rss(),
+        "objects": len(gc.get_objects()),
         "workspace": sum(c.workspace.nbytes for c in comms),
         "outstanding": sum(c.outstanding for c in comms),
     }
+
+
+def slope(xs: list[int], ys: list[int]) -> float:
+    """Least-squares slope of ``ys`` over ``xs`` (0 for fewer than two points)."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
 
 
 def main() -> int:
@@ -139,8 +154,8 @@ def main() -> int:
         args = draw(rng)
         if not run_one(comm, calls, op, dtype, *args):
             failures.append((calls, op, str(dtype), comm.unique_name, args[:2]))
-        if (i + 1) % max(1, steps // 4) == 0:
-            marks.append(state(comms)["rss"])
+        if (i + 1) % max(1, steps // MARKS) == 0:
+            marks.append((i + 1, state(comms)))
     end = state(comms)
     elapsed = time.monotonic() - start
     every_failures = WORLD.allgather(failures)
@@ -155,7 +170,15 @@ def main() -> int:
             "failures": sum(len(f) for f in every_failures),
             "first_failures": [f for fs in every_failures for f in fs][:5],
             "rss_growth_bytes": [e["end"]["rss"] - e["warm"]["rss"] for e in every_end],
-            "rss_marks_mib": [[round(m / 2**20, 1) for m in e["marks"]] for e in every_end],
+            "rss_marks_mib": [
+                [round(m["rss"] / 2**20, 1) for _, m in e["marks"]] for e in every_end
+            ],
+            "rss_slope_bytes_per_call": [
+                round(slope([i for i, _ in e["marks"]], [m["rss"] for _, m in e["marks"]]), 1)
+                for e in every_end
+            ],
+            "objects_marks": [[m["objects"] for _, m in e["marks"]] for e in every_end],
+            "objects_growth": [e["end"]["objects"] - e["warm"]["objects"] for e in every_end],
             "workspace_growth_bytes": [
                 e["end"]["workspace"] - e["warm"]["workspace"] for e in every_end
             ],

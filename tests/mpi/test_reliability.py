@@ -1,0 +1,156 @@
+"""Reliability on every rank (any rank count): lazy views through every collective, send and
+dispatch; lists whose entries differ on one rank under validation; numpy integers; settings and
+sizes that differ between ranks; intercommunicators. See docs/reliability.md."""
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpicomm
+from tests.helpers import everywhere
+
+pytestmark = pytest.mark.mpi
+
+RANK, W = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def lazy(rank: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s lazy view of ``kind`` (4 rows) and its values as a plain tensor."""
+    base = torch.arange(4 * W * 2, dtype=torch.float64).reshape(4 * W, 2)[:4] + 10 * rank
+    if kind == "conj":
+        z = torch.complex(base, base - 3)
+        view = z.conj()
+    else:
+        view = torch._neg_view(-base)  # contiguous, negative bit set: memory holds -base
+    assert view.is_conj() or view.is_neg()
+    return view, view.resolve_conj().resolve_neg()
+
+
+@pytest.mark.parametrize("staging", [False, True])
+@pytest.mark.parametrize("kind", ["conj", "neg"])
+def test_lazy_views_give_their_values_everywhere(kind, staging):
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="lazy", staging=staging)
+    try:
+        views = [lazy(r, kind) for r in range(W)]
+        x, _ = views[RANK]
+        plain = [v for _, v in views]
+        ok = torch.equal(comm.all_reduce(x), torch.stack(plain).sum(0))
+        ok &= torch.equal(comm.all_gather(x, 0), torch.cat(plain))
+        ok &= torch.equal(comm.all_gather(x, 1), torch.cat(plain, 1))
+        ok &= torch.equal(comm.all_gatherv([x, x], 0)[1], torch.cat(plain))
+        total = torch.stack(plain).sum(0)
+        ok &= torch.equal(comm.reduce_scatter(torch.cat([x] * W), 0), total)
+        out = comm.gather(x, 0, 0)
+        ok &= torch.equal(out, torch.cat(plain)) if RANK == 0 else out is None
+        ok &= torch.equal(comm.broadcast(x, W - 1), plain[W - 1])
+        h, lg = comm.dispatch(x, x)
+        ok &= torch.equal(h, torch.cat(plain)) and torch.equal(lg, torch.cat(plain))
+        if W > 1:
+            if RANK == 0:
+                comm.send(x, 1)
+            elif RANK == 1:
+                ok &= torch.equal(comm.recv(x.shape, x.dtype, 0), plain[0])
+        assert everywhere(bool(ok))
+    finally:
+        comm.destroy()
+
+
+@pytest.mark.skipif(W < 2, reason="needs a rank that differs")
+@pytest.mark.parametrize("change", ["length", "dtype", "trailing shape"])
+def test_validation_covers_every_tensor_of_a_list(change):
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="lists", validate=True, timeout=60)
+    try:
+        x, second = torch.zeros(2, 3), torch.zeros(2, 4)
+        tensors = [x, second]
+        if RANK == W - 1:
+            if change == "length":
+                tensors = [x, second, second]
+            elif change == "dtype":
+                tensors = [x, second.double()]
+            else:
+                tensors = [x, torch.zeros(2, 5)]
+        with pytest.raises(ValueError, match="disagree on the list of tensors"):
+            comm.all_gatherv(tensors, 0)
+        # dispatch: the extra tensors are checked too (router_logits here)
+        logits = torch.zeros(2, 4) if RANK != W - 1 else torch.zeros(2, 4, dtype=torch.float64)
+        with pytest.raises(ValueError, match="disagree on the list of tensors"):
+            comm.dispatch(x, logits)
+        assert comm.broken is None  # nothing moved: still usable
+        assert everywhere(torch.equal(comm.all_gatherv([x, second], 0)[0], torch.zeros(2 * W, 3)))
+    finally:
+        comm.destroy()
+
+
+def test_numpy_integers_everywhere(comm):
+    x = torch.full((2, 3), float(RANK))
+    ok = torch.equal(
+        comm.all_gather(x, np.int64(-1)),
+        torch.cat([torch.full((2, 3), float(r)) for r in range(W)], 1),
+    )
+    ok &= torch.equal(comm.broadcast(x, np.int32(W - 1)), torch.full((2, 3), float(W - 1)))
+    sizes = np.full(W, 2, dtype=np.int64)
+    ok &= comm.all_gatherv(x, np.int8(0), sizes).shape == (2 * W, 3)
+    if W > 1:
+        if RANK == 0:
+            comm.send(x, np.int64(1))
+        elif RANK == 1:
+            ok &= torch.equal(comm.recv((2, 3), torch.float32, np.int64(0)), torch.zeros(2, 3))
+    assert everywhere(bool(ok))
+
+
+@pytest.mark.skipif(W < 2, reason="needs two ranks")
+def test_send_to_itself_is_rejected(comm):
+    with pytest.raises(ValueError, match=f"dst={RANK} is this rank"):
+        comm.send(torch.zeros(1 << 18), RANK)  # 1 MiB: above any eager limit
+    with pytest.raises(ValueError, match=f"src={RANK} is this rank"):
+        comm.recv((2,), torch.float32, RANK)
+
+
+@pytest.mark.skipif(W < 2, reason="needs ranks whose settings differ")
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (lambda r: {"timeout": 30 if r == 0 else None}, "timeout (MPICOMM_TIMEOUT)"),
+        (lambda r: {"validate": r == W - 1}, "validate (MPICOMM_VALIDATE)"),
+        (lambda r: {"allreduce_algo": "bytes" if r else "native"}, "allreduce_algo"),
+    ],
+)
+def test_settings_that_differ_between_ranks_raise_everywhere(options, named):
+    with pytest.raises(ValueError, match="disagree on settings that must match") as info:
+        mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="differ", **options(RANK))
+    assert named in str(info.value)
+    # nothing was left behind: a communicator with matching settings still works
+    c = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="same", timeout=30)
+    assert everywhere(torch.equal(c.all_reduce(torch.ones(2)), torch.full((2,), float(W))))
+    c.destroy()
+
+
+@pytest.mark.skipif(W < 2, reason="needs ranks whose sizes differ")
+def test_model_parallel_sizes_that_differ_raise_everywhere():
+    with pytest.raises(ValueError, match="the ranks passed different sizes"):
+        mpicomm.initialize_model_parallel(tensor_parallel_size=1 if RANK == 0 else W)
+    bad = "x" if RANK == 0 else 1
+    if RANK == 0:
+        with pytest.raises(TypeError, match="tensor_parallel_size must be an int"):
+            mpicomm.initialize_model_parallel(tensor_parallel_size=bad)
+    else:
+        with pytest.raises(ValueError, match="invalid sizes on other ranks"):
+            mpicomm.initialize_model_parallel(tensor_parallel_size=bad)
+    groups = mpicomm.initialize_model_parallel(tensor_parallel_size=np.int64(W))
+    assert groups.tp.world_size == W
+    groups.destroy()
+
+
+@pytest.mark.skipif(W < 2, reason="an intercommunicator needs two groups")
+def test_intercommunicators_are_rejected():
+    half = MPI.COMM_WORLD.Split(RANK % 2, RANK)
+    inter = half.Create_intercomm(0, MPI.COMM_WORLD, 1 - RANK % 2, 5)
+    try:
+        with pytest.raises(TypeError, match="cpu_group is an intercommunicator"):
+            mpicomm.MPICommunicator(inter)
+        with pytest.raises(TypeError, match="comm is an intercommunicator"):
+            mpicomm.initialize_model_parallel(comm=inter)
+    finally:
+        inter.Free()
+        half.Free()
