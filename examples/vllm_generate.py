@@ -40,6 +40,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the made model")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mpicomm-vllm"))
     p.add_argument("--no-check", action="store_true", help="skip the one-rank comparison")
+    p.add_argument(
+        "--compile", action="store_true", help="let vLLM compile (default: enforce_eager=True)"
+    )
     p.add_argument("--one-rank", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -69,7 +72,7 @@ def generate(args, world: int, rank: int) -> dict:
         distributed_executor_backend="external_launcher" if world > 1 else None,
         max_model_len=256,
         max_num_seqs=max(1, args.prompts),
-        enforce_eager=True,
+        enforce_eager=not args.compile,
         seed=0,
     )
     every = tiny.prompts(args.prompts, vocab=tiny.CONFIGS[args.model]["vocab_size"])

@@ -66,8 +66,22 @@ def ignores_expert_map(apply) -> bool:
     except (OSError, TypeError, SyntaxError, ValueError):
         return False
     func = tree.body[0]
-    if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        return False
+    return isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_ignores(func)
+
+
+def source_ignores_expert_map(source: str, cls: str = "CPUUnquantizedExperts") -> bool | None:
+    """:func:`ignores_expert_map` for method ``apply`` of class ``cls`` in module text ``source``
+    (no import needed); ``None`` when the module has no such method."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == "apply":
+                    args = [a.arg for a in item.args.args + item.args.kwonlyargs]
+                    return "expert_map" in args and _body_ignores(item)
+    return None
+
+
+def _body_ignores(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     for stmt in func.body:
         for node in ast.walk(stmt):
             if isinstance(node, ast.Name) and node.id == "expert_map":

@@ -9,58 +9,30 @@ checks the job's exit status, the verdict, ids equal to the one-rank ids and vLL
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.system import test_slurm
 from tests.system import test_vllm_engine as engine
-from tests.system.test_slurm import _job_env, _scontrol, needs_slurm
+from tests.system.test_slurm import needs_slurm
 
 JOB_LIMIT = 900  # seconds from submission to the job's end (vLLM starts slowly on 2 cores)
 
 
-def submit(tmp_path, args: list[str], command: list[str], **env: str):
-    out = tmp_path / "job.out"
-    sub = subprocess.run(
-        ["timeout", "30", "sbatch", "--parsable", "-o", str(out), "-D", str(ROOT), *args]
-        + [str(ROOT / "slurm" / "vllm.sbatch"), *command],
-        env=_job_env(**env),
-        capture_output=True,
-        text=True,
-    )
-    assert sub.returncode == 0, f"sbatch failed: {sub.stderr}"
-    jobid = sub.stdout.strip().split(";")[0]
-    start = time.monotonic()
-    while time.monotonic() - start < JOB_LIMIT:
-        state = subprocess.run(
-            ["timeout", "10", "squeue", "-h", "-j", jobid, "-o", "%T"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        if not state or state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        time.sleep(1)
-    else:
-        subprocess.run(["timeout", "10", "scancel", jobid], check=False)
-        pytest.fail(f"job {jobid} still queued/running after {JOB_LIMIT} s; cancelled")
-    record = _scontrol(jobid)
-    text = out.read_text() if out.exists() else ""
-    return record.get("JobState"), record.get("ExitCode"), text
-
-
 @needs_slurm
 @pytest.mark.timeout(JOB_LIMIT + 120)
-def test_sbatch_tp2_generation_equals_one_rank(tmp_path):
+def test_sbatch_tp2_generation_equals_one_rank(tmp_path, monkeypatch):
+    monkeypatch.setattr(test_slurm, "JOB_LIMIT", JOB_LIMIT)
     engine.WORKDIR.mkdir(parents=True, exist_ok=True)
     env = engine.engine_env(MPICOMM_VENV=str(sys.prefix), MPICOMM_TIMEOUT=str(JOB_LIMIT - 60))
     env = {k: v for k, v in env.items() if v is not None and k != "MPICOMM_VLLM"}
-    state, code, out = submit(
+    state, code, out, _ = test_slurm.sbatch(
         tmp_path,
         ["-n", "2", "-c", "1"],
         ["examples/vllm_generate.py", "--tp", "2", "--workdir", str(engine.WORKDIR)],
+        script=ROOT / "slurm" / "vllm.sbatch",
         **env,
     )
     tail = "\n".join(line for line in out.splitlines() if " INFO " not in line)[-6000:]

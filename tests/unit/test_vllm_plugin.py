@@ -225,3 +225,14 @@ def test_vllm_host_ip_is_set_only_across_hosts():
     env = {"MASTER_ADDR": "192.0.2.1"}  # TEST-NET-1: routed (or not) but never contacted
     ip = launch.export_vllm_host_ip(env)
     assert ip is None or env["VLLM_HOST_IP"] == ip != "0.0.0.0"
+
+
+def test_source_ignores_expert_map_reads_a_module_text():
+    import inspect as _inspect
+
+    from mpicomm.vllm.expert_map import source_ignores_expert_map
+
+    module = _inspect.getsource(_IgnoresMap) + "\n" + _inspect.getsource(_HonoursMap)
+    assert source_ignores_expert_map(module, "_IgnoresMap") is True
+    assert source_ignores_expert_map(module, "_HonoursMap") is False
+    assert source_ignores_expert_map(module, "Absent") is None
