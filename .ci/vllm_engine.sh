@@ -12,6 +12,12 @@
 #   bash .ci/vllm_engine.sh      (as root, after scripts/setup.sh and .ci/slurm.sh)
 #
 # Env: MPICOMM_VLLM_ENGINE_SLURM=0 skips the Slurm part; MPICOMM_CACHE as in vllm_cpu_env.sh.
+#
+# Time (measured 2026-12-03 on the 2-core development machine while shared, load average 7-15;
+# expect less on an idle CI machine): venv cached 0 s (cold about 110-150 s); the tests under
+# mpiexec 597 s (TP=2 153 s, DP=2+EP 155 s, embeddings 289 s, each including its one-rank
+# reference run); the sbatch test 426 s (it reuses the TP=2 reference). Each vLLM start costs
+# most of that (importing vLLM), not the generation.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
