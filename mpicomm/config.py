@@ -6,19 +6,21 @@
                                     CPU tensors included (for testing the staging path)
 ``MPICOMM_VALIDATE``                ``1``: check before each collective that all ranks agree on
                                     operation, dtype, shape, dim, sizes and root
-``MPICOMM_TIMEOUT``                 seconds: bound every collective and receive; unset or any
-                                    zero (``0``, ``0.0``, ``00``) = no bound
+``MPICOMM_TIMEOUT``                 seconds: bound every collective and receive; unset = no bound
 ``MPICOMM_ALLREDUCE_ALGO``          ``auto`` (default), ``native`` or ``bytes``
-``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name (``DEBUG``, ``INFO``, ...) set on the
-                                    ``mpicomm`` logger when a communicator is built
-``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under large
-                                    fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name for the ``mpicomm`` logger
+``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under
+                                    large fresh results (default ``1``; see
+                                    :func:`mpicomm.buffers.huge_pages`)
 ``MPICOMM_HIERARCHICAL``            ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
                                     the node-aware all_reduce of :mod:`mpicomm.hierarchical`
 ``MPICOMM_ABORT_ON_EXCEPTION``      ``0``: do not abort the MPI job on an uncaught exception
                                     (default ``1``; read when an exception arrives)
 ``MPICOMM_VLLM``                    ``1``: the vLLM platform plugin activates mpicomm
 ``MPICOMM_VLLM_DEVICE``             ``cpu`` or ``cuda``: force the vLLM platform family
+``MPICOMM_VLLM_EXPERT_MAP_FIX``     ``0``: leave vLLM CPU's MoE experts unpatched (default ``1``:
+                                    map expert ids where vLLM ignores ``expert_map``; see
+                                    docs/vllm.md)
 ==================================  ===========================================================
 
 Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
@@ -140,3 +142,9 @@ def vllm_enabled() -> bool:
 def vllm_device() -> str:
     """``MPICOMM_VLLM_DEVICE``: ``cpu``, ``cuda`` or ``""`` (let vLLM detect)."""
     return choice("MPICOMM_VLLM_DEVICE", VLLM_DEVICES, "")
+
+
+def vllm_expert_map_fix() -> bool:
+    """``MPICOMM_VLLM_EXPERT_MAP_FIX`` (default on): map expert ids for vLLM CPU's MoE experts
+    where the installed vLLM ignores ``expert_map`` (:mod:`mpicomm.vllm.expert_map`)."""
+    return bool(flag("MPICOMM_VLLM_EXPERT_MAP_FIX", True))

@@ -118,8 +118,10 @@ class VllmMPICommunicator(_VllmBase):
         if world_rank != self.global_rank:
             raise RuntimeError(
                 f"mpicomm: torch rank {self.global_rank} != MPI rank {world_rank} in group "
-                f"{unique_name!r}; launch with RANK/WORLD_SIZE from MPI "
-                "(python -m mpicomm.vllm.launch, or mpicomm.vllm.export_torch_env())"
+                f"{unique_name!r}; launch one process per rank with RANK/WORLD_SIZE from MPI "
+                "(python -m mpicomm.vllm.launch, or mpicomm.vllm.export_torch_env()) and "
+                "distributed_executor_backend='external_launcher': vLLM's mp and ray executors "
+                "start workers outside MPI and are not supported with mpicomm"
             )
         self.mpi_comm = mpi_comm_for_ranks(list(self.ranks), unique_name)
         if self.mpi_comm.Get_rank() != self.rank_in_group:

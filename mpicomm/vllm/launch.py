@@ -10,7 +10,9 @@ the vLLM-facing names and a wrapper that needs no code change:
 - LOCAL_RANK = rank among the processes on the same node (``Split_type(COMM_TYPE_SHARED)``),
 - MASTER_ADDR = ``127.0.0.1`` when all ranks share one node, else rank 0's host address,
 - MASTER_PORT = a free TCP port picked on rank 0 (both kept when rank 0 has them set; identical
-  on all ranks).
+  on all ranks),
+- VLLM_HOST_IP (``python -m mpicomm.vllm.launch``, across nodes, unless set) = this host's address
+  on the route to MASTER_ADDR (:func:`export_vllm_host_ip`).
 
 Usage::
 
@@ -25,9 +27,11 @@ from __future__ import annotations
 
 import os
 import runpy
+import socket
 import sys
 from collections.abc import Mapping
 
+from .. import config
 from .. import launch as _launch
 
 _TORCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -66,6 +70,61 @@ def export_torch_env(comm=None) -> dict[str, str]:
     return _launch.export_torch_env(comm)
 
 
+def host_ip_toward(address: str) -> str | None:
+    """This host's IPv4 address on the route to ``address`` (no packet is sent); ``None`` when
+    there is no route or ``address`` is a loopback address."""
+    if not address or address.startswith("127.") or address == "localhost":
+        return None
+    try:
+        target = socket.gethostbyname(address)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((target, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def export_vllm_host_ip(environ: dict | None = None) -> str | None:
+    """Set ``VLLM_HOST_IP`` (unless set) to this host's address toward ``MASTER_ADDR``.
+
+    vLLM advertises ``VLLM_HOST_IP`` (default: the address of its default route) for its message
+    queues across hosts; on hosts without a default route it hangs there. Across nodes the
+    launcher's rank-0 address is reachable by construction, so the route to it names the
+    interface the ranks share. Returns the value set, or ``None`` (one node, or already set).
+    """
+    env = os.environ if environ is None else environ
+    if env.get("VLLM_HOST_IP"):
+        return None
+    ip = host_ip_toward(env.get("MASTER_ADDR", ""))
+    if ip:
+        env["VLLM_HOST_IP"] = ip
+    return ip
+
+
+def environment_problems(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Settings that keep vLLM from using mpicomm although ``MPICOMM_VLLM`` asks for it.
+
+    ``VLLM_TARGET_DEVICE=cpu`` makes vLLM pick its CPU platform without asking any platform
+    plugin, so mpicomm's is never loaded (silently: vLLM logs nothing). See docs/vllm.md.
+    """
+    env = os.environ if environ is None else environ
+    problems = []
+    if env.get("VLLM_TARGET_DEVICE", "").strip().lower() == "cpu":
+        problems.append(
+            "VLLM_TARGET_DEVICE=cpu makes vLLM skip platform plugins: mpicomm will NOT serve "
+            "vLLM's groups (unset it; MPICOMM_VLLM_DEVICE=cpu forces the CPU platform instead)"
+        )
+    return problems
+
+
+def warn_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Warn (``LaunchWarning``) about each of :func:`environment_problems`."""
+    import warnings
+
+    for problem in environment_problems(environ):
+        warnings.warn(f"mpicomm: {problem}", _launch.LaunchWarning, stacklevel=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mpicomm.vllm.launch [-m module | script] args...``: export, then run."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -76,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m mpicomm.vllm.launch -m module [args...]", file=sys.stderr)
         return 2
     export_torch_env()
+    export_vllm_host_ip()
     os.environ.setdefault("MPICOMM_VLLM", "1")
+    if config.vllm_enabled():
+        warn_environment()
     if args[0] == "-m":
         sys.argv = [args[1], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

@@ -25,9 +25,16 @@ class MPICpuPlatform(CpuPlatform):
         vLLM's CPU platform replaces every executor backend but ``mp`` by ``mp``. Under
         mpirun/srun the processes already exist, one per rank, so ``external_launcher`` is the
         mode to keep (with ``mp`` and DP > 1, vLLM would also re-number the torch ranks).
+
+        With expert parallelism, vLLM CPU's unquantized MoE experts get the expert-id mapping
+        of :mod:`mpicomm.vllm.expert_map` where the installed vLLM ignores ``expert_map``.
         """
         parallel_config = vllm_config.parallel_config
         backend = parallel_config.distributed_executor_backend
         super().check_and_update_config(vllm_config)
         if backend == "external_launcher":
             parallel_config.distributed_executor_backend = backend
+        if getattr(parallel_config, "enable_expert_parallel", False):
+            from . import expert_map
+
+            expert_map.install()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import mpicomm.vllm as mv
 from mpicomm.vllm import launch
@@ -100,3 +101,138 @@ def test_launch_wrapper_runs_a_script_with_the_variables(tmp_path, monkeypatch, 
     assert launch.main([str(script), "--flag"]) == 0  # collective: every rank runs this test
     rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     assert f"SEEN {rank} {size} 1 ['--flag']" in capsys.readouterr().out
+
+
+# --- the expert-id mapping for vLLM CPU's MoE experts (mpicomm.vllm.expert_map) -----------------
+
+
+class _IgnoresMap:
+    """Stand-in for vLLM CPU's CPUUnquantizedExperts: ``apply`` never reads ``expert_map``."""
+
+    def apply(self, output, topk_weights, topk_ids, global_num_experts, expert_map, flag):
+        args = dict(locals())  # records the map without reading it by name
+        self.seen = (topk_weights.clone(), topk_ids.clone(), args["expert_map"])
+        return output
+
+
+class _HonoursMap:
+    """A class whose ``apply`` uses the map (as a fixed vLLM would)."""
+
+    def apply(self, output, topk_weights, topk_ids, global_num_experts, expert_map, flag):
+        if expert_map is not None:
+            topk_ids = expert_map[topk_ids]
+        self.seen = (topk_weights, topk_ids, expert_map)
+        return output
+
+
+def _fresh(cls):
+    return type(cls.__name__, (cls,), {"apply": cls.__dict__["apply"]})
+
+
+def test_map_topk_maps_ids_and_zeroes_experts_held_elsewhere():
+    from mpicomm.vllm.expert_map import map_topk
+
+    expert_map = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)  # this rank holds experts 2, 3
+    ids = torch.tensor([[0, 2], [3, 1], [2, 3]], dtype=torch.int32)
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.1, 0.9]])
+    ids_before, weights_before = ids.clone(), weights.clone()
+    w, i = map_topk(weights, ids, expert_map)
+    assert i.tolist() == [[0, 0], [1, 0], [0, 1]]
+    assert i.dtype == ids.dtype and w.dtype == weights.dtype
+    assert torch.equal(w, torch.tensor([[0.0, 0.75], [0.5, 0.0], [0.1, 0.9]]))
+    assert torch.equal(ids, ids_before) and torch.equal(weights, weights_before)
+
+
+def test_install_patches_an_apply_that_ignores_the_map(monkeypatch, caplog):
+    from mpicomm.vllm import expert_map as em
+
+    monkeypatch.delenv("MPICOMM_VLLM_EXPERT_MAP_FIX", raising=False)
+    cls = _fresh(_IgnoresMap)
+    assert em.ignores_expert_map(cls.apply)
+    with caplog.at_level("WARNING", logger="mpicomm.vllm.expert_map"):
+        assert em.install(cls) is True
+        assert em.install(cls) is True  # idempotent: patched once, logged once
+    assert sum("ignores expert_map" in r.getMessage() for r in caplog.records) == 1
+    obj = cls()
+    emap = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)
+    ids = torch.tensor([[0, 3]], dtype=torch.int64)
+    obj.apply("out", torch.tensor([[0.4, 0.6]]), ids, 4, emap, flag=True)
+    w, i, m = obj.seen
+    assert i.tolist() == [[0, 1]] and w.tolist() == [[0.0, 0.6000000238418579]] and m is None
+    obj.apply("out", torch.tensor([[0.4, 0.6]]), ids, 4, None, flag=True)  # no map: unchanged
+    assert obj.seen[1].tolist() == [[0, 3]]
+
+
+def test_install_leaves_an_apply_that_honours_the_map(monkeypatch):
+    from mpicomm.vllm import expert_map as em
+
+    monkeypatch.delenv("MPICOMM_VLLM_EXPERT_MAP_FIX", raising=False)
+    cls = _fresh(_HonoursMap)
+    original = cls.__dict__["apply"]
+    assert not em.ignores_expert_map(original)
+    assert em.install(cls) is False
+    assert cls.__dict__["apply"] is original
+
+
+def test_install_is_turned_off_by_the_setting(monkeypatch):
+    from mpicomm.vllm import expert_map as em
+
+    monkeypatch.setenv("MPICOMM_VLLM_EXPERT_MAP_FIX", "0")
+    cls = _fresh(_IgnoresMap)
+    original = cls.__dict__["apply"]
+    assert em.install(cls) is False
+    assert cls.__dict__["apply"] is original
+    monkeypatch.setenv("MPICOMM_VLLM_EXPERT_MAP_FIX", "maybe")
+    with pytest.raises(ValueError, match="MPICOMM_VLLM_EXPERT_MAP_FIX"):
+        em.install(cls)
+
+
+def test_a_function_without_readable_source_is_not_patched():
+    from mpicomm.vllm import expert_map as em
+
+    namespace: dict = {}
+    exec("def apply(topk_weights, topk_ids, expert_map):\n    return 1\n", namespace)
+    assert em.ignores_expert_map(namespace["apply"]) is False
+    assert em.ignores_expert_map(len) is False
+
+
+def test_target_device_cpu_is_reported(recwarn):
+    from mpicomm.launch import LaunchWarning
+
+    assert launch.environment_problems({}) == []
+    problems = launch.environment_problems({"VLLM_TARGET_DEVICE": "cpu"})
+    assert len(problems) == 1 and "skip platform plugins" in problems[0]
+    launch.warn_environment({"VLLM_TARGET_DEVICE": "CPU"})
+    assert any(issubclass(w.category, LaunchWarning) for w in recwarn.list)
+
+
+def test_tiny_single_process_env_drops_the_launcher_variables():
+    from mpicomm.vllm import tiny
+
+    env = tiny.single_process_env(
+        {"PMI_RANK": "1", "HYDRA_X": "y", "RANK": "1", "MPICOMM_VLLM": "1", "PATH": "/bin"}
+    )
+    assert env == {"PATH": "/bin", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert tiny.parse_results('x\nrank0: VLLM_RESULT {"a": 1}\n') == [{"a": 1}]
+    assert tiny.prompts(2, 5) == tiny.prompts(2, 5) and len(tiny.prompts(2, 5)[1]) == 5
+
+
+def test_vllm_host_ip_is_set_only_across_hosts():
+    env = {"MASTER_ADDR": "127.0.0.1"}
+    assert launch.export_vllm_host_ip(env) is None and "VLLM_HOST_IP" not in env
+    env = {"MASTER_ADDR": "10.9.8.7", "VLLM_HOST_IP": "10.0.0.5"}
+    assert launch.export_vllm_host_ip(env) is None and env["VLLM_HOST_IP"] == "10.0.0.5"
+    env = {"MASTER_ADDR": "192.0.2.1"}  # TEST-NET-1: routed (or not) but never contacted
+    ip = launch.export_vllm_host_ip(env)
+    assert ip is None or env["VLLM_HOST_IP"] == ip != "0.0.0.0"
+
+
+def test_source_ignores_expert_map_reads_a_module_text():
+    import inspect as _inspect
+
+    from mpicomm.vllm.expert_map import source_ignores_expert_map
+
+    module = _inspect.getsource(_IgnoresMap) + "\n" + _inspect.getsource(_HonoursMap)
+    assert source_ignores_expert_map(module, "_IgnoresMap") is True
+    assert source_ignores_expert_map(module, "_HonoursMap") is False
+    assert source_ignores_expert_map(module, "Absent") is None

