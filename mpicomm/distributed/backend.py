@@ -70,6 +70,8 @@ class MPIProcessGroup(dist.ProcessGroup):
         )
         self.p2p = comm.Dup()
         self._shut = False
+        self._group_name = name
+        self._group_desc = ""
         self._abandoned: list[tuple] = []
 
     # ----------------------------------------------------------------- identity
@@ -78,7 +80,21 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     @property
     def world(self) -> int:
-        return self.comm.Get_size()
+        return self.size()
+
+    @property
+    def group_name(self) -> str:
+        return self._group_name
+
+    def _set_group_name(self, name: str) -> None:
+        self._group_name = name
+
+    @property
+    def group_desc(self) -> str:
+        return self._group_desc
+
+    def _set_group_desc(self, desc: str) -> None:
+        self._group_desc = desc
 
     def __repr__(self) -> str:
         return f"MPIProcessGroup({self.label!r}, rank={self.rank()}/{self.world})"
