@@ -12,6 +12,10 @@ message never matches a collective's.
 torch calls these methods with its own argument layout (lists of tensors, ``*Options``); the
 in-place semantics are torch's: results are written into the tensors the caller passed. Which
 names torch calls for which public function: docs/distributed.md ("How it hooks into torch").
+
+Longer than ~400 lines on purpose: torch looks every hook up on this one class (one short method
+per hook, plus the aliases older torch releases call); the reduce ops, memory, work objects and
+monitored_barrier live in their own modules.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from ..buffers import byte_spec, mpi_spec, vector_spec
 from ..calls import Caller
 from ..communicator import MPICommunicator
 from ..cuda import cuda_aware
+from ..dtypes import dtype_info
+from ..plan import NATIVE
 from ..validation import check_rank
 from . import ops
+from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_barrier
 from .tensors import host_stack, readable, split_into, writable, write_back
 from .work import PendingWork, completed
 
 NAME = "mpicomm"
-_MAX_TAG = 32767  # the smallest MPI_TAG_UB the standard allows
-MONITOR_TAG = _MAX_TAG  # monitored_barrier's messages; user tags are below it
+_MAX_TAG = MONITOR_TAG
 
 
 def _seconds(timeout) -> float | None:
@@ -73,6 +79,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         self._group_name = name
         self._group_desc = ""
         self._abandoned: list[tuple] = []
+        self._finished = completed([])
 
     # ----------------------------------------------------------------- identity
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
@@ -106,6 +113,8 @@ class MPIProcessGroup(dist.ProcessGroup):
     def _reduce_into(self, operation: str, tensor: torch.Tensor, reduce_op, root=None) -> None:
         name = ops.op_name(reduce_op, operation)
         ops.check(name, tensor.dtype, operation)
+        if name == ops.SUM and root is None and self._native_in_place(tensor):
+            return
         if name in (ops.SUM, ops.AVG):
             summed = self.sums.all_reduce(tensor)
             if name == ops.AVG:
@@ -117,12 +126,30 @@ class MPIProcessGroup(dist.ProcessGroup):
         if out is not None:
             write_back(tensor, out.to(tensor.dtype))
 
+    def _native_in_place(self, tensor: torch.Tensor) -> bool:
+        """Where mpicomm's plan sums a host tensor with MPI's own sum (docs/architecture.md,
+        "Sums"), run that sum in place on the caller's tensor (no fresh result, no copy back)."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return False
+        if self.sums.all_reduce_algorithm(tensor) != NATIVE:
+            return False
+        spec = mpi_spec(tensor.detach())
+        self._run("all_reduce", "Allreduce", MPI.IN_PLACE, spec, dtype_info(tensor.dtype).sum_op)
+        return True
+
+    def _done(self, result, opts):
+        """The work to return: a shared finished one for a synchronous call (torch only waits on
+        it), else a fresh one whose future holds ``result``."""
+        if opts is not None and not getattr(opts, "asyncOp", True):
+            return self._finished
+        return completed(result)
+
     def allreduce(self, tensors, opts=None):
         """``tensors[i]`` <- the reduction of ``tensors[i]`` over the group, on every rank."""
         op = dist.ReduceOp.SUM if opts is None else opts.reduceOp
         for t in tensors:
             self._reduce_into("all_reduce", t, op)
-        return completed(list(tensors))
+        return self._done(list(tensors), opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
         return self.allreduce(tensors, opts)
@@ -184,7 +211,7 @@ class MPIProcessGroup(dist.ProcessGroup):
             )
             self._run("broadcast", "Bcast", mpi_spec(buf), root)
             write_back(t, buf)
-        return completed(list(tensors))
+        return self._done(list(tensors), opts)
 
     def _gather_flat(self, operation: str, input_: torch.Tensor, counts: list[int], into):
         """All-gather ``input_`` (``counts[r]`` elements from rank r) into the flat tensor
@@ -210,7 +237,11 @@ class MPIProcessGroup(dist.ProcessGroup):
             split_into(buf, outs)
         return completed(list(output_lists))
 
-    allgather_coalesced = allgather
+    def allgather_coalesced(self, output_lists, inputs, opts=None):
+        """``output_lists[r][i]`` <- rank r's ``inputs[i]``."""
+        for i, inp in enumerate(inputs):
+            self.allgather([[outs[i] for outs in output_lists]], [inp], opts)
+        return completed(list(output_lists))
 
     def all_gather_single(self, output, input_, opts=None):
         """``output`` (W x input's elements, dim 0 = rank) <- every rank's ``input_``."""
@@ -223,7 +254,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         buf = writable(output, self.cuda_aware)
         self._gather_flat("all_gather_into_tensor", input_, [input_.numel()] * self.world, buf)
         write_back(output, buf)
-        return completed([output])
+        return self._done([output], opts)
 
     _allgather_base = all_gather_single
 
@@ -315,8 +346,6 @@ class MPIProcessGroup(dist.ProcessGroup):
         missing rank with ``wait_all_ranks``, else the first) and, by its own deadline, on the
         ranks waiting for rank 0's answer.
         """
-        from .monitor import monitored_barrier
-
         monitored_barrier(self, _seconds(timeout) or self.timeout, wait_all_ranks)
 
     # ----------------------------------------------------------------- point-to-point
@@ -448,7 +477,5 @@ def create(options, backend_options=None) -> MPIProcessGroup:
         finally:
             members.Free()
     pg = MPIProcessGroup(comm, _seconds(options.timeout), str(options.group_id))
-    from .monitor import install_torch_monitored_barrier
-
-    install_torch_monitored_barrier()
+    install_torch_monitored_barrier(MPIProcessGroup)
     return pg

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from ..errors import CollectiveTimeoutError
 
+MONITOR_TAG = 32767  # the smallest MPI_TAG_UB the standard allows; user p2p tags stay below it
+
 
 def _wait_all(requests, deadline: float | None) -> list[int]:
     """Indexes of ``requests`` still incomplete at ``deadline`` (``[]`` when all completed)."""
@@ -40,8 +42,6 @@ def _wait_all(requests, deadline: float | None) -> list[int]:
 def monitored_barrier(pg, seconds: float | None, wait_all_ranks: bool) -> None:
     """Rank 0 of ``pg`` hears from every rank, then releases them; see
     :meth:`MPIProcessGroup.monitored_barrier`."""
-    from .backend import MONITOR_TAG
-
     comm, rank, size = pg.p2p, pg.rank(), pg.size()
     deadline = None if seconds is None else time.monotonic() + seconds
     token = np.zeros(1, dtype=np.int8)
@@ -78,10 +78,8 @@ def monitored_barrier(pg, seconds: float | None, wait_all_ranks: bool) -> None:
         )
 
 
-def install_torch_monitored_barrier() -> None:
-    """Make ``dist.monitored_barrier`` serve mpicomm groups (idempotent)."""
-    from .backend import MPIProcessGroup
-
+def install_torch_monitored_barrier(group_class: type) -> None:
+    """Make ``dist.monitored_barrier`` serve groups of ``group_class`` (idempotent)."""
     original = dist.distributed_c10d.monitored_barrier
     if getattr(original, "serves_mpicomm", False):
         return
@@ -89,7 +87,7 @@ def install_torch_monitored_barrier() -> None:
     @functools.wraps(original)
     def monitored(group=None, timeout=None, wait_all_ranks=False):
         pg = dist.group.WORLD if group is None else group
-        if isinstance(pg, MPIProcessGroup):
+        if isinstance(pg, group_class):
             return pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
         return original(group, timeout, wait_all_ranks)
 
