@@ -50,9 +50,7 @@ def exercise_cpu_group(name: str, group) -> None:
         else:
             got = group.recv_tensor_dict(src=0)
             want = vg.make(ranks[0], (4, 5), torch.bfloat16)
-            vg.check(
-                got["step"] == 0 and torch.equal(got["h"], want), f"{name}: send_tensor_dict"
-            )
+            vg.check(got["step"] == 0 and torch.equal(got["h"], want), f"{name}: send_tensor_dict")
 
 
 def main() -> int:
@@ -85,7 +83,11 @@ def main() -> int:
     cfg = VllmConfig(parallel_config=pc, device_config=DeviceConfig(device="cpu"))
     with set_current_vllm_config(cfg):
         ps.init_distributed_environment(
-            world_size, rank, "env://", int(env["LOCAL_RANK"]), backend=current_platform.dist_backend
+            world_size,
+            rank,
+            "env://",
+            int(env["LOCAL_RANK"]),
+            backend=current_platform.dist_backend,
         )
         ps.initialize_model_parallel(args.tp, args.pp)
         vg.check(dist.get_backend() == DIST_BACKEND, f"default backend {dist.get_backend()}")
