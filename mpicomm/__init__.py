@@ -4,6 +4,7 @@
 >>> groups = mpicomm.initialize_model_parallel(tensor_parallel_size=2)
 """
 
+from . import distributed as distributed  # registers the torch.distributed backend
 from .base import DeviceCommunicatorBase
 from .communicator import MPICommunicator
 from .errors import CollectiveTimeoutError, CommunicationError

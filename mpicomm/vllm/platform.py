@@ -14,6 +14,8 @@ from . import COMMUNICATOR
 class MPICpuPlatform(CpuPlatform):
     """vLLM's CPU platform with mpicomm as the device communicator of every group."""
 
+    dist_backend: str = "mpicomm"  # cpu and device groups on MPI: mpicomm.vllm.torch_backend
+
     @classmethod
     def get_device_communicator_cls(cls) -> str:
         return COMMUNICATOR
