@@ -18,6 +18,8 @@
                                     (default ``1``; read when an exception arrives)
 ``MPICOMM_VLLM``                    ``1``: the vLLM platform plugin activates mpicomm
 ``MPICOMM_VLLM_DEVICE``             ``cpu`` or ``cuda``: force the vLLM platform family
+``MPICOMM_VLLM_TORCH_BACKEND``      ``mpicomm``: vLLM's cpu and device groups on the mpicomm torch
+                                    backend, no gloo (default ``gloo``: vLLM's own choice)
 ``MPICOMM_VLLM_EXPERT_MAP_FIX``     ``0``: leave vLLM CPU's MoE experts unpatched (default ``1``:
                                     map expert ids where vLLM ignores ``expert_map``; see
                                     docs/vllm.md)
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 ALLREDUCE_ALGOS = ("auto", "native", "bytes")
 HIERARCHICAL_MODES = ("auto", "0", "1")
 VLLM_DEVICES = ("", "cpu", "cuda")
+VLLM_TORCH_BACKENDS = ("gloo", "mpicomm")
 
 
 def flag(name: str, default: bool | None) -> bool | None:
@@ -137,6 +140,12 @@ def abort_on_exception() -> bool:
 def vllm_enabled() -> bool:
     """``MPICOMM_VLLM``: whether the vLLM platform plugin activates mpicomm (default off)."""
     return bool(flag("MPICOMM_VLLM", False))
+
+
+def vllm_torch_backend() -> str:
+    """``MPICOMM_VLLM_TORCH_BACKEND``: the torch.distributed backend of vLLM's process groups
+    under the mpicomm platform: ``gloo`` (default, vLLM's own) or ``mpicomm`` (no gloo at all)."""
+    return choice("MPICOMM_VLLM_TORCH_BACKEND", VLLM_TORCH_BACKENDS, "gloo")
 
 
 def vllm_device() -> str:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from vllm.platforms.cpu import CpuPlatform
 
+from .. import config
 from . import COMMUNICATOR
 
 
 class MPICpuPlatform(CpuPlatform):
     """vLLM's CPU platform with mpicomm as the device communicator of every group."""
 
-    dist_backend: str = "mpicomm"  # cpu and device groups on MPI: mpicomm.vllm.torch_backend
+    # MPICOMM_VLLM_TORCH_BACKEND=mpicomm puts vLLM's cpu and device groups on MPI as well
+    # (mpicomm.vllm.torch_backend); by default vLLM's groups stay on gloo.
+    dist_backend: str = config.vllm_torch_backend()
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:

@@ -1,6 +1,6 @@
-"""Run under ``mpiexec -n N`` with ``MPICOMM_VLLM=1``: vLLM's groups with no gloo at all.
+"""Run under ``mpiexec -n N`` with ``MPICOMM_VLLM=1 MPICOMM_VLLM_TORCH_BACKEND=mpicomm``: no gloo.
 
-    MPICOMM_VLLM=1 mpiexec -n 4 python tests/programs/dist_vllm_nogloo.py --tp 2 --pp 2
+    MPICOMM_VLLM=1 MPICOMM_VLLM_TORCH_BACKEND=mpicomm mpiexec -n 4 python tests/programs/dist_vllm_nogloo.py --tp 2 --pp 2
 
 vLLM's ``init_distributed_environment(..., backend="mpicomm")`` (the mpicomm platform's
 ``dist_backend``) and ``initialize_model_parallel``; then every group's cpu_group and device_group

@@ -45,7 +45,12 @@ def plugin_path(tmp_path_factory) -> str:
 
 def run(n: int, pythonpath: str, *args: str) -> str:
     env = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
-    env.update(MPICOMM_VLLM="1", PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
+    env.update(
+        MPICOMM_VLLM="1",
+        MPICOMM_VLLM_TORCH_BACKEND="mpicomm",
+        PYTHONPATH=pythonpath,
+        OMP_NUM_THREADS="1",
+    )
     proc = run_mpi(n, str(SCRIPT), *args, timeout=TIMEOUT, env=env)
     out = proc.stdout + proc.stderr
     tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]
