@@ -32,7 +32,8 @@ unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT VLLM_TARGET_DEVICE
 export PATH="$VENV/bin:$PATH"
 pytest_=("$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=8)
 
-timeout -k 30 2400 "${pytest_[@]}" tests/unit/test_vllm_plugin.py tests/system/test_vllm_engine.py
+timeout -k 30 2400 "${pytest_[@]}" tests/unit/test_vllm_plugin.py tests/system/test_vllm_engine.py \
+    tests/system/test_vllm_nogloo.py
 t2=$(date +%s)
 echo "== vLLM engine tests under mpiexec passed in $((t2 - t1)) s"
 
