@@ -24,11 +24,13 @@ from . import consistency, hierarchical, launch, plan, reduction
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller
-from .config import ALLREDUCE_ALGOS, settings
+from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
 from .dtypes import dtype_info
 from .errors import CommunicationError
 from .moe import make_manager, make_router
+from .shm import Transport, open_transport
+from .shm import built as shm_built
 from .staging import Route, stacked_shape, staging_needs
 from .topology import NodeSplit, node_labels
 from .validation import (
@@ -80,6 +82,10 @@ class MPICommunicator(DeviceCommunicatorBase):
     node_of:
         ``rank -> node label`` overriding MPI's shared-memory node detection (tests pretend one
         host is several nodes with it; sites whose MPI cannot tell nodes apart may use it too).
+    shm:
+        ``"auto"``, ``"0"`` or ``"1"`` (or a bool): host tensors of a group on one node go
+        through shared memory (:mod:`mpicomm.shm`, :func:`mpicomm.plan.shm_wanted`). Default:
+        ``MPICOMM_SHM``.
     """
 
     def __init__(
@@ -95,6 +101,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         staging: bool | None = None,
         all2all_backend: str = "allgather_reducescatter",
         node_of=None,
+        shm: str | bool | None = None,
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
         env = settings()
@@ -134,6 +141,16 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._nodes: NodeSplit | None = None
         if max(self.node_of) > 0 and self.hierarchical != "0":
             self._nodes = NodeSplit.create(self.device_group, self.node_of)
+        if shm is None:
+            shm = env.shm
+        shm = check_choice(
+            str(int(shm)) if isinstance(shm, bool) else shm, HIERARCHICAL_MODES, "shm"
+        )
+        self._shm: Transport | None = None
+        if plan.shm_wanted(shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging):
+            self._shm = open_transport(self.cpu_group, self._call, self.huge_pages)
+            if self._shm is None and shm == "1":
+                raise CommunicationError(f"{label}: MPICOMM_SHM=1, but no segment could be made")
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -152,6 +169,8 @@ class MPICommunicator(DeviceCommunicatorBase):
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
         self._call.timeout = None if seconds is None else check_seconds(seconds, "timeout")
+        if self._shm is not None:
+            self._shm.timeout = self._call.timeout
 
     @property
     def broken(self) -> str | None:
@@ -209,6 +228,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         check_device(input_, self.device)
         self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        if self._shm is not None and input_.is_cpu:
+            out = self._shm.all_reduce(input_)
+            if out is not None:
+                return out
         route = self._route(input_.device)
         x, out = route.stage_in_and_output(input_, input_.shape)
         algo = self._plan(info, x.nbytes)
@@ -227,9 +250,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
 
     def all_reduce_algorithm(self, input_: torch.Tensor) -> str:
-        """The algorithm :meth:`all_reduce` would use for ``input_``: ``native``, ``bytes`` or
-        ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
-        return self._plan(check_tensor(input_), input_.nbytes)
+        """The algorithm :meth:`all_reduce` would use for ``input_``: ``shm``, ``native``,
+        ``bytes`` or ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
+        info = check_tensor(input_)
+        if self._shm is not None and input_.is_cpu and self._shm.sums(input_.dtype):
+            return plan.SHM
+        return self._plan(info, input_.nbytes)
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
@@ -239,7 +265,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
         route = self._route(input_.device)
         x = input_.reshape(1) if input_.dim() == 0 else input_
-        x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
+        shape = stacked_shape(x.shape, self.world_size, dim)
+        if self._shm is not None and x.is_cpu:
+            return route.gathered(self._shm.all_gather(x.contiguous(), shape), dim)
+        x, buf = route.stage_in_and_output(x, shape)
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
@@ -255,6 +284,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         route = self._route(input_.device)
         x = input_.reshape(1) if input_.dim() == 0 else input_
         root = self.rank == dst
+        if self._shm is not None and x.is_cpu:
+            shape = stacked_shape(x.shape, self.world_size, dim)
+            x = x.contiguous()
+            buf = self._shm.gatherv(x, [x.numel()] * self.world_size, x.itemsize, shape, dst)
+            return route.gathered(buf, dim) if root else None
         if root:
             x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
         else:
@@ -294,8 +328,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         return outs[0] if isinstance(input_, torch.Tensor) else outs
 
     def _gatherv(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        shape = (sum(sizes), *tensor.shape[1:])
+        if self._shm is not None and tensor.is_cpu:
+            row = math.prod(tensor.shape[1:]) * tensor.itemsize
+            return self._shm.gatherv(tensor.contiguous(), sizes, row, shape, -1)
         route = self._route(tensor.device)
-        x, buf = route.stage_in_and_output(tensor, (sum(sizes), *tensor.shape[1:]))
+        x, buf = route.stage_in_and_output(tensor, shape)
         row = math.prod(x.shape[1:])
         counts = [s * row for s in sizes]
         self._call(
@@ -331,19 +369,23 @@ class MPICommunicator(DeviceCommunicatorBase):
         else:
             sizes = check_sizes(sizes, self.world_size, total=total)
         self.agree(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
-        route = self._route(input_.device)
-        x, out = route.stage_in_and_output(moved, (sizes[self.rank], *moved.shape[1:]))
-        row = math.prod(x.shape[1:])
-        counts = [s * row for s in sizes]
-        algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
-        comm = self.device_group
-        if algo == plan.NATIVE:
-            reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
-        else:
-            reduction.reduce_scatter_bytes(
-                self._call, operation, comm, x, counts, out, info, self._workspace
-            )
-        result = route.result(out)
+        shape = (sizes[self.rank], *moved.shape[1:])
+        counts = [s * math.prod(moved.shape[1:]) for s in sizes]
+        result = None
+        if self._shm is not None and moved.is_cpu:
+            result = self._shm.reduce_scatter(moved.contiguous(), counts, shape, operation)
+        if result is None:
+            route = self._route(input_.device)
+            x, out = route.stage_in_and_output(moved, shape)
+            algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
+            comm = self.device_group
+            if algo == plan.NATIVE:
+                reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
+            else:
+                reduction.reduce_scatter_bytes(
+                    self._call, operation, comm, x, counts, out, info, self._workspace
+                )
+            result = route.result(out)
         if input_.dim() == 0:
             return result.reshape(())
         return result if dim == 0 else result.movedim(0, dim).contiguous()
@@ -354,6 +396,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         check_rank(src, self.world_size, "src")
         check_device(tensor, self.device, "tensor")
         self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
+        if self._shm is not None and tensor.is_cpu:
+            return self._shm.broadcast(tensor, src)
         route = self._route(tensor.device)
         buf = route.output(tuple(tensor.shape), tensor.dtype)
         if self.rank == src:
@@ -505,6 +549,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         self._call.close()
         if self._nodes is not None:
             self._nodes.free()

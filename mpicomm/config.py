@@ -13,6 +13,8 @@
                                fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
 ``MPICOMM_HIERARCHICAL``       ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
                                the node-aware all_reduce of :mod:`mpicomm.hierarchical`
+``MPICOMM_SHM``                ``auto`` (default), ``0`` (never) or ``1`` (required): the
+                               intra-node shared-memory collectives of :mod:`mpicomm.shm`
 ``MPICOMM_ABORT_ON_EXCEPTION`` ``0``: do not abort the MPI job on an uncaught exception
                                (default ``1``; read when an exception arrives)
 ``MPICOMM_VLLM``               ``1``: the vLLM platform plugin activates mpicomm
@@ -78,6 +80,7 @@ class Settings:
     log_level: str | None
     huge_pages: bool = True
     hierarchical: str = "auto"
+    shm: str = "auto"
 
 
 def settings() -> Settings:
@@ -90,23 +93,27 @@ def settings() -> Settings:
         allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=os.environ.get("MPICOMM_LOG_LEVEL") or None,
         huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
-        hierarchical=_hierarchical(),
+        hierarchical=_auto_flag("MPICOMM_HIERARCHICAL"),
+        shm=_auto_flag("MPICOMM_SHM"),
     )
 
 
-def _hierarchical() -> str:
-    raw = os.environ.get("MPICOMM_HIERARCHICAL", "").strip().lower()
+def _auto_flag(name: str) -> str:
+    """``auto``, ``0`` or ``1`` from the variable ``name`` (``auto`` or any flag spelling)."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "auto"):
         return "auto"
     try:
-        return "1" if flag("MPICOMM_HIERARCHICAL", None) else "0"
+        return "1" if flag(name, None) else "0"
     except ValueError:
-        raise ValueError(f"MPICOMM_HIERARCHICAL must be auto, 0 or 1, got {raw!r}") from None
+        raise ValueError(f"{name} must be auto, 0 or 1, got {raw!r}") from None
 
 
 def abort_on_exception() -> bool:
-    """``MPICOMM_ABORT_ON_EXCEPTION`` (default on). Read on its own: it is consulted inside an
-    exception hook, where a malformed unrelated variable must not matter."""
+    """``MPICOMM_SHM``                ``auto`` (default), ``0`` (never) or ``1`` (required): the
+                                   intra-node shared-memory collectives of :mod:`mpicomm.shm`
+    ``MPICOMM_ABORT_ON_EXCEPTION`` (default on). Read on its own: it is consulted inside an
+        exception hook, where a malformed unrelated variable must not matter."""
     try:
         return bool(flag("MPICOMM_ABORT_ON_EXCEPTION", True))
     except ValueError:
