@@ -11,7 +11,9 @@ setup(
         Extension(
             "mpicomm.shm._core",
             sources=["mpicomm/shm/_core.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing"],
+            # no -march: the sums pick AVX-512 / AVX2 / baseline at run time (target_clones);
+            # no contraction into FMAs, which would round differently from torch
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"],
             libraries=["rt"],
             optional=True,
         )

@@ -64,7 +64,8 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* fp16 <-> fp32 as c10's fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value (bit exact, round
-   to nearest even; NaN -> 0x7E00 with the sign). */
+   to nearest even), except that a NaN keeps its sign and the top 10 bits of its payload, quieted,
+   as torch's vectorised conversion (F16C vcvtps2ph) does; c10's scalar code gives 0x7E00. */
 static inline float fp32_from_bits(uint32_t w) {
     float f;
     memcpy(&f, &w, 4);
@@ -106,7 +107,8 @@ static inline uint16_t f32_to_f16(float f) {
     const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
     const uint32_t mantissa_bits = bits & 0x00000FFFu;
     const uint32_t nonsign = exp_bits + mantissa_bits;
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+    const uint32_t nan = 0x7E00u | ((w >> 13) & 0x03FFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
 }
 
 /* ------------------------------------------------------------------ sums in rank order */
