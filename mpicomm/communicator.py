@@ -184,6 +184,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         return self._call.outstanding
 
     @property
+    def transport(self) -> Transport | None:
+        """The shared-memory transport of this group (host tensors, :mod:`mpicomm.shm`), or
+        ``None`` where collectives use MPI alone."""
+        return self._shm
+
+    @property
     def workspace(self) -> Workspace:
         """The reusable scratch and staging memory (read it; do not write it)."""
         return self._workspace

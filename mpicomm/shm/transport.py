@@ -73,7 +73,7 @@ def segment_name(pid: int, serial: int, token: str) -> str:
     """The POSIX shared-memory name of one group's segment: the job (its scheduler id when there
     is one), the creating rank's pid, a per-process serial and a random token, so two groups or
     two jobs on one node never share a name."""
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PMI_ID") or "job"
+    job = os.environ.get("SLURM_JOB_ID") or "job"
     return f"/mpicomm-{job}-{pid}-{serial}-{token}"
 
 

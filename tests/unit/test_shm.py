@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from mpicomm import plan
 from mpicomm.shm import transport
+from tests.helpers import PROGRAMS, run_mpi
 
 core = pytest.importorskip("mpicomm.shm._core", reason="the compiled core is not built here")
 
@@ -170,11 +173,11 @@ def test_timeout_property_follows_communicator():
 
     c = mpicomm.MPICommunicator(shm="1", timeout=5)
     try:
-        assert c._shm.timeout == 5
+        assert c.transport.timeout == 5
         c.timeout = 2.5
-        assert c._shm.timeout == 2.5
+        assert c.transport.timeout == 2.5
         c.timeout = None
-        assert c._shm.timeout is None
+        assert c.transport.timeout is None
     finally:
         c.destroy()
 
@@ -221,3 +224,54 @@ def test_setting(monkeypatch):
     monkeypatch.setenv("MPICOMM_SHM", "sometimes")
     with pytest.raises(ValueError, match="MPICOMM_SHM"):
         settings()
+
+
+def _fault(tmp_path: Path, mode: str, ranks: int, timeout: float):
+    # MPICH's launcher ends the whole job when one process dies; keep the survivors running so
+    # that they can report what they saw.
+    config = tmp_path / "hydra.cfg"
+    config.write_text("-disable-auto-cleanup\n")
+    proc = run_mpi(
+        ranks,
+        str(PROGRAMS / "shm_fault.py"),
+        mode,
+        str(timeout),
+        timeout=60,
+        env={"HYDRA_CONFIG_FILE": str(config)},
+    )
+    out = proc.stdout
+    pid = re.search(r"SHM_PID (\d+)", out).group(1)
+    assert "SHM_FILES 0" in out  # unlinked as soon as every rank had mapped it
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"mpicomm-job-{pid}-")]
+    faults = re.findall(r"SHM_FAULT rank=(\d+) error=(\w+) missing=(\S+) seconds=([\d.]+)", out)
+    assert "error=none" not in out
+    return faults, out
+
+
+def test_dead_rank_ends_the_wait(tmp_path):
+    """A peer that exits while the others wait in shared memory: they get a CommunicationError
+    naming it within a fraction of a second, though the timeout (30 s) is far off."""
+    faults, out = _fault(tmp_path, "exit", 3, 30)
+    assert faults, out
+    for _rank, error, _, seconds in faults:
+        assert error == "CommunicationError" and float(seconds) < 10, out
+    assert "group rank(s) 2 died" in out
+
+
+def test_killed_rank_ends_the_job(tmp_path):
+    """SIGKILL: the launcher may end the survivors itself (it does not always wait for them to
+    notice); the job ends well within the bound, and any survivor that reports names the dead
+    rank. No name is left in /dev/shm either way."""
+    faults, out = _fault(tmp_path, "kill", 3, 30)
+    for _rank, error, _, seconds in faults:
+        assert error == "CommunicationError" and float(seconds) < 10, out
+
+
+def test_stalled_rank_times_out(tmp_path):
+    """A peer that never arrives: CollectiveTimeoutError after the timeout, naming it."""
+    faults, out = _fault(tmp_path, "stall", 2, 1.5)
+    assert faults, out
+    for _rank, error, missing, seconds in faults:
+        assert error == "CollectiveTimeoutError" and missing == "[1]", out
+        assert 1.4 < float(seconds) < 10, out
+    assert "Group rank(s) 1 had not arrived" in out
