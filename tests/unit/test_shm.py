@@ -275,3 +275,15 @@ def test_stalled_rank_times_out(tmp_path):
         assert error == "CollectiveTimeoutError" and missing == "[1]", out
         assert 1.4 < float(seconds) < 10, out
     assert "Group rank(s) 1 had not arrived" in out
+
+
+def test_info_says_which_transport(monkeypatch):
+    from mpicomm import info
+
+    monkeypatch.delenv("MPICOMM_SHM", raising=False)
+    assert "shared memory" in info.transport_report(1)[0]
+    monkeypatch.setenv("MPICOMM_SHM", "0")
+    assert "MPI (MPICOMM_SHM=0)" in info.transport_report(1)[0]
+    monkeypatch.delenv("MPICOMM_SHM")
+    monkeypatch.setattr(info, "shm_built", lambda: False)
+    assert "not built" in info.transport_report(2)[0]
