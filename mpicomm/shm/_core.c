@@ -37,6 +37,7 @@
 #define MAXW 64  /* the most ranks one segment serves */
 #define BLK 256  /* elements summed per block (the accumulator stays in L1) */
 #define ALIGN 64
+#define SPIN 256 /* busy polls of a late peer before yielding the core between polls */
 
 enum { KIND_BOOL = 1, KIND_I8, KIND_I16, KIND_I32, KIND_I64, KIND_F32, KIND_F64, KIND_BF16,
        KIND_F16 };
@@ -251,7 +252,7 @@ static int step(Segment *s, Failure *fail) {
         double start = now_s(), next_check = start + 0.05;
         long spins = 0;
         while (__atomic_load_n(peer, __ATOMIC_ACQUIRE) < target) {
-            if (++spins < 2000) {
+            if (++spins < SPIN) {
                 cpu_relax();
                 continue;
             }

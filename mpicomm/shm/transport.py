@@ -152,8 +152,9 @@ class Transport:
         """Unmap the segment (its name is already gone)."""
         self._seg.close()
 
-    def _fresh(self, shape, dtype) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype)
+    def _fresh(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """A new host tensor of ``like``'s dtype (``new_empty`` parses less than ``torch.empty``)."""
+        out = like.new_empty(shape)
         return huge_pages(out) if self._huge else out
 
     def _refused(self, operation: str) -> CommunicationError:
@@ -225,7 +226,7 @@ class Transport:
         kind = KINDS.get(x.dtype)
         if kind is None:
             return None
-        out = self._fresh(shape, x.dtype)
+        out = self._fresh(x, shape)
         scale = kind[1]
         sizes = tuple(c * scale for c in counts)
         try:
@@ -239,7 +240,7 @@ class Transport:
         tensor of ``shape`` (W times ``x``'s elements)."""
         if self._caller.broken is not None:
             raise self._refused(operation)
-        out = self._fresh(shape, x.dtype)
+        out = self._fresh(x, shape)
         try:
             self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
         except _core.WaitError as exc:
@@ -251,7 +252,7 @@ class Transport:
         ``shape`` on ``root`` (``-1``: on every rank); ``None`` on the other ranks."""
         if self._caller.broken is not None:
             raise self._refused("gather" if root >= 0 else "all_gatherv")
-        out = self._fresh(shape, x.dtype) if root < 0 or root == self.rank else None
+        out = self._fresh(x, shape) if root < 0 or root == self.rank else None
         sizes = tuple(r * row_bytes for r in rows)
         try:
             self._seg.gatherv(x.data_ptr(), 0 if out is None else out.data_ptr(), sizes, root)
@@ -263,7 +264,7 @@ class Transport:
         """Rank ``src``'s ``tensor`` as a fresh tensor on every rank."""
         if self._caller.broken is not None:
             raise self._refused("broadcast")
-        out = self._fresh(tensor.shape, tensor.dtype)
+        out = self._fresh(tensor, tensor.shape)
         if self.rank == src:
             out.copy_(tensor.detach())
         try:
