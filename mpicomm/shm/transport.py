@@ -33,8 +33,10 @@ except ImportError:  # not compiled here: every collective takes the MPI path
 # Bytes per slot: each rank has two (double buffering); any message streams through them.
 SLOT_BYTES = 1 << 20
 # all_reduce messages up to this many bytes are summed one-shot (every rank sums every slot);
-# larger ones are reduce-scattered and all-gathered inside the segment (docs/shm.md, measured).
-ONESHOT_MAX = 1 << 20
+# larger ones are reduce-scattered and all-gathered inside the segment: each rank sums 1/W of the
+# elements for one more wait. Measured side by side (2 ranks, docs/benchmarks.md): the
+# reduce-scatter won from 32 KiB (1.15-1.6x) to 512 KiB (1.5-3.3x, except f32 512 KiB).
+ONESHOT_MAX = 16 << 10
 # Calls moving at least this many bytes release the GIL while they wait.
 GIL_FREE_FROM = 1 << 16
 
