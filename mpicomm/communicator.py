@@ -24,11 +24,13 @@ from . import consistency, hierarchical, launch, plan, reduction
 from .base import DeviceCommunicatorBase
 from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller, created
-from .config import ALLREDUCE_ALGOS, settings
+from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
 from .dtypes import dtype_info
 from .errors import CommunicationError
 from .moe import make_manager, make_router
+from .shm import Transport, open_transport
+from .shm import built as shm_built
 from .staging import Route, stacked_shape, staging_needs
 from .topology import NodeSplit, node_labels
 from .validation import (
@@ -84,6 +86,10 @@ class MPICommunicator(DeviceCommunicatorBase):
     node_of:
         ``rank -> node label`` overriding MPI's shared-memory node detection (tests pretend one
         host is several nodes with it; sites whose MPI cannot tell nodes apart may use it too).
+    shm:
+        ``"auto"``, ``"0"`` or ``"1"`` (or a bool): host tensors of a group on one node go
+        through shared memory (:mod:`mpicomm.shm`, :func:`mpicomm.plan.shm_wanted`). Default:
+        ``MPICOMM_SHM``.
     """
 
     def __init__(
@@ -99,6 +105,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         staging: bool | None = None,
         all2all_backend: str = "allgather_reducescatter",
         node_of=None,
+        shm: str | bool | None = None,
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
         check_device_type(self.device)
@@ -110,6 +117,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.staging = env.staging if staging is None else bool(staging)
         self.huge_pages = env.huge_pages
         self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
+        shm = env.shm if shm is None else shm
+        self.shm = check_choice(
+            str(int(shm)) if isinstance(shm, bool) else shm, HIERARCHICAL_MODES, "shm"
+        )  # MPICOMM_SHM: auto, 0 or 1
         self.cuda_aware = cuda_aware()
         label = unique_name or f"comm{self.ranks}"
         launch.apply_log_level(env.log_level)
@@ -153,6 +164,13 @@ class MPICommunicator(DeviceCommunicatorBase):
             self._nodes = created(
                 label, lambda: NodeSplit.create(self.device_group, self.node_of), "node groups"
             )
+        self._shm: Transport | None = None
+        if plan.shm_wanted(
+            self.shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging
+        ):
+            self._shm = open_transport(self._control, self._call, self.huge_pages)
+            if self._shm is None and self.shm == "1":
+                raise CommunicationError(f"{label}: MPICOMM_SHM=1, but no segment could be made")
         log.debug(
             "%s: rank %d of %d on %s; CUDA tensors %s",
             label,
@@ -172,6 +190,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             "validate (MPICOMM_VALIDATE)": (self.validate, str(int(self.validate))),
             "allreduce_algo (MPICOMM_ALLREDUCE_ALGO)": (self.allreduce_algo, self.allreduce_algo),
             "MPICOMM_HIERARCHICAL": (self.hierarchical, self.hierarchical),
+            "shm (MPICOMM_SHM)": (self.shm, self.shm),
         }
 
     def _free_groups(self) -> None:
@@ -190,6 +209,8 @@ class MPICommunicator(DeviceCommunicatorBase):
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
         self._call.timeout = None if seconds is None else check_seconds(seconds, "timeout")
+        if self._shm is not None:
+            self._shm.timeout = self._call.timeout
 
     @property
     def broken(self) -> str | None:
@@ -201,6 +222,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         """MPI requests this communicator still holds (abandoned after a timeout, or arrival
         notices in flight): a leak shows as growth here."""
         return self._call.outstanding
+
+    @property
+    def transport(self) -> Transport | None:
+        """The shared-memory transport of this group (host tensors, :mod:`mpicomm.shm`), or
+        ``None`` where collectives use MPI alone."""
+        return self._shm
 
     @property
     def workspace(self) -> Workspace:
@@ -247,6 +274,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         check_device(input_, self.device)
         self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
+        if self._shm is not None and input_.is_cpu:
+            out = self._shm.all_reduce(input_)
+            if out is not None:
+                return out
         route = self._route(input_.device)
         x, out = route.stage_in_and_output(input_, input_.shape)
         algo = self._plan(info, x.nbytes)
@@ -265,9 +296,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
 
     def all_reduce_algorithm(self, input_: torch.Tensor) -> str:
-        """The algorithm :meth:`all_reduce` would use for ``input_``: ``native``, ``bytes`` or
-        ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
-        return self._plan(check_tensor(input_), input_.nbytes)
+        """The algorithm :meth:`all_reduce` would use for ``input_``: ``shm``, ``native``,
+        ``bytes`` or ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
+        info = check_tensor(input_)
+        if self._shm is not None and input_.is_cpu and self._shm.sums(input_.dtype):
+            return plan.SHM
+        return self._plan(info, input_.nbytes)
 
     def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
@@ -277,7 +311,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
         route = self._route(input_.device)
         x = input_.reshape(1) if input_.dim() == 0 else input_
-        x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
+        shape = stacked_shape(x.shape, self.world_size, dim)
+        if self._shm is not None and x.is_cpu:
+            return route.gathered(self._shm.all_gather(x.contiguous(), shape), dim)
+        x, buf = route.stage_in_and_output(x, shape)
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
@@ -293,6 +330,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         route = self._route(input_.device)
         x = input_.reshape(1) if input_.dim() == 0 else input_
         root = self.rank == dst
+        if self._shm is not None and x.is_cpu:
+            shape = stacked_shape(x.shape, self.world_size, dim)
+            x = x.contiguous()
+            buf = self._shm.gatherv(x, [x.numel()] * self.world_size, x.itemsize, shape, dst)
+            return route.gathered(buf, dim) if root else None
         if root:
             x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
         else:
@@ -332,8 +374,12 @@ class MPICommunicator(DeviceCommunicatorBase):
         return outs[0] if isinstance(input_, torch.Tensor) else outs
 
     def _gatherv(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        shape = (sum(sizes), *tensor.shape[1:])
+        if self._shm is not None and tensor.is_cpu:
+            row = math.prod(tensor.shape[1:]) * tensor.itemsize
+            return self._shm.gatherv(tensor.contiguous(), sizes, row, shape, -1)
         route = self._route(tensor.device)
-        x, buf = route.stage_in_and_output(tensor, (sum(sizes), *tensor.shape[1:]))
+        x, buf = route.stage_in_and_output(tensor, shape)
         row = math.prod(x.shape[1:])
         counts = [s * row for s in sizes]
         self._call(
@@ -369,19 +415,23 @@ class MPICommunicator(DeviceCommunicatorBase):
         else:
             sizes = check_sizes(sizes, self.world_size, total=total)
         self.agree(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
-        route = self._route(input_.device)
-        x, out = route.stage_in_and_output(moved, (sizes[self.rank], *moved.shape[1:]))
-        row = math.prod(x.shape[1:])
-        counts = [s * row for s in sizes]
-        algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
-        comm = self.device_group
-        if algo == plan.NATIVE:
-            reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
-        else:
-            reduction.reduce_scatter_bytes(
-                self._call, operation, comm, x, counts, out, info, self._workspace
-            )
-        result = route.result(out)
+        shape = (sizes[self.rank], *moved.shape[1:])
+        counts = [s * math.prod(moved.shape[1:]) for s in sizes]
+        result = None
+        if self._shm is not None and moved.is_cpu:
+            result = self._shm.reduce_scatter(moved.contiguous(), counts, shape, operation)
+        if result is None:
+            route = self._route(input_.device)
+            x, out = route.stage_in_and_output(moved, shape)
+            algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
+            comm = self.device_group
+            if algo == plan.NATIVE:
+                reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
+            else:
+                reduction.reduce_scatter_bytes(
+                    self._call, operation, comm, x, counts, out, info, self._workspace
+                )
+            result = route.result(out)
         if input_.dim() == 0:
             return result.reshape(())
         return result if dim == 0 else result.movedim(0, dim).contiguous()
@@ -392,6 +442,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         src = check_rank(src, self.world_size, "src")
         check_device(tensor, self.device, "tensor")
         self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
+        if self._shm is not None and tensor.is_cpu:
+            return self._shm.broadcast(tensor, src)
         route = self._route(tensor.device)
         buf = route.output(tuple(tensor.shape), tensor.dtype)
         if self.rank == src:
@@ -545,6 +597,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         self._call.close()
         self._free_groups()
         launch.untrack(self)

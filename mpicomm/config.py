@@ -9,9 +9,8 @@
 ``MPICOMM_TIMEOUT``                 seconds: bound every collective and receive; unset = no bound
 ``MPICOMM_ALLREDUCE_ALGO``          ``auto`` (default), ``native`` or ``bytes``
 ``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name for the ``mpicomm`` logger
-``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under
-                                    large fresh results (default ``1``; see
-                                    :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under large
+                                    fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
 ``MPICOMM_HIERARCHICAL``            ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
                                     the node-aware all_reduce of :mod:`mpicomm.hierarchical`
 ``MPICOMM_ABORT_ON_EXCEPTION``      ``0``: do not abort the MPI job on an uncaught exception
@@ -23,6 +22,8 @@
 ``MPICOMM_VLLM_EXPERT_MAP_FIX``     ``0``: leave vLLM CPU's MoE experts unpatched (default ``1``:
                                     map expert ids where vLLM ignores ``expert_map``; see
                                     docs/vllm.md)
+``MPICOMM_SHM``                     ``auto`` (default), ``0`` (never) or ``1`` (required): the
+                                    intra-node shared-memory collectives of :mod:`mpicomm.shm`
 ==================================  ===========================================================
 
 Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
@@ -102,6 +103,7 @@ class Settings:
     log_level: str | None
     huge_pages: bool = True
     hierarchical: str = "auto"
+    shm: str = "auto"
 
 
 def settings() -> Settings:
@@ -114,18 +116,20 @@ def settings() -> Settings:
         allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=_log_level("MPICOMM_LOG_LEVEL"),
         huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
-        hierarchical=_hierarchical(),
+        hierarchical=auto_flag("MPICOMM_HIERARCHICAL"),
+        shm=auto_flag("MPICOMM_SHM"),
     )
 
 
-def _hierarchical() -> str:
-    raw = os.environ.get("MPICOMM_HIERARCHICAL", "").strip().lower()
+def auto_flag(name: str) -> str:
+    """``auto``, ``0`` or ``1`` from the variable ``name`` (``auto`` or any flag spelling)."""
+    raw = os.environ.get(name, "").strip().lower()
     if raw in ("", "auto"):
         return "auto"
     try:
-        return "1" if flag("MPICOMM_HIERARCHICAL", None) else "0"
+        return "1" if flag(name, None) else "0"
     except ValueError:
-        raise ValueError(f"MPICOMM_HIERARCHICAL must be auto, 0 or 1, got {raw!r}") from None
+        raise ValueError(f"{name} must be auto, 0 or 1, got {raw!r}") from None
 
 
 def abort_on_exception() -> bool:

@@ -8,8 +8,9 @@ import torch
 from mpi4py import MPI
 
 from .buffers import HUGE_PAGES_FROM, thp_mode
-from .config import flag
+from .config import auto_flag, flag
 from .cuda import cuda_awareness_report, loaded_libmpi
+from .shm import built as shm_built
 from .topology import default_device, node_topology
 
 _THREAD_LEVELS = {
@@ -45,6 +46,28 @@ def _or_error(report_line) -> str:
         return f"unknown: {exc}"
 
 
+def transport_report(num_nodes: int) -> list[str]:
+    """Which transport each kind of group uses for host tensors (docs/shm.md)."""
+    try:
+        mode = auto_flag("MPICOMM_SHM")
+    except ValueError as exc:
+        mode = f"unknown: {exc}"
+    if mode == "0":
+        one_node = "MPI (MPICOMM_SHM=0)"
+    elif not shm_built():
+        one_node = (
+            "MPI (the compiled core mpicomm.shm._core is not built: pip install -e . builds it)"
+        )
+    else:
+        one_node = "shared memory (mpicomm.shm, compiled core built)"
+    many = "MPI (node-aware all_reduce for 16-bit floats: MPICOMM_HIERARCHICAL)"
+    return [
+        f"one-node groups  {one_node}",
+        f"multi-node       {many}" + ("" if num_nodes > 1 else " (this job: one node)"),
+        "CUDA tensors     MPI (CUDA-aware, or staged through pinned host memory)",
+    ]
+
+
 def report(comm: MPI.Comm | None = None) -> str | None:
     """The info text on rank 0 of ``comm`` (``None`` elsewhere). Collective."""
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -73,6 +96,7 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
         f"CUDA-aware MPI   {_or_error(cuda_awareness_report)}",
         f"huge pages       {huge_pages_report()}",
+        *transport_report(topo.num_nodes),
         f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
         "",
         f"{'rank':>4}  {'host':<20} {'node':>4} {'local':>5} {'of':>3}  device",

@@ -8,6 +8,10 @@
     order in the accumulation dtype (the only algorithm for 16-bit and 8-bit floats).
 ``hierarchical``
     :func:`mpicomm.hierarchical.all_reduce`: for groups that span nodes (float types only).
+``shm``
+    :mod:`mpicomm.shm`: host tensors of a group whose ranks all share a node, summed by the
+    compiled core in shared memory (chosen first where the communicator has a segment; the
+    non-sum collectives of such a group go through it too). See :func:`shm_wanted`.
 
 Every rank decides alike from the dtype, the size, the communicator's settings and its node split,
 so no agreement message is needed.
@@ -20,7 +24,7 @@ import torch
 from .dtypes import DtypeInfo
 from .topology import NodeSplit
 
-NATIVE, BYTES, HIERARCHICAL = "native", "bytes", "hierarchical"
+NATIVE, BYTES, HIERARCHICAL, SHM = "native", "bytes", "hierarchical", "shm"
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
 # sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
@@ -76,3 +80,29 @@ def all_reduce_algorithm(
     if hierarchical_applies(info, nbytes, mode, nodes):
         return HIERARCHICAL
     return flat_algorithm(info, nbytes, algo)
+
+
+def shm_wanted(mode: str, built: bool, world: int, one_node: bool, staging: bool) -> bool:
+    """Whether a communicator maps a shared-memory segment (decided once, at construction, alike
+    on every rank). ``mode``: ``MPICOMM_SHM`` or the ``shm=`` keyword (``auto``, ``0``, ``1``).
+
+    ``auto``: when the compiled core is built, the group has at least 2 ranks, all on one node,
+    and staging is not forced (``MPICOMM_STAGING=1`` tests the staging path). ``1`` also serves a
+    1-rank group and raises ``ValueError`` where a segment is impossible.
+    """
+    if mode == "0":
+        return False
+    if mode == "1":
+        why = (
+            "the compiled core mpicomm.shm._core is not built"
+            if not built
+            else "the group spans nodes"
+            if not one_node
+            else "staging is forced (MPICOMM_STAGING=1)"
+            if staging
+            else None
+        )
+        if why is not None:
+            raise ValueError(f"MPICOMM_SHM=1 (shm=1) asks for shared memory, but {why}")
+        return True
+    return built and world >= 2 and one_node and not staging

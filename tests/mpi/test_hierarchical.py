@@ -56,10 +56,11 @@ def node_of(layout: str, world: int):
 
 def hier_comm(comm, layout: str):
     """A communicator whose node split follows ``layout`` and that always takes the hierarchical
-    all_reduce where it applies (as MPICOMM_HIERARCHICAL=1 would)."""
+    all_reduce where it applies (as MPICOMM_HIERARCHICAL=1 would). Shared memory is off: a
+    layout that puts every rank on one node must still test the MPI paths."""
     import mpicomm
 
-    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=node_of(layout, comm.Get_size()))
+    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=node_of(layout, comm.Get_size()), shm="0")
     c.hierarchical = "1"
     return c
 

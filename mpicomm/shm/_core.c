@@ -1,0 +1,700 @@
+/* mpicomm.shm._core: the compiled hot loop of the intra-node shared-memory collectives.
+
+   One Segment per communicator whose ranks share a node (docs/shm.md). Layout of the POSIX
+   shared-memory mapping, for W ranks and slot size S:
+
+       [control: W lines of CTRL bytes]  rank r's line holds its published stage number and pid
+       [data: W x 2 slots of S bytes]     slot (r, b): rank r's buffer b (double buffering)
+
+   Every collective is a sequence of rounds. In a round each rank writes into its own slot of
+   buffer (round % 2), publishes stage + 1 (a release store), waits until every peer has
+   published it too (acquire loads; spin, then yield), then reads peers' slots. A rank writes
+   buffer b again only two rounds later, after every peer has published the round between,
+   which it does only after finishing its reads of b: no extra synchronisation is needed.
+
+   Sums follow docs/contract.md ("Sums"): rank order; bf16/fp16 accumulated in fp32 and rounded
+   once to nearest even (NaN as torch: see f32_to_bf16); fp32/fp64 (and complex, as pairs) in their
+   own type; integers wrap; bool is or. The Python side (transport.py) passes raw addresses,
+   counts and a kind code (KIND_* below), so this module does not depend on torch's ABI. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CTRL 128 /* bytes per rank's control line (two cache lines: no false sharing) */
+#define MAXW 64  /* the most ranks one segment serves */
+#define BLK 256  /* elements summed per block (the accumulator stays in L1) */
+#define ALIGN 64
+#define SPIN 256 /* busy polls of a late peer before yielding the core between polls */
+
+enum { KIND_BOOL = 1, KIND_I8, KIND_I16, KIND_I32, KIND_I64, KIND_F32, KIND_F64, KIND_BF16,
+       KIND_F16 };
+
+static const size_t kind_size[] = {0, 1, 1, 2, 4, 8, 4, 8, 2, 2};
+
+/* ------------------------------------------------------------------ conversions (as torch) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* torch's vectorised conversion (ATen cvtfp32_bf16, AVX2/AVX512): round to nearest even, every
+   NaN becomes 0xFFFF. The scalar c10 conversion gives 0x7FC0 instead; torch's CPU kernels use the
+   vectorised one for all elements of a contiguous sum, so that is the one matched here (the unit
+   tests compare bits with torch, NaN included). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? (uint16_t)0xFFFFu : (uint16_t)r;
+}
+
+/* fp16 <-> fp32 as c10's fp16_ieee_to_fp32_value / fp16_ieee_from_fp32_value (bit exact, round
+   to nearest even), except that a NaN keeps its sign and the top 10 bits of its payload, quieted,
+   as torch's vectorised conversion (F16C vcvtps2ph) does; c10's scalar code gives 0x7E00. */
+static inline float fp32_from_bits(uint32_t w) {
+    float f;
+    memcpy(&f, &w, 4);
+    return f;
+}
+static inline uint32_t fp32_to_bits(float f) {
+    uint32_t w;
+    memcpy(&w, &f, 4);
+    return w;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = fp32_from_bits((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = fp32_from_bits((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    const uint32_t result =
+        sign | (two_w < denormalized_cutoff ? fp32_to_bits(denormalized) : fp32_to_bits(normalized));
+    return fp32_from_bits(result);
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    const float scale_to_inf = 0x1.0p+112f;
+    const float scale_to_zero = 0x1.0p-110f;
+    float base = (fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = fp32_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = fp32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = fp32_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    const uint32_t nan = 0x7E00u | ((w >> 13) & 0x03FFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
+}
+
+/* ------------------------------------------------------------------ sums in rank order */
+
+/* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements, left to right. */
+#define SUM_SAME(NAME, T, OP)                                                                   \
+    __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
+        T *dst = (T *)dst_, *dst2 = (T *)dst2_;                                                 \
+        const T **src = (const T **)src_;                                                       \
+        T acc[BLK];                                                                             \
+        for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
+            size_t m = n - i0 < BLK ? n - i0 : BLK;                                             \
+            const T *s0 = src[0] + i0;                                                          \
+            if (w == 2) {                                                                       \
+                const T *s1 = src[1] + i0;                                                      \
+                for (size_t j = 0; j < m; j++) acc[j] = (T)(s0[j] OP s1[j]);                    \
+            } else {                                                                            \
+                for (size_t j = 0; j < m; j++) acc[j] = s0[j];                                  \
+                for (int r = 1; r < w; r++) {                                                   \
+                    const T *s = src[r] + i0;                                                   \
+                    for (size_t j = 0; j < m; j++) acc[j] = (T)(acc[j] OP s[j]);                \
+                }                                                                               \
+            }                                                                                   \
+            memcpy(dst + i0, acc, m * sizeof(T));                                               \
+            if (dst2) memcpy(dst2 + i0, acc, m * sizeof(T));                                    \
+        }                                                                                       \
+    }
+
+SUM_SAME(sum_bool, uint8_t, |)
+SUM_SAME(sum_i8, uint8_t, +)
+SUM_SAME(sum_i16, uint16_t, +)
+SUM_SAME(sum_i32, uint32_t, +)
+SUM_SAME(sum_i64, uint64_t, +)
+SUM_SAME(sum_f32, float, +)
+SUM_SAME(sum_f64, double, +)
+
+#define SUM_NARROW(NAME, TO32, FROM32)                                                          \
+    __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
+        uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
+        const uint16_t **src = (const uint16_t **)src_;                                         \
+        float acc[BLK];                                                                         \
+        uint16_t out[BLK];                                                                      \
+        for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
+            size_t m = n - i0 < BLK ? n - i0 : BLK;                                             \
+            const uint16_t *s0 = src[0] + i0;                                                   \
+            for (size_t j = 0; j < m; j++) acc[j] = TO32(s0[j]);                                \
+            for (int r = 1; r < w; r++) {                                                       \
+                const uint16_t *s = src[r] + i0;                                                \
+                for (size_t j = 0; j < m; j++) acc[j] += TO32(s[j]);                            \
+            }                                                                                   \
+            for (size_t j = 0; j < m; j++) out[j] = FROM32(acc[j]);                             \
+            memcpy(dst + i0, out, m * 2);                                                       \
+            if (dst2) memcpy(dst2 + i0, out, m * 2);                                            \
+        }                                                                                       \
+    }
+
+SUM_NARROW(sum_bf16, bf16_to_f32, f32_to_bf16)
+SUM_NARROW(sum_f16, f16_to_f32, f32_to_f16)
+
+typedef void (*sum_fn)(void *, void *, const void **, int, size_t);
+static const sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
+                                sum_i64, sum_f32,  sum_f64, sum_bf16, sum_f16};
+
+/* ------------------------------------------------------------------ the segment */
+
+typedef struct {
+    PyObject_HEAD
+    char *base;          /* the mapping */
+    size_t length;       /* its bytes */
+    char *data;          /* first slot */
+    size_t slot;         /* S: bytes per slot */
+    int world, rank;
+    uint64_t stage;      /* the last stage this rank published */
+    uint64_t round;      /* rounds so far: buffer = round % 2 */
+    double timeout;      /* seconds; <= 0: wait forever (dead peers are still noticed) */
+    size_t oneshot_max;  /* all_reduce bytes up to which every rank sums everything */
+    int pids[MAXW];
+    int broken;
+    int gil_free_from;   /* bytes from which the GIL is released around a call */
+} Segment;
+
+static PyObject *WaitError; /* args: (what: "timeout" | "died" | "broken", ranks: tuple, seconds) */
+
+static inline uint64_t *stage_of(Segment *s, int r) { return (uint64_t *)(s->base + (size_t)r * CTRL); }
+static inline int *pid_of(Segment *s, int r) { return (int *)(s->base + (size_t)r * CTRL + 8); }
+static inline char *slot_of(Segment *s, int r, uint64_t round) {
+    return s->data + ((size_t)r * 2 + (size_t)(round & 1)) * s->slot;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Whether process pid is gone (no such process, or a zombie waiting to be reaped). */
+static int process_gone(int pid) {
+    if (pid <= 0) return 0;
+    if (kill(pid, 0) != 0 && errno == ESRCH) return 1;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+/* Failure report of a wait, turned into WaitError once the GIL is held again. */
+typedef struct {
+    const char *what;
+    int ranks[MAXW];
+    int count;
+    double seconds;
+} Failure;
+
+/* Publish the next stage and wait until every peer has published it. 0, or -1 with *fail set. */
+static int step(Segment *s, Failure *fail) {
+    uint64_t target = ++s->stage;
+    __atomic_store_n(stage_of(s, s->rank), target, __ATOMIC_RELEASE);
+    int w = s->world;
+    for (int r = 0; r < w; r++) {
+        if (r == s->rank) continue;
+        uint64_t *peer = stage_of(s, r);
+        if (__atomic_load_n(peer, __ATOMIC_ACQUIRE) >= target) continue;
+        /* The slow path: spin, then yield the core; check the clock and the peers' pids now and
+           then. */
+        double start = now_s(), next_check = start + 0.05;
+        long spins = 0;
+        while (__atomic_load_n(peer, __ATOMIC_ACQUIRE) < target) {
+            if (++spins < SPIN) {
+                cpu_relax();
+                continue;
+            }
+            sched_yield();
+            if ((spins & 63) != 0) continue;
+            double t = now_s();
+            int timed_out = s->timeout > 0 && t - start > s->timeout;
+            if (!timed_out && t < next_check) continue;
+            next_check = t + 0.05;
+            fail->count = 0;
+            for (int q = 0; q < w; q++) { /* who is late, and is any of them dead? */
+                if (q == s->rank || __atomic_load_n(stage_of(s, q), __ATOMIC_ACQUIRE) >= target)
+                    continue;
+                if (process_gone(s->pids[q])) fail->ranks[fail->count++] = q;
+            }
+            if (fail->count) {
+                fail->what = "died";
+                fail->seconds = t - start;
+                s->broken = 1;
+                return -1;
+            }
+            if (timed_out) {
+                for (int q = 0; q < w; q++)
+                    if (q != s->rank && __atomic_load_n(stage_of(s, q), __ATOMIC_ACQUIRE) < target)
+                        fail->ranks[fail->count++] = q;
+                fail->what = "timeout";
+                fail->seconds = s->timeout;
+                s->broken = 1;
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ the collectives (no GIL) */
+
+static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
+
+/* all_reduce of n elements of kind: src -> dst (dst may not alias src). */
+static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
+    size_t isz = kind_size[kind], total = n * isz;
+    int w = s->world, me = s->rank;
+    sum_fn sum = sum_of[kind];
+    const void *parts[MAXW];
+    if (total <= s->oneshot_max) { /* one-shot: every rank sums every slot */
+        size_t per = align_down(s->slot, isz);
+        for (size_t off = 0; off < total; off += per) {
+            size_t m = total - off < per ? total - off : per;
+            uint64_t round = s->round++;
+            memcpy(slot_of(s, me, round), src + off, m);
+            if (step(s, f)) return -1;
+            for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round);
+            sum(dst + off, NULL, parts, w, m / isz);
+        }
+        return 0;
+    }
+    /* Reduce-scatter + all-gather in the segment, a chunk of S bytes per round: rank r sums part
+       r of every slot into its own slot (in place) and dst, then copies the other parts out. */
+    size_t per = align_down(s->slot, (size_t)ALIGN * isz);
+    if (per == 0) per = align_down(s->slot, isz);
+    for (size_t off = 0; off < total; off += per) {
+        size_t m = total - off < per ? total - off : per, elems = m / isz;
+        uint64_t round = s->round++;
+        memcpy(slot_of(s, me, round), src + off, m);
+        if (step(s, f)) return -1;
+        size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
+        size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
+        for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + lo * isz;
+        sum(slot_of(s, me, round) + lo * isz, dst + off + lo * isz, parts, w, hi - lo);
+        if (step(s, f)) return -1;
+        for (int r = 0; r < w; r++) {
+            if (r == me) continue;
+            size_t a = unit * (size_t)r, b = r == w - 1 ? elems : a + unit;
+            memcpy(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz);
+        }
+    }
+    return 0;
+}
+
+/* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
+static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_t *counts, int kind,
+                             Failure *f) {
+    size_t isz = kind_size[kind];
+    int w = s->world, me = s->rank;
+    size_t displ[MAXW], most = 0, off = 0;
+    for (int r = 0; r < w; r++) {
+        displ[r] = off;
+        off += counts[r];
+        if (counts[r] > most) most = counts[r];
+    }
+    size_t per = align_down(s->slot / (size_t)w, (size_t)ALIGN) / isz; /* elements per part */
+    const void *parts[MAXW];
+    sum_fn sum = sum_of[kind];
+    for (size_t k = 0; k < most; k += per) {
+        uint64_t round = s->round++;
+        char *mine = slot_of(s, me, round);
+        for (int d = 0; d < w; d++)
+            if (counts[d] > k) {
+                size_t m = counts[d] - k < per ? counts[d] - k : per;
+                memcpy(mine + (size_t)d * per * isz, src + (displ[d] + k) * isz, m * isz);
+            }
+        if (step(s, f)) return -1;
+        if (counts[me] > k) {
+            size_t m = counts[me] - k < per ? counts[me] - k : per;
+            for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
+            sum(dst + k * isz, NULL, parts, w, m);
+        }
+    }
+    return 0;
+}
+
+/* Rank r's counts[r] bytes to dst + displ[r] on every rank (root < 0) or on root only. */
+static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *counts, int root,
+                      Failure *f) {
+    int w = s->world, me = s->rank;
+    size_t displ[MAXW], most = 0, off = 0;
+    for (int r = 0; r < w; r++) {
+        displ[r] = off;
+        off += counts[r];
+        if (counts[r] > most) most = counts[r];
+    }
+    size_t per = s->slot;
+    int reads = root < 0 || root == me;
+    for (size_t k = 0; k < most; k += per) {
+        uint64_t round = s->round++;
+        if (counts[me] > k)
+            memcpy(slot_of(s, me, round), src + k, counts[me] - k < per ? counts[me] - k : per);
+        if (step(s, f)) return -1;
+        if (!reads) continue;
+        for (int r = 0; r < w; r++) {
+            if (counts[r] <= k) continue;
+            size_t m = counts[r] - k < per ? counts[r] - k : per;
+            if (r == me)
+                memcpy(dst + displ[r] + k, src + k, m);
+            else
+                memcpy(dst + displ[r] + k, slot_of(s, r, round), m);
+        }
+    }
+    return 0;
+}
+
+/* root's nbytes of buf to buf on every other rank. */
+static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure *f) {
+    int me = s->rank;
+    for (size_t k = 0; k < nbytes; k += s->slot) {
+        size_t m = nbytes - k < s->slot ? nbytes - k : s->slot;
+        uint64_t round = s->round++;
+        if (me == root) memcpy(slot_of(s, me, round), buf + k, m);
+        if (step(s, f)) return -1;
+        if (me != root) memcpy(buf + k, slot_of(s, root, round), m);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ Python glue */
+
+static PyObject *raise_failure(Failure *f) {
+    PyObject *ranks = PyTuple_New(f->count);
+    if (!ranks) return NULL;
+    for (int i = 0; i < f->count; i++) PyTuple_SET_ITEM(ranks, i, PyLong_FromLong(f->ranks[i]));
+    PyObject *args = Py_BuildValue("(sNd)", f->what, ranks, f->seconds);
+    if (args) {
+        PyErr_SetObject(WaitError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+static int usable(Segment *s) {
+    if (s->base == NULL || s->broken) {
+        PyObject *args = Py_BuildValue("(s()d)", s->base == NULL ? "closed" : "broken", 0.0);
+        if (args) {
+            PyErr_SetObject(WaitError, args);
+            Py_DECREF(args);
+        }
+        return 0;
+    }
+    return 1;
+}
+
+#define RUN(S, BYTES, CALL)                                                                     \
+    do {                                                                                        \
+        Failure fail_;                                                                          \
+        Failure *f = &fail_;                                                                    \
+        int rc_;                                                                                \
+        if ((BYTES) >= (size_t)(S)->gil_free_from) {                                            \
+            Py_BEGIN_ALLOW_THREADS rc_ = (CALL);                                                \
+            Py_END_ALLOW_THREADS                                                                \
+        } else                                                                                  \
+            rc_ = (CALL);                                                                       \
+        if (rc_) return raise_failure(f);                                                       \
+        Py_RETURN_NONE;                                                                         \
+    } while (0)
+
+static int get_sizes(PyObject *seq, size_t *out, int w) {
+    if (!PyTuple_Check(seq) || PyTuple_GET_SIZE(seq) != w) {
+        PyErr_SetString(PyExc_ValueError, "counts: a tuple with one entry per rank");
+        return -1;
+    }
+    for (int r = 0; r < w; r++) {
+        out[r] = PyLong_AsSize_t(PyTuple_GET_ITEM(seq, r));
+        if (out[r] == (size_t)-1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+#define ARGS(N)                                                                                 \
+    if (nargs != (N)) {                                                                         \
+        PyErr_Format(PyExc_TypeError, "expected %d arguments", (N));                            \
+        return NULL;                                                                            \
+    }                                                                                           \
+    if (!usable(s)) return NULL
+
+static int kind_ok(long kind) {
+    if (kind < KIND_BOOL || kind > KIND_F16) {
+        PyErr_Format(PyExc_ValueError, "unknown kind %ld", kind);
+        return 0;
+    }
+    return 1;
+}
+
+/* all_reduce(src, dst, n, kind) */
+static PyObject *seg_all_reduce(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(4);
+    char *src = PyLong_AsVoidPtr(a[0]), *dst = PyLong_AsVoidPtr(a[1]);
+    size_t n = PyLong_AsSize_t(a[2]);
+    long kind = PyLong_AsLong(a[3]);
+    if (PyErr_Occurred() || !kind_ok(kind)) return NULL;
+    RUN(s, n * kind_size[kind], do_all_reduce(s, src, dst, n, (int)kind, f));
+}
+
+/* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank */
+static PyObject *seg_reduce_scatter(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(4);
+    size_t counts[MAXW];
+    char *src = PyLong_AsVoidPtr(a[0]), *dst = PyLong_AsVoidPtr(a[1]);
+    long kind = PyLong_AsLong(a[3]);
+    if (PyErr_Occurred() || !kind_ok(kind) || get_sizes(a[2], counts, s->world)) return NULL;
+    RUN(s, counts[s->rank] * kind_size[kind] * (size_t)s->world,
+        do_reduce_scatter(s, src, dst, counts, (int)kind, f));
+}
+
+/* all_gather(src, dst, nbytes): W blocks of nbytes into dst, in rank order */
+static PyObject *seg_all_gather(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(3);
+    size_t counts[MAXW];
+    char *src = PyLong_AsVoidPtr(a[0]), *dst = PyLong_AsVoidPtr(a[1]);
+    size_t n = PyLong_AsSize_t(a[2]);
+    if (PyErr_Occurred()) return NULL;
+    for (int r = 0; r < s->world; r++) counts[r] = n;
+    RUN(s, n * (size_t)s->world, do_gatherv(s, src, dst, counts, -1, f));
+}
+
+/* gatherv(src, dst, counts, root): counts in bytes; root -1: every rank receives */
+static PyObject *seg_gatherv(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(4);
+    size_t counts[MAXW], total = 0;
+    char *src = PyLong_AsVoidPtr(a[0]), *dst = PyLong_AsVoidPtr(a[1]);
+    long root = PyLong_AsLong(a[3]);
+    if (PyErr_Occurred() || get_sizes(a[2], counts, s->world)) return NULL;
+    for (int r = 0; r < s->world; r++) total += counts[r];
+    RUN(s, total, do_gatherv(s, src, dst, counts, (int)root, f));
+}
+
+/* broadcast(buf, nbytes, root): in place */
+static PyObject *seg_broadcast(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(3);
+    char *buf = PyLong_AsVoidPtr(a[0]);
+    size_t n = PyLong_AsSize_t(a[1]);
+    long root = PyLong_AsLong(a[2]);
+    if (PyErr_Occurred()) return NULL;
+    RUN(s, n, do_broadcast(s, buf, n, (int)root, f));
+}
+
+/* barrier(): one round with no data */
+static PyObject *seg_barrier(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(0);
+    (void)a;
+    RUN(s, 0, step(s, f));
+}
+
+/* start(): read the peers' pids (after every rank has mapped and written its own) */
+static PyObject *seg_start(Segment *s, PyObject *unused) {
+    (void)unused;
+    for (int r = 0; r < s->world; r++) s->pids[r] = __atomic_load_n(pid_of(s, r), __ATOMIC_ACQUIRE);
+    Py_RETURN_NONE;
+}
+
+static PyObject *seg_close(Segment *s, PyObject *unused) {
+    (void)unused;
+    if (s->base) munmap(s->base, s->length);
+    s->base = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *seg_pids(Segment *s, PyObject *unused) {
+    (void)unused;
+    PyObject *t = PyTuple_New(s->world);
+    for (int r = 0; t && r < s->world; r++) PyTuple_SET_ITEM(t, r, PyLong_FromLong(s->pids[r]));
+    return t;
+}
+
+static void seg_dealloc(Segment *s) {
+    if (s->base) munmap(s->base, s->length);
+    Py_TYPE(s)->tp_free((PyObject *)s);
+}
+
+/* Segment(name, world, rank, slot_bytes, create): map the shared memory object `name` (made here
+   when create, exclusively: a name in use raises FileExistsError). */
+static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
+    const char *name;
+    int world, rank, create;
+    Py_ssize_t slot;
+    if (!PyArg_ParseTuple(args, "siinp", &name, &world, &rank, &slot, &create)) return -1;
+    if (world < 1 || world > MAXW || rank < 0 || rank >= world || slot < ALIGN || slot % ALIGN) {
+        PyErr_SetString(PyExc_ValueError, "Segment: bad world, rank or slot size");
+        return -1;
+    }
+    size_t ctrl = ((size_t)world * CTRL + 4095) / 4096 * 4096;
+    size_t length = ctrl + (size_t)world * 2 * (size_t)slot;
+    int fd = shm_open(name, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
+    if (fd < 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+        return -1;
+    }
+    if (create && ftruncate(fd, (off_t)length) != 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+        close(fd);
+        shm_unlink(name);
+        return -1;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size != length) {
+        close(fd);
+        PyErr_Format(PyExc_OSError, "%s: size %ld, expected %zu", name, (long)st.st_size, length);
+        return -1;
+    }
+    void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (base == MAP_FAILED) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+        return -1;
+    }
+    s->base = base;
+    s->length = length;
+    s->data = (char *)base + ctrl;
+    s->slot = (size_t)slot;
+    s->world = world;
+    s->rank = rank;
+    s->stage = 0;
+    s->round = 0;
+    s->timeout = 0;
+    s->oneshot_max = 1 << 20;
+    s->broken = 0;
+    s->gil_free_from = 1 << 16;
+    memset(s->pids, 0, sizeof s->pids);
+    __atomic_store_n(pid_of(s, rank), (int)getpid(), __ATOMIC_RELEASE);
+    return 0;
+}
+
+static PyObject *core_unlink(PyObject *self, PyObject *arg) {
+    (void)self;
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    if (shm_unlink(name) != 0 && errno != ENOENT) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+    Py_RETURN_NONE;
+}
+
+/* sum(dst, srcs: tuple of addresses, n, kind): dst = rank-order sum (for tests and benchmarks) */
+static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4 || !PyTuple_Check(a[1])) {
+        PyErr_SetString(PyExc_TypeError, "sum(dst, srcs, n, kind)");
+        return NULL;
+    }
+    const void *parts[MAXW];
+    Py_ssize_t w = PyTuple_GET_SIZE(a[1]);
+    if (w < 1 || w > MAXW) {
+        PyErr_SetString(PyExc_ValueError, "sum: 1 to 64 sources");
+        return NULL;
+    }
+    for (Py_ssize_t r = 0; r < w; r++) parts[r] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(a[1], r));
+    void *dst = PyLong_AsVoidPtr(a[0]);
+    size_t n = PyLong_AsSize_t(a[2]);
+    long kind = PyLong_AsLong(a[3]);
+    if (PyErr_Occurred() || !kind_ok(kind)) return NULL;
+    sum_of[kind](dst, NULL, parts, (int)w, n);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef seg_methods[] = {
+    {"all_reduce", (PyCFunction)(void (*)(void))seg_all_reduce, METH_FASTCALL, "all_reduce(src, dst, n, kind)"},
+    {"reduce_scatter", (PyCFunction)(void (*)(void))seg_reduce_scatter, METH_FASTCALL, "reduce_scatter(src, dst, counts, kind)"},
+    {"all_gather", (PyCFunction)(void (*)(void))seg_all_gather, METH_FASTCALL, "all_gather(src, dst, nbytes)"},
+    {"gatherv", (PyCFunction)(void (*)(void))seg_gatherv, METH_FASTCALL, "gatherv(src, dst, counts, root)"},
+    {"broadcast", (PyCFunction)(void (*)(void))seg_broadcast, METH_FASTCALL, "broadcast(buf, nbytes, root)"},
+    {"barrier", (PyCFunction)(void (*)(void))seg_barrier, METH_FASTCALL, "barrier()"},
+    {"start", (PyCFunction)seg_start, METH_NOARGS, "read the peers' pids"},
+    {"close", (PyCFunction)seg_close, METH_NOARGS, "unmap"},
+    {"pids", (PyCFunction)seg_pids, METH_NOARGS, "the ranks' pids"},
+    {NULL, NULL, 0, NULL}};
+
+#include <structmember.h>
+static PyMemberDef seg_members[] = {
+    {"timeout", T_DOUBLE, offsetof(Segment, timeout), 0, "seconds a wait may last (<= 0: no bound)"},
+    {"oneshot_max", T_PYSSIZET, offsetof(Segment, oneshot_max), 0, "all_reduce bytes summed one-shot"},
+    {"gil_free_from", T_INT, offsetof(Segment, gil_free_from), 0, "bytes from which the GIL is released"},
+    {"broken", T_INT, offsetof(Segment, broken), 0, "1 after a failed wait"},
+    {"slot", T_PYSSIZET, offsetof(Segment, slot), READONLY, "bytes per slot"},
+    {"world", T_INT, offsetof(Segment, world), READONLY, "ranks"},
+    {"rank", T_INT, offsetof(Segment, rank), READONLY, "this rank"},
+    {NULL, 0, 0, 0, NULL}};
+
+static PyTypeObject SegmentType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mpicomm.shm._core.Segment",
+    .tp_basicsize = sizeof(Segment),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Segment(name, world, rank, slot_bytes, create): one group's shared memory",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)seg_init,
+    .tp_dealloc = (destructor)seg_dealloc,
+    .tp_methods = seg_methods,
+    .tp_members = seg_members,
+};
+
+static PyMethodDef core_methods[] = {
+    {"unlink", core_unlink, METH_O, "unlink(name): remove a shared memory name"},
+    {"sum", (PyCFunction)(void (*)(void))core_sum, METH_FASTCALL, "sum(dst, srcs, n, kind)"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -1, core_methods};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (PyType_Ready(&SegmentType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&core_module);
+    if (!m) return NULL;
+    WaitError = PyErr_NewException("mpicomm.shm._core.WaitError", PyExc_RuntimeError, NULL);
+    Py_INCREF(&SegmentType);
+    PyModule_AddObject(m, "Segment", (PyObject *)&SegmentType);
+    PyModule_AddObject(m, "WaitError", WaitError);
+    PyModule_AddIntConstant(m, "CTRL", CTRL);
+    PyModule_AddIntConstant(m, "MAXW", MAXW);
+    return m;
+}

@@ -1,0 +1,283 @@
+"""The shared-memory transport of one communicator whose ranks all share a node (docs/shm.md).
+
+:func:`open_transport` (collective on the cpu communicator, at construction) maps one POSIX
+shared-memory segment for the group, or returns ``None`` when the group cannot use one (the
+compiled core is missing, the group spans nodes, ``MPICOMM_SHM=0``); the communicator then uses
+MPI alone. The segment's name is unlinked as soon as every rank has mapped it, so no file is left
+in ``/dev/shm`` whatever happens to the job; :meth:`Transport.close` unmaps it.
+
+The per-call methods take host tensors and return fresh results, or ``None`` for a dtype the
+compiled sums do not cover (the caller then takes the MPI path). Waits honour the communicator's
+timeout and notice dead peers: both raise (docs/contract.md, "Errors").
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import uuid
+
+import torch
+from mpi4py import MPI
+
+from ..buffers import HUGE_PAGES_FROM, huge_pages
+from ..calls import Caller
+from ..errors import CollectiveTimeoutError, CommunicationError
+
+try:
+    from . import _core
+except ImportError:  # not compiled here: every collective takes the MPI path
+    _core = None
+
+# Bytes per slot: each rank has two (double buffering); any message streams through them.
+SLOT_BYTES = 1 << 20
+# all_reduce messages up to this many bytes are summed one-shot (every rank sums every slot);
+# larger ones are reduce-scattered and all-gathered inside the segment: each rank sums 1/W of the
+# elements for one more wait. Measured side by side (2 ranks, docs/benchmarks.md): the
+# reduce-scatter won from 32 KiB (1.15-1.6x) to 512 KiB (1.5-3.3x, except f32 512 KiB).
+ONESHOT_MAX = 16 << 10
+# Calls moving at least this many bytes release the GIL while they wait.
+GIL_FREE_FROM = 1 << 16
+
+# The compiled sums' element kinds: dtype -> (kind, kind elements per element). Integers of one
+# width share a kind (wrapping sums have the same bits signed or not); complex sums are sums of
+# (re, im) pairs. Other dtypes (8-bit floats) take the MPI path.
+_BOOL, _I8, _I16, _I32, _I64, _F32, _F64, _BF16, _F16 = range(1, 10)
+KINDS: dict[torch.dtype, tuple[int, int]] = {
+    torch.bool: (_BOOL, 1),
+    torch.uint8: (_I8, 1),
+    torch.int8: (_I8, 1),
+    torch.int16: (_I16, 1),
+    torch.uint16: (_I16, 1),
+    torch.int32: (_I32, 1),
+    torch.uint32: (_I32, 1),
+    torch.int64: (_I64, 1),
+    torch.uint64: (_I64, 1),
+    torch.float32: (_F32, 1),
+    torch.float64: (_F64, 1),
+    torch.complex64: (_F32, 2),
+    torch.complex128: (_F64, 2),
+    torch.bfloat16: (_BF16, 1),
+    torch.float16: (_F16, 1),
+}
+
+_counter = itertools.count()
+log = logging.getLogger("mpicomm")
+
+
+def built() -> bool:
+    """Whether the compiled core is importable here."""
+    return _core is not None
+
+
+def segment_name(pid: int, serial: int, token: str) -> str:
+    """The POSIX shared-memory name of one group's segment: the job (its scheduler id when there
+    is one), the creating rank's pid, a per-process serial and a random token, so two groups or
+    two jobs on one node never share a name."""
+    job = os.environ.get("SLURM_JOB_ID") or "job"
+    return f"/mpicomm-{job}-{pid}-{serial}-{token}"
+
+
+def open_transport(comm: MPI.Comm, caller: Caller, huge: bool = True) -> Transport | None:
+    """Map a segment for ``comm``'s group (all ranks on one node; collective on ``comm``).
+
+    Rank 0 creates it under a fresh name and broadcasts the name; every rank maps it; after an
+    MPI barrier (an allreduce of the outcome) rank 0 unlinks the name. ``None`` on every rank
+    if any rank failed (the failure is logged), so all ranks take the MPI path alike.
+    """
+    if _core is None:
+        return None
+    world, rank = comm.Get_size(), comm.Get_rank()
+    if world > _core.MAXW:
+        return None
+    name, segment, error = None, None, ""
+    if rank == 0:
+        name = segment_name(os.getpid(), next(_counter), uuid.uuid4().hex[:12])
+    name = comm.bcast(name, root=0)
+    if rank != 0:
+        comm.Barrier()  # rank 0 has created it
+    try:
+        segment = _core.Segment(name, world, rank, SLOT_BYTES, rank == 0)
+    except OSError as exc:
+        error = str(exc)
+    if rank == 0:
+        comm.Barrier()
+    ok = comm.allreduce(0 if error else 1, op=MPI.MIN)
+    if rank == 0 and segment is not None:
+        _core.unlink(name)  # every rank has mapped it (or given up): nothing to leave behind
+    if not ok:
+        if segment is not None:
+            segment.close()
+        if error:
+            log.warning("%s: no shared memory (%s); collectives use MPI", caller.group, error)
+        return None
+    segment.start()
+    segment.oneshot_max = ONESHOT_MAX
+    segment.gil_free_from = GIL_FREE_FROM
+    return Transport(segment, caller, huge)
+
+
+class Transport:
+    """One group's segment and the collectives it runs (host tensors only).
+
+    ``caller`` is the communicator's :class:`~mpicomm.calls.Caller`: its timeout bounds the waits
+    (:attr:`timeout` follows it when the communicator's changes) and its ``broken`` state is
+    shared: a failure here makes the MPI paths refuse too, and the other way round.
+    """
+
+    __slots__ = ("_seg", "_caller", "world", "rank", "_huge")
+
+    def __init__(self, segment, caller: Caller, huge: bool = True) -> None:
+        self._seg = segment
+        self._caller = caller
+        self.world = segment.world
+        self.rank = segment.rank
+        self._huge = huge
+        self.timeout = caller.timeout
+
+    @property
+    def timeout(self) -> float | None:
+        t = self._seg.timeout
+        return t if t > 0 else None
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._seg.timeout = seconds or 0.0
+
+    @staticmethod
+    def sums(dtype: torch.dtype) -> bool:
+        """Whether the compiled core sums ``dtype`` (else a sum takes the MPI path)."""
+        return dtype in KINDS
+
+    def close(self) -> None:
+        """Unmap the segment (its name is already gone)."""
+        self._seg.close()
+
+    def _fresh(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """A new host tensor of ``like``'s dtype (``new_empty`` parses less than ``torch.empty``)."""
+        out = like.new_empty(shape)
+        return huge_pages(out) if self._huge else out
+
+    def _refused(self, operation: str) -> CommunicationError:
+        return CommunicationError(
+            f"{operation} on group {self._caller.group!r}: the communicator is unusable after "
+            f"an earlier failure ({self._caller.broken})",
+            operation=operation,
+            group=self._caller.group,
+        )
+
+    def _failed(self, operation: str, exc: Exception) -> CommunicationError:
+        """The error of a wait that failed (``exc``: the core's WaitError); marks the
+        communicator broken."""
+        what, ranks, seconds = exc.args
+        ranks = list(ranks)
+        listed = ", ".join(map(str, ranks))
+        caller = self._caller
+        group = caller.group
+        if what == "timeout":
+            caller.broken = f"{operation} timed out after {seconds:g} s"
+            return CollectiveTimeoutError(
+                f"{operation} on group {group!r} did not complete within {seconds:g} s "
+                f"(MPICOMM_TIMEOUT). Group rank(s) {listed} had not arrived (shared memory). "
+                "A rank may have failed, be stuck, or never have called it. End the job: leave "
+                "this error uncaught (mpicomm's abort hook then calls MPI_Abort).",
+                operation=operation,
+                group=group,
+                timeout=seconds,
+                missing=ranks,
+            )
+        if what == "died":
+            caller.broken = f"group rank(s) {listed} died during {operation}"
+            return CommunicationError(
+                f"{operation} on group {group!r}: group rank(s) {listed} died (their process "
+                "is gone) while this rank waited for them in shared memory. End the job.",
+                operation=operation,
+                group=group,
+            )
+        caller.broken = caller.broken or f"the shared memory is {what}"
+        return self._refused(operation)
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The rank-order sum of every rank's ``x`` (any shape), fresh; ``None`` for a dtype the
+        compiled sums do not cover."""
+        if self._caller.broken is not None:
+            raise self._refused("all_reduce")
+        kind = KINDS.get(x.dtype)
+        if kind is None:
+            return None
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty_like(x)  # the cheapest allocation (torch.empty parses more)
+        if self._huge and x.nbytes >= HUGE_PAGES_FROM:
+            huge_pages(out)
+        try:
+            self._seg.all_reduce(x.data_ptr(), out.data_ptr(), x.numel() * kind[1], kind[0])
+        except _core.WaitError as exc:
+            raise self._failed("all_reduce", exc) from None
+        return out
+
+    def reduce_scatter(
+        self, x: torch.Tensor, counts: list[int], shape, operation: str = "reduce_scatter"
+    ) -> torch.Tensor | None:
+        """Rank r: the sum over ranks of elements ``[sum(counts[:r]), +counts[r])`` of the
+        contiguous ``x``, as a fresh tensor of ``shape``; ``None`` for an uncovered dtype."""
+        if self._caller.broken is not None:
+            raise self._refused(operation)
+        kind = KINDS.get(x.dtype)
+        if kind is None:
+            return None
+        out = self._fresh(x, shape)
+        scale = kind[1]
+        sizes = tuple(c * scale for c in counts)
+        try:
+            self._seg.reduce_scatter(x.data_ptr(), out.data_ptr(), sizes, kind[0])
+        except _core.WaitError as exc:
+            raise self._failed(operation, exc) from None
+        return out
+
+    def all_gather(self, x: torch.Tensor, shape, operation: str = "all_gather") -> torch.Tensor:
+        """Every rank's contiguous ``x`` (same size everywhere), rank after rank, in a fresh
+        tensor of ``shape`` (W times ``x``'s elements)."""
+        if self._caller.broken is not None:
+            raise self._refused(operation)
+        out = self._fresh(x, shape)
+        try:
+            self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
+        except _core.WaitError as exc:
+            raise self._failed(operation, exc) from None
+        return out
+
+    def gatherv(self, x: torch.Tensor, rows: list[int], row_bytes: int, shape, root: int):
+        """Rank r's ``rows[r]`` rows (contiguous ``x``), rank after rank, in a fresh tensor of
+        ``shape`` on ``root`` (``-1``: on every rank); ``None`` on the other ranks."""
+        if self._caller.broken is not None:
+            raise self._refused("gather" if root >= 0 else "all_gatherv")
+        out = self._fresh(x, shape) if root < 0 or root == self.rank else None
+        sizes = tuple(r * row_bytes for r in rows)
+        try:
+            self._seg.gatherv(x.data_ptr(), 0 if out is None else out.data_ptr(), sizes, root)
+        except _core.WaitError as exc:
+            raise self._failed("gather" if root >= 0 else "all_gatherv", exc) from None
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` as a fresh tensor on every rank."""
+        if self._caller.broken is not None:
+            raise self._refused("broadcast")
+        out = self._fresh(tensor, tensor.shape)
+        if self.rank == src:
+            out.copy_(tensor.detach())
+        try:
+            self._seg.broadcast(out.data_ptr(), out.nbytes, src)
+        except _core.WaitError as exc:
+            raise self._failed("broadcast", exc) from None
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every rank has arrived here (no data)."""
+        try:
+            self._seg.barrier()
+        except _core.WaitError as exc:
+            raise self._failed("barrier", exc) from None

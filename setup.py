@@ -1,0 +1,21 @@
+"""Build of mpicomm's optional compiled core (the metadata is in setup.cfg).
+
+``mpicomm.shm._core`` (docs/shm.md) is optional: where it does not compile, the package installs
+without it and the collectives use MPI alone (``python -m mpicomm info`` says which).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "mpicomm.shm._core",
+            sources=["mpicomm/shm/_core.c"],
+            # no -march: the sums pick AVX-512 / AVX2 / baseline at run time (target_clones);
+            # no contraction into FMAs, which would round differently from torch
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-strict-aliasing"],
+            libraries=["rt"],
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,137 @@
+"""The shared-memory path (mpicomm.shm) on every rank: every collective and dtype against the
+reference and, bit for bit, against the MPI path (``shm="0"``) on the same inputs; sizes that
+take the one-shot sum, the in-segment reduce-scatter + all-gather, and several rounds through the
+double-buffered slots; identical bits on every rank. At 1 rank the path is forced (``shm="1"``).
+
+    timeout 600 mpiexec -n 3 python -m pytest --with-mpi -q tests/mpi/test_shm.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mpi4py import MPI
+
+from mpicomm import MPICommunicator, plan
+from mpicomm.check import make_input, reference_sum
+from mpicomm.shm import built
+from tests import conformance
+from tests.helpers import everywhere, same_bits_everywhere
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not built(), reason="the compiled core mpicomm.shm._core is not built"),
+]
+torch.set_num_threads(1)
+TIMEOUT = 60.0
+# 16-bit float sums: bit for bit with the MPI path (docs/contract.md, "Sums").
+NARROW = (torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def on():
+    comm = MPICommunicator(MPI.COMM_WORLD, shm="1", timeout=TIMEOUT, unique_name="shm-on")
+    yield comm
+    comm.destroy()
+
+
+@pytest.fixture(scope="module")
+def off():
+    comm = MPICommunicator(MPI.COMM_WORLD, shm="0", timeout=TIMEOUT, unique_name="shm-off")
+    yield comm
+    comm.destroy()
+
+
+def test_paths(on, off):
+    x = torch.ones(3)
+    assert on.transport is not None and on.all_reduce_algorithm(x) == plan.SHM
+    assert off.transport is None and off.all_reduce_algorithm(x) != plan.SHM
+
+
+@pytest.mark.parametrize("dtype", conformance.DTYPE_LIST, ids=conformance.DTYPE_IDS)
+@pytest.mark.parametrize("name", conformance.COLLECTIVES)
+def test_shm_equals_mpi_and_reference(on, off, name, dtype):
+    """Every collective and dtype through shared memory matches the reference and the MPI path:
+    bit for bit, except float32/64 and complex sums, which MPI may add in another order."""
+    exact = dtype not in conformance.INEXACT_SUM
+    differ = conformance.differences(on, off, name, dtype, "cpu", salt=11, exact=exact)
+    assert not differ, f"shm and MPI results differ: {differ}"
+
+
+def inputs(dtype, n, world):
+    return [make_input(dtype, r, (n,), 900) for r in range(world)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
+@pytest.mark.parametrize("n", [1, 1000, 70_001, 1_300_007])
+def test_all_reduce_sizes(on, off, dtype, n):
+    """One-shot (small), reduce-scatter + all-gather in the segment (large), several rounds:
+    rank-order sums, identical bits everywhere, bits identical to the MPI path for 16-bit floats."""
+    xs = inputs(dtype, n, on.world_size)
+    before = xs[on.rank].clone()
+    got = on.all_reduce(xs[on.rank])
+    ok = torch.equal(xs[on.rank], before) and got.data_ptr() != xs[on.rank].data_ptr()
+    ok = ok and conformance.equal_bits(got, reference_sum(xs))
+    if dtype in NARROW:
+        ok = ok and conformance.equal_bits(got, off.all_reduce(xs[on.rank]))
+    assert everywhere(ok)
+    assert same_bits_everywhere(got)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reduce_scatterv_large_uneven(on, off, dtype):
+    world = on.world_size
+    sizes = [300_001 + 77_777 * r for r in range(world)]
+    sizes[0] = 0 if world > 1 else sizes[0]
+    xs = [make_input(dtype, r, (sum(sizes), 3), 50) for r in range(world)]
+    got = on.reduce_scatterv(xs[on.rank], dim=0, sizes=sizes)
+    start = sum(sizes[: on.rank])
+    want = reference_sum(xs)[start : start + sizes[on.rank]]
+    ok = conformance.equal_bits(got, want)
+    if dtype in NARROW:
+        ok = ok and conformance.equal_bits(got, off.reduce_scatterv(xs[on.rank], 0, sizes))
+    assert everywhere(ok)
+
+
+def test_gathers_and_broadcast_large(on):
+    """Messages larger than a slot stream through in rounds; zero-row ranks are fine."""
+    world, rank = on.world_size, on.rank
+    rows = [0 if r == 1 else 200_000 + 1000 * r for r in range(world)]
+    xs = [make_input(torch.float32, r, (rows[r], 4), 70) for r in range(world)]
+    ok = torch.equal(on.all_gatherv(xs[rank], sizes=rows), torch.cat(xs))
+    ys = [make_input(torch.bfloat16, r, (3, 400_000), 80) for r in range(world)]
+    ok = ok and torch.equal(on.all_gather(ys[rank], dim=1), torch.cat(ys, 1))
+    for dst in range(world):
+        g = on.gather(ys[rank], dst=dst, dim=0)
+        ok = ok and (torch.equal(g, torch.cat(ys, 0)) if rank == dst else g is None)
+    for src in range(world):
+        ok = ok and torch.equal(on.broadcast(ys[rank], src), ys[src])
+    assert everywhere(ok)
+
+
+def test_many_small_calls_in_a_row(on):
+    """Thousands of back-to-back calls of mixed kinds (the double buffer wraps many times)."""
+    world, rank = on.world_size, on.rank
+    ok = True
+    for i in range(2000):
+        x = torch.full((5 + i % 7,), float(rank + i), dtype=torch.float32)
+        if i % 3 == 0:
+            got = on.all_reduce(x)
+            ok = ok and torch.equal(got, torch.full_like(x, sum(r + i for r in range(world))))
+        elif i % 3 == 1:
+            got = on.all_gather(x, dim=0)
+            want = torch.cat([torch.full_like(x, float(r + i)) for r in range(world)])
+            ok = ok and torch.equal(got, want)
+        else:
+            ok = ok and torch.equal(on.broadcast(x, i % world), torch.full_like(x, i % world + i))
+    assert everywhere(ok)
+
+
+def test_environment_setting_off(monkeypatch):
+    monkeypatch.setenv("MPICOMM_SHM", "0")
+    comm = MPICommunicator(MPI.COMM_WORLD, unique_name="shm-env-off")
+    try:
+        assert comm.transport is None
+        assert torch.equal(comm.all_reduce(torch.ones(2)), torch.full((2,), comm.world_size * 1.0))
+    finally:
+        comm.destroy()
