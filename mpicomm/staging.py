@@ -23,6 +23,17 @@ from .dtypes import DTYPES
 _HOST = torch.device("cpu")
 
 
+def readable(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, with lazy views resolved, so that its memory holds its values: the
+    memory of ``x.conj()`` (complex) or of a negative view (``x.conj().imag``) holds the
+    unconjugated, unnegated values, and MPI or shared memory read memory."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor
+
+
 class Route:
     """The memory of one call on ``device``: staged through the host, or handed to MPI directly."""
 
@@ -51,10 +62,7 @@ class Route:
         unconjugated, unnegated values, and MPI reads memory. ``sync=False`` when the caller
         synchronises the device itself (:meth:`ready`) after making its output.
         """
-        if tensor.requires_grad:
-            tensor = tensor.detach()
-        if tensor.is_conj() or tensor.is_neg():
-            tensor = tensor.resolve_conj().resolve_neg()
+        tensor = readable(tensor)
         if self.staged:
             shape = tuple(tensor.shape)
             host = self._workspace.tensor(slot, shape, tensor.dtype, _HOST, True)

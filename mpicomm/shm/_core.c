@@ -608,7 +608,7 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     s->timeout = 0;
     s->oneshot_max = 1 << 20;
     s->broken = 0;
-    s->gil_free_from = 1 << 16;
+    s->gil_free_from = 0;
     memset(s->pids, 0, sizeof s->pids);
     __atomic_store_n(pid_of(s, rank), (int)getpid(), __ATOMIC_RELEASE);
     return 0;

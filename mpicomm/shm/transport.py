@@ -24,6 +24,7 @@ from mpi4py import MPI
 from ..buffers import HUGE_PAGES_FROM, huge_pages
 from ..calls import Caller
 from ..errors import CollectiveTimeoutError, CommunicationError
+from ..staging import readable
 
 try:
     from . import _core
@@ -37,8 +38,10 @@ SLOT_BYTES = 1 << 20
 # elements for one more wait. Measured side by side (2 ranks, docs/benchmarks.md): the
 # reduce-scatter won from 32 KiB (1.15-1.6x) to 512 KiB (1.5-3.3x, except f32 512 KiB).
 ONESHOT_MAX = 16 << 10
-# Calls moving at least this many bytes release the GIL while they wait.
-GIL_FREE_FROM = 1 << 16
+# Calls moving at least this many bytes release the GIL while they wait: every call, because a
+# wait that holds it stops this process's other threads, one of which may be the peer a rank is
+# waiting for in another communicator (docs/reliability.md, "Threads"). Releasing costs ~0.1 us.
+GIL_FREE_FROM = 0
 
 # The compiled sums' element kinds: dtype -> (kind, kind elements per element). Integers of one
 # width share a kind (wrapping sums have the same bits signed or not); complex sums are sums of
@@ -207,8 +210,7 @@ class Transport:
         kind = KINDS.get(x.dtype)
         if kind is None:
             return None
-        if not x.is_contiguous():
-            x = x.contiguous()
+        x = readable(x).contiguous()
         out = torch.empty_like(x)  # the cheapest allocation (torch.empty parses more)
         if self._huge and x.nbytes >= HUGE_PAGES_FROM:
             huge_pages(out)
@@ -228,6 +230,7 @@ class Transport:
         kind = KINDS.get(x.dtype)
         if kind is None:
             return None
+        x = readable(x).contiguous()
         out = self._fresh(x, shape)
         scale = kind[1]
         sizes = tuple(c * scale for c in counts)
@@ -242,6 +245,7 @@ class Transport:
         tensor of ``shape`` (W times ``x``'s elements)."""
         if self._caller.broken is not None:
             raise self._refused(operation)
+        x = readable(x).contiguous()
         out = self._fresh(x, shape)
         try:
             self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
@@ -254,6 +258,7 @@ class Transport:
         ``shape`` on ``root`` (``-1``: on every rank); ``None`` on the other ranks."""
         if self._caller.broken is not None:
             raise self._refused("gather" if root >= 0 else "all_gatherv")
+        x = readable(x).contiguous()
         out = self._fresh(x, shape) if root < 0 or root == self.rank else None
         sizes = tuple(r * row_bytes for r in rows)
         try:
