@@ -34,7 +34,11 @@ def staged():
 
 @pytest.fixture(scope="module")
 def plain():
-    comm = MPICommunicator(MPI.COMM_WORLD, staging=False, timeout=TIMEOUT, unique_name="plain")
+    # The MPI path, as the staged one: float sums in MPI's own order must match bit for bit
+    # (the shared-memory path sums in rank order; tests/mpi/test_shm.py compares it).
+    comm = MPICommunicator(
+        MPI.COMM_WORLD, staging=False, timeout=TIMEOUT, unique_name="plain", shm="0"
+    )
     yield comm
     comm.destroy()
 
@@ -73,7 +77,7 @@ def test_device_memory_handoff(plain, monkeypatch, algo):
     v-collective displacements, the in-place all-gather of a slice, byte specs for send/recv.
     Results must equal the reference and, bit for bit, the numpy path's."""
     monkeypatch.setattr(buffers, "_memory", buffers._device_memory)
-    comm = MPICommunicator(MPI.COMM_WORLD, timeout=TIMEOUT, allreduce_algo=algo)
+    comm = MPICommunicator(MPI.COMM_WORLD, timeout=TIMEOUT, allreduce_algo=algo, shm="0")
     try:
         for name in conformance.COLLECTIVES:
             for dtype in conformance.DTYPE_LIST:
