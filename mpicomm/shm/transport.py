@@ -179,10 +179,11 @@ class Transport:
         caller = self._caller
         group = caller.group
         if what == "timeout":
+            noun = "rank" if len(ranks) == 1 else "ranks"  # worded as mpicomm.calls words it
             caller.broken = f"{operation} timed out after {seconds:g} s"
             return CollectiveTimeoutError(
                 f"{operation} on group {group!r} did not complete within {seconds:g} s "
-                f"(MPICOMM_TIMEOUT). Group rank(s) {listed} had not arrived (shared memory). "
+                f"(MPICOMM_TIMEOUT). Group {noun} {listed} had not entered it (shared memory). "
                 "A rank may have failed, be stuck, or never have called it. End the job: leave "
                 "this error uncaught (mpicomm's abort hook then calls MPI_Abort).",
                 operation=operation,
