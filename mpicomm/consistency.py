@@ -18,7 +18,8 @@ from mpi4py import MPI
 from .calls import Caller
 from .dtypes import DTYPES
 
-OPERATIONS = (
+# The tensor collectives of docs/contract.md (tests and the fuzzer draw from this list too).
+COLLECTIVES = (
     "all_reduce",
     "all_gather",
     "all_gatherv",
@@ -26,6 +27,9 @@ OPERATIONS = (
     "reduce_scatterv",
     "gather",
     "broadcast",
+)
+OPERATIONS = (
+    *COLLECTIVES,
     "dispatch",
     "combine",
     "all_to_allv",

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import traceback
 
 import torch
 
@@ -124,14 +122,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except Exception:
-        traceback.print_exc()
-        sys.stdout.flush()
-        code = 1
-    if code:
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(code)
-    sys.exit(code)
+    vg.run_or_abort(main)

@@ -318,7 +318,9 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run_or_abort(main) -> None:
+    """Exit with ``main()``'s code; a failing rank (an exception or a non-zero code) aborts the
+    whole job, so its peers never wait in a collective it will not enter."""
     try:
         code = main()
     except Exception:
@@ -330,3 +332,7 @@ if __name__ == "__main__":
 
         MPI.COMM_WORLD.Abort(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    run_or_abort(main)

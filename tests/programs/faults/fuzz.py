@@ -24,21 +24,14 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
+from mpicomm.consistency import COLLECTIVES
 from mpicomm.dtypes import CHECKED
 
 torch.set_num_threads(1)
 WORLD = MPI.COMM_WORLD
 RANK, W = WORLD.Get_rank(), WORLD.Get_size()
 DTYPES = list(CHECKED)  # the dtypes `python -m mpicomm check` covers
-OPS = [
-    "all_reduce",
-    "all_gather",
-    "all_gatherv",
-    "reduce_scatter",
-    "reduce_scatterv",
-    "gather",
-    "broadcast",
-]
+OPS = list(COLLECTIVES)
 LAYOUTS = ["contiguous", "transposed", "strided", "expanded", "lazy"]
 VICTIM = W - 1
 

@@ -25,22 +25,13 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
+from mpicomm.consistency import COLLECTIVES
 
 torch.set_num_threads(1)
 WORLD = MPI.COMM_WORLD
 RANK, W = WORLD.Get_rank(), WORLD.Get_size()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.float64]
-OPS = [
-    "all_reduce",
-    "all_gather",
-    "all_gatherv",
-    "reduce_scatter",
-    "reduce_scatterv",
-    "gather",
-    "broadcast",
-    "sendrecv",
-    "dispatch",
-]
+OPS = [*COLLECTIVES, "sendrecv", "dispatch"]
 MAX_ROWS, MAX_COLS = 64, 96  # largest tensor: 64 x 96 elements per rank
 MARKS = 20  # samples of memory and objects after the warm-up
 
