@@ -31,12 +31,13 @@ from .errors import CommunicationError
 from .moe import make_manager, make_router
 from .shm import Transport, open_transport
 from .shm import built as shm_built
-from .staging import Route, stacked_shape, staging_needs
+from .staging import Route, stacked_shape, staging_needs, writable_into
 from .topology import NodeSplit, node_labels
 from .validation import (
     check_choice,
     check_device,
     check_device_type,
+    check_out,
     check_peer,
     check_rank,
     check_row_tensors,
@@ -168,7 +169,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         if plan.shm_wanted(
             self.shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging
         ):
-            self._shm = open_transport(self._control, self._call, self.huge_pages)
+            self._shm = open_transport(self._control, self._call, self.huge_pages, env.shm_direct)
             if self._shm is None and self.shm == "1":
                 raise CommunicationError(f"{label}: MPICOMM_SHM=1, but no segment could be made")
         log.debug(
@@ -265,30 +266,43 @@ class MPICommunicator(DeviceCommunicatorBase):
             consistency.agree(self._call, self._control, operation, fingerprint())
 
     # ----------------------------------------------------------------- collectives
-    def all_reduce(self, input_: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, input_: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elementwise sum over the group; every rank gets the same bits, shape and dtype as input.
 
         16-bit and 8-bit floats are summed in float32 in rank order and rounded once; bool sums
-        are logical or; integer sums wrap like torch's.
+        are logical or; integer sums wrap like torch's. The result is a fresh tensor, or, with
+        ``out`` (input's shape, dtype and device; ``input_`` itself for an in-place sum, as
+        torch.distributed's all_reduce), written into ``out``, which is returned.
         """
         info = check_tensor(input_)
+        if out is None and self._shm is not None and input_.is_cpu and not self.validate:
+            result = self._shm.all_reduce(input_)  # a live communicator's hot path
+            if result is not None:
+                return result
         check_device(input_, self.device)
+        if out is not None:
+            check_out(out, input_)
         self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
         if self._shm is not None and input_.is_cpu:
-            out = self._shm.all_reduce(input_)
-            if out is not None:
-                return out
+            result = self._shm.all_reduce(input_, out)
+            if result is not None:
+                return _into(out, result)
         route = self._route(input_.device)
-        x, out = route.stage_in_and_output(input_, input_.shape)
-        algo = self._plan(info, x.nbytes)
+        algo = self._plan(info, input_.nbytes)
         comm, call = self.device_group, self._call
+        if out is not None and algo == plan.NATIVE and input_.is_cpu and not route.staged:
+            x = route.stage_in(input_)
+            if writable_into(out, x):
+                reduction.all_reduce_native(call, "all_reduce", comm, x, out, info)
+                return out
+        x, buf = route.stage_in_and_output(input_, input_.shape)
         if algo == plan.NATIVE:
-            reduction.all_reduce_native(call, "all_reduce", comm, x, out, info)
+            reduction.all_reduce_native(call, "all_reduce", comm, x, buf, info)
         elif algo == plan.BYTES:
-            reduction.all_reduce_bytes(call, "all_reduce", comm, x, out, info, self._workspace)
+            reduction.all_reduce_bytes(call, "all_reduce", comm, x, buf, info, self._workspace)
         else:
-            hierarchical.all_reduce(call, "all_reduce", self._nodes, x, out, info, self._workspace)
-        return route.result(out)
+            hierarchical.all_reduce(call, "all_reduce", self._nodes, x, buf, info, self._workspace)
+        return _into(out, route.result(buf))
 
     def _plan(self, info, nbytes: int) -> str:
         return plan.all_reduce_algorithm(
@@ -609,3 +623,11 @@ class MPICommunicator(DeviceCommunicatorBase):
             f"MPICommunicator({self._call.group!r}, rank={self.rank}/{self.world_size}, "
             f"device={self.device}, ranks={self.ranks})"
         )
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    """``result``, copied into ``out`` first when the caller gave one that is not it."""
+    if out is None or out is result:
+        return result
+    out.copy_(result)
+    return out

@@ -24,6 +24,9 @@
                                     docs/vllm.md)
 ``MPICOMM_SHM``                     ``auto`` (default), ``0`` (never) or ``1`` (required): the
                                     intra-node shared-memory collectives of :mod:`mpicomm.shm`
+``MPICOMM_SHM_DIRECT``              ``0``: large shared-memory collectives copy through the
+                                    segment instead of reading peers' tensors directly (default
+                                    ``1`` where the kernel allows it; docs/shm.md)
 ==================================  ===========================================================
 
 Flags take ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off`` (any case); an empty or
@@ -104,6 +107,7 @@ class Settings:
     huge_pages: bool = True
     hierarchical: str = "auto"
     shm: str = "auto"
+    shm_direct: bool = True
 
 
 def settings() -> Settings:
@@ -118,6 +122,7 @@ def settings() -> Settings:
         huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
         hierarchical=auto_flag("MPICOMM_HIERARCHICAL"),
         shm=auto_flag("MPICOMM_SHM"),
+        shm_direct=bool(flag("MPICOMM_SHM_DIRECT", True)),
     )
 
 

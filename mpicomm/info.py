@@ -59,7 +59,15 @@ def transport_report(num_nodes: int) -> list[str]:
             "MPI (the compiled core mpicomm.shm._core is not built: pip install -e . builds it)"
         )
     else:
-        one_node = "shared memory (mpicomm.shm, compiled core built)"
+        try:
+            direct = flag("MPICOMM_SHM_DIRECT", True)
+        except ValueError as exc:
+            direct = f"unknown: {exc}"
+        large = {
+            True: "large messages read from peers' tensors directly where the kernel allows it",
+            False: "large messages copied through the segment (MPICOMM_SHM_DIRECT=0)",
+        }.get(direct, direct)
+        one_node = f"shared memory (mpicomm.shm, compiled core built; {large})"
     many = "MPI (node-aware all_reduce for 16-bit floats: MPICOMM_HIERARCHICAL)"
     return [
         f"one-node groups  {one_node}",

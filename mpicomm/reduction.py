@@ -180,8 +180,10 @@ def all_reduce_native(
     out: torch.Tensor,
     info: DtypeInfo,
 ) -> None:
-    """``out`` = elementwise sum of every rank's ``x`` by MPI's Allreduce."""
-    call(operation, comm, "Allreduce", mpi_spec(x), mpi_spec(out), info.sum_op)
+    """``out`` = elementwise sum of every rank's ``x`` by MPI's Allreduce (in place when ``out``
+    is ``x``'s memory)."""
+    send = MPI.IN_PLACE if x.data_ptr() == out.data_ptr() else mpi_spec(x)
+    call(operation, comm, "Allreduce", send, mpi_spec(out), info.sum_op)
 
 
 def reduce_scatter_native(

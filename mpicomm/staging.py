@@ -34,6 +34,18 @@ def readable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def writable_into(out: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a result computed from ``x`` (contiguous, same shape and dtype) may be written
+    straight into ``out``'s memory: ``out`` is a contiguous host tensor with no lazy conj/neg bit
+    (its memory must hold its values), and it is either ``x``'s own memory (an in-place sum) or
+    shares no storage with it (a partial overlap would read elements already overwritten)."""
+    if not out.is_cpu or out.is_neg() or out.is_conj() or not out.is_contiguous():
+        return False
+    if out.data_ptr() == x.data_ptr():
+        return True
+    return out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
 class Route:
     """The memory of one call on ``device``: staged through the host, or handed to MPI directly."""
 

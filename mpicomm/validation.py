@@ -142,6 +142,19 @@ def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "in
         raise ValueError(f"{argument} is on {tensor.device}: only CPU and CUDA tensors move")
 
 
+def check_out(out: object, input_: torch.Tensor) -> None:
+    """``out`` must be a tensor of ``input_``'s shape, dtype and device (it receives the result)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != input_.shape or out.dtype != input_.dtype or out.device != input_.device:
+        raise ValueError(
+            f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; the result "
+            f"has shape {tuple(input_.shape)}, dtype {input_.dtype} on {input_.device}"
+        )
+    if out.requires_grad and out.is_leaf:
+        raise ValueError("out is a leaf tensor that requires grad: pass out=tensor.detach()")
+
+
 def check_seconds(value: object, argument: str) -> float | None:
     """A finite number of seconds ``>= 0``; ``0`` means no bound (``None``)."""
     if (

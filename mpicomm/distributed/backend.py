@@ -31,8 +31,6 @@ from ..buffers import byte_spec, mpi_spec, vector_spec
 from ..calls import Caller
 from ..communicator import MPICommunicator
 from ..cuda import cuda_aware
-from ..dtypes import dtype_info
-from ..plan import NATIVE
 from ..validation import check_rank
 from . import ops
 from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_barrier
@@ -113,29 +111,19 @@ class MPIProcessGroup(dist.ProcessGroup):
     def _reduce_into(self, operation: str, tensor: torch.Tensor, reduce_op, root=None) -> None:
         name = ops.op_name(reduce_op, operation)
         ops.check(name, tensor.dtype, operation)
-        if name == ops.SUM and root is None and self._native_in_place(tensor):
-            return
         if name in (ops.SUM, ops.AVG):
-            summed = self.sums.all_reduce(tensor)
+            # an all_reduce sums in place (no fresh result, no copy back); a reduce leaves
+            # the other ranks' tensors as they were
+            target = tensor.detach() if root is None else None
+            summed = self.sums.all_reduce(tensor, out=target)
             if name == ops.AVG:
                 ops.average(summed, self.world)
-            if root is None or self.rank() == root:
+            if summed is not target and (root is None or self.rank() == root):
                 write_back(tensor, summed)
             return
         out = ops.reduce(self.caller, operation, self.comm, tensor, name, root)
         if out is not None:
             write_back(tensor, out.to(tensor.dtype))
-
-    def _native_in_place(self, tensor: torch.Tensor) -> bool:
-        """Where mpicomm's plan sums a host tensor with MPI's own sum (docs/architecture.md,
-        "Sums"), run that sum in place on the caller's tensor (no fresh result, no copy back)."""
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            return False
-        if self.sums.all_reduce_algorithm(tensor) != NATIVE:
-            return False
-        spec = mpi_spec(tensor.detach())
-        self._run("all_reduce", "Allreduce", MPI.IN_PLACE, spec, dtype_info(tensor.dtype).sum_op)
-        return True
 
     def _done(self, result, opts):
         """The work to return: a shared finished one for a synchronous call (torch only waits on

@@ -12,6 +12,11 @@
    buffer b again only two rounds later, after every peer has published the round between,
    which it does only after finishing its reads of b: no extra synchronisation is needed.
 
+   Large messages skip the slots where the kernel lets one process read another's memory
+   (process_vm_readv, "direct" below; probed once per segment): each rank publishes the addresses
+   of its input and output in its control line, and peers copy straight out of them. One copy per
+   byte instead of two (into a slot, out of it), and three waits per call instead of two per slot.
+
    Sums follow docs/contract.md ("Sums"): rank order; bf16/fp16 accumulated in fp32 and rounded
    once to nearest even (NaN as torch: see f32_to_bf16); fp32/fp64 (and complex, as pairs) in their
    own type; integers wrap; bool is or. The Python side (transport.py) passes raw addresses,
@@ -27,9 +32,11 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -38,6 +45,8 @@
 #define BLK 256  /* elements summed per block (the accumulator stays in L1) */
 #define ALIGN 64
 #define SPIN 256 /* busy polls of a late peer before yielding the core between polls */
+#define CHUNK (128 << 10) /* bytes a direct sum reads from one peer at a time (stays in L2) */
+#define PROBE 0x6d7069636f6d6d31ull /* the word peers read to test direct reads */
 
 enum { KIND_BOOL = 1, KIND_I8, KIND_I16, KIND_I32, KIND_I64, KIND_F32, KIND_F64, KIND_BF16,
        KIND_F16 };
@@ -112,12 +121,46 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
 }
 
+/* ------------------------------------------------------------------ result writes */
+
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
+/* Copy bytes to a result. With nt (a result too large to stay in cache) the stores bypass the
+   cache where the CPU has streaming stores: no read of the destination lines before they are
+   overwritten, and the cache keeps the data still to be read. Callers fence (store_fence) before
+   publishing a stage, since streaming stores are not ordered with the release store. */
+static inline void put(void *dst, const void *src, size_t bytes, int nt) {
+#if defined(__x86_64__)
+    if (nt && ((uintptr_t)dst & 15) == 0) {
+        size_t i = 0;
+        for (; i + 16 <= bytes; i += 16)
+            _mm_stream_si128((__m128i *)((char *)dst + i),
+                             _mm_loadu_si128((const __m128i *)((const char *)src + i)));
+        if (i < bytes) memcpy((char *)dst + i, (const char *)src + i, bytes - i);
+        return;
+    }
+#endif
+    (void)nt;
+    memcpy(dst, src, bytes);
+}
+
+static inline void store_fence(int nt) {
+#if defined(__x86_64__)
+    if (nt) _mm_sfence();
+#else
+    (void)nt;
+#endif
+}
+
 /* ------------------------------------------------------------------ sums in rank order */
 
-/* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements, left to right. */
+/* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements, left to right.
+   nt: dst is a large result (see put); dst2 (a slot peers read next) stays in cache. */
 #define SUM_SAME(NAME, T, OP)                                                                   \
     __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
-        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {                  \
         T *dst = (T *)dst_, *dst2 = (T *)dst2_;                                                 \
         const T **src = (const T **)src_;                                                       \
         T acc[BLK];                                                                             \
@@ -134,7 +177,7 @@ static inline uint16_t f32_to_f16(float f) {
                     for (size_t j = 0; j < m; j++) acc[j] = (T)(acc[j] OP s[j]);                \
                 }                                                                               \
             }                                                                                   \
-            memcpy(dst + i0, acc, m * sizeof(T));                                               \
+            put(dst + i0, acc, m * sizeof(T), nt);                                              \
             if (dst2) memcpy(dst2 + i0, acc, m * sizeof(T));                                    \
         }                                                                                       \
     }
@@ -149,7 +192,7 @@ SUM_SAME(sum_f64, double, +)
 
 #define SUM_NARROW(NAME, TO32, FROM32)                                                          \
     __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
-        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {                  \
         uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
         const uint16_t **src = (const uint16_t **)src_;                                         \
         float acc[BLK];                                                                         \
@@ -163,7 +206,7 @@ SUM_SAME(sum_f64, double, +)
                 for (size_t j = 0; j < m; j++) acc[j] += TO32(s[j]);                            \
             }                                                                                   \
             for (size_t j = 0; j < m; j++) out[j] = FROM32(acc[j]);                             \
-            memcpy(dst + i0, out, m * 2);                                                       \
+            put(dst + i0, out, m * 2, nt);                                                      \
             if (dst2) memcpy(dst2 + i0, out, m * 2);                                            \
         }                                                                                       \
     }
@@ -171,7 +214,7 @@ SUM_SAME(sum_f64, double, +)
 SUM_NARROW(sum_bf16, bf16_to_f32, f32_to_bf16)
 SUM_NARROW(sum_f16, f16_to_f32, f32_to_f16)
 
-typedef void (*sum_fn)(void *, void *, const void **, int, size_t);
+typedef void (*sum_fn)(void *, void *, const void **, int, size_t, int);
 static const sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
                                 sum_i64, sum_f32,  sum_f64, sum_bf16, sum_f16};
 
@@ -191,12 +234,20 @@ typedef struct {
     int pids[MAXW];
     int broken;
     int gil_free_from;   /* bytes from which the GIL is released around a call */
+    Py_ssize_t direct_from; /* bytes from which peers read each other's tensors directly */
+    Py_ssize_t stream_from; /* result bytes from which result writes bypass the cache (put) */
+    char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
+    uint64_t probe;      /* PROBE: what peers read to test direct reads */
 } Segment;
 
 static PyObject *WaitError; /* args: (what: "timeout" | "died" | "broken", ranks: tuple, seconds) */
 
 static inline uint64_t *stage_of(Segment *s, int r) { return (uint64_t *)(s->base + (size_t)r * CTRL); }
 static inline int *pid_of(Segment *s, int r) { return (int *)(s->base + (size_t)r * CTRL + 8); }
+/* Rank r's published addresses: [0] input, [1] output, [2] its probe word. */
+static inline uint64_t *addr_of(Segment *s, int r) {
+    return (uint64_t *)(s->base + (size_t)r * CTRL + 16);
+}
 static inline char *slot_of(Segment *s, int r, uint64_t round) {
     return s->data + ((size_t)r * 2 + (size_t)(round & 1)) * s->slot;
 }
@@ -288,6 +339,138 @@ static int step(Segment *s, Failure *fail) {
     return 0;
 }
 
+/* ------------------------------------------------------------------ direct reads (large messages) */
+
+/* Copy len bytes at peer q's address `from` to `to`. 0, or -1 with *fail set ("died" when the
+   peer is gone, else "broken": its memory was unreadable, which only a failing peer causes). */
+static int peer_read(Segment *s, int q, void *to, uint64_t from, size_t len, Failure *fail) {
+    while (len > 0) {
+        struct iovec local = {to, len}, remote = {(void *)(uintptr_t)from, len};
+        ssize_t got = process_vm_readv(s->pids[q], &local, 1, &remote, 1, 0);
+        if (got <= 0) {
+            if (got < 0 && errno == EINTR) continue;
+            fail->count = 1;
+            fail->ranks[0] = q;
+            fail->what = got < 0 && errno == ESRCH ? "died" : "broken";
+            fail->seconds = 0;
+            s->broken = 1;
+            return -1;
+        }
+        to = (char *)to + got;
+        from += (uint64_t)got;
+        len -= (size_t)got;
+    }
+    return 0;
+}
+
+/* Publish this call's input and output addresses, then wait for every peer's. */
+static int publish(Segment *s, const void *in, const void *out, Failure *f) {
+    uint64_t *mine = addr_of(s, s->rank);
+    mine[0] = (uint64_t)(uintptr_t)in;
+    mine[1] = (uint64_t)(uintptr_t)out;
+    return step(s, f); /* its release store publishes the addresses */
+}
+
+/* Rank me sums, in rank order, elements [lo, hi) of every rank's input (published) into dst
+   (which may be its own input: element i is read before it is written), CHUNK bytes per peer at
+   a time through the scratch buffer. */
+static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t hi, int kind,
+                      int nt, Failure *f) {
+    size_t isz = kind_size[kind], per = CHUNK / isz;
+    int w = s->world, me = s->rank;
+    const void *parts[MAXW];
+    sum_fn sum = sum_of[kind];
+    for (size_t k = lo; k < hi; k += per) {
+        size_t m = hi - k < per ? hi - k : per;
+        for (int q = 0; q < w; q++) {
+            if (q == me) {
+                parts[q] = src + k * isz;
+                continue;
+            }
+            char *buf = s->scratch + (size_t)q * CHUNK;
+            if (peer_read(s, q, buf, addr_of(s, q)[0] + k * isz, m * isz, f)) return -1;
+            parts[q] = buf;
+        }
+        sum(dst + k * isz, NULL, parts, w, m, nt);
+    }
+    store_fence(nt);
+    return 0;
+}
+
+/* all_reduce, direct: rank r sums part r of every input into its output, then copies the other
+   parts from their owners' outputs. The last wait keeps every rank's tensors alive until no peer
+   reads them any more. */
+static int all_reduce_direct(Segment *s, const char *src, char *dst, size_t n, int kind,
+                             Failure *f) {
+    size_t isz = kind_size[kind];
+    int w = s->world, me = s->rank;
+    size_t unit = n / (size_t)w / 64 * 64; /* part boundaries on 64-element multiples */
+    if (publish(s, src, dst, f)) return -1;
+    size_t lo = unit * (size_t)me, hi = me == w - 1 ? n : lo + unit;
+    if (direct_sum(s, src, dst, lo, hi, kind, n * isz >= (size_t)s->stream_from, f)) return -1;
+    if (step(s, f)) return -1;
+    for (int q = 0; q < w; q++) {
+        if (q == me) continue;
+        size_t a = unit * (size_t)q, b = q == w - 1 ? n : a + unit;
+        if (peer_read(s, q, dst + a * isz, addr_of(s, q)[1] + a * isz, (b - a) * isz, f)) return -1;
+    }
+    return step(s, f);
+}
+
+/* reduce_scatter, direct: rank r sums elements [displ[r], +counts[r]) of every input into dst. */
+static int reduce_scatter_direct(Segment *s, const char *src, char *dst, const size_t *counts,
+                                 int kind, Failure *f) {
+    size_t lo = 0;
+    for (int r = 0; r < s->rank; r++) lo += counts[r];
+    if (publish(s, src, dst, f)) return -1;
+    /* direct_sum indexes the inputs from lo; dst is this rank's part only */
+    size_t isz = kind_size[kind];
+    int nt = counts[s->rank] * isz >= (size_t)s->stream_from;
+    if (direct_sum(s, src, dst - lo * isz, lo, lo + counts[s->rank], kind, nt, f)) return -1;
+    return step(s, f);
+}
+
+/* gatherv / all_gather, direct: every receiving rank copies each peer's input into place. */
+static int gatherv_direct(Segment *s, const char *src, char *dst, const size_t *counts, int root,
+                          Failure *f) {
+    int w = s->world, me = s->rank;
+    if (publish(s, src, dst, f)) return -1;
+    if (root < 0 || root == me) {
+        size_t off = 0;
+        for (int q = 0; q < w; q++) {
+            if (q == me)
+                memcpy(dst + off, src, counts[q]);
+            else if (counts[q] && peer_read(s, q, dst + off, addr_of(s, q)[0], counts[q], f))
+                return -1;
+            off += counts[q];
+        }
+    }
+    return step(s, f);
+}
+
+/* broadcast, direct: every other rank copies root's buffer. */
+static int broadcast_direct(Segment *s, char *buf, size_t nbytes, int root, Failure *f) {
+    if (publish(s, buf, buf, f)) return -1;
+    if (s->rank != root && peer_read(s, root, buf, addr_of(s, root)[0], nbytes, f)) return -1;
+    return step(s, f);
+}
+
+/* Whether this rank can read every peer's probe word directly (collective: one wait). */
+static int probe_direct(Segment *s, Failure *f) {
+    if (step(s, f)) return -1; /* every rank has published its probe address (at start) */
+    for (int q = 0; q < s->world; q++) {
+        if (q == s->rank) continue;
+        uint64_t word = 0;
+        struct iovec local = {&word, sizeof word};
+        struct iovec remote = {(void *)(uintptr_t)addr_of(s, q)[2], sizeof word};
+        if (process_vm_readv(s->pids[q], &local, 1, &remote, 1, 0) != (ssize_t)sizeof word ||
+            word != PROBE)
+            return 0;
+    }
+    return 1;
+}
+
+
 /* ------------------------------------------------------------------ the collectives (no GIL) */
 
 static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
@@ -298,6 +481,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
     int w = s->world, me = s->rank;
     sum_fn sum = sum_of[kind];
     const void *parts[MAXW];
+    if (w > 1 && total >= (size_t)s->direct_from) return all_reduce_direct(s, src, dst, n, kind, f);
     if (total <= s->oneshot_max) { /* one-shot: every rank sums every slot */
         size_t per = align_down(s->slot, isz);
         for (size_t off = 0; off < total; off += per) {
@@ -306,7 +490,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
             memcpy(slot_of(s, me, round), src + off, m);
             if (step(s, f)) return -1;
             for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round);
-            sum(dst + off, NULL, parts, w, m / isz);
+            sum(dst + off, NULL, parts, w, m / isz, 0);
         }
         return 0;
     }
@@ -314,6 +498,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
        r of every slot into its own slot (in place) and dst, then copies the other parts out. */
     size_t per = align_down(s->slot, (size_t)ALIGN * isz);
     if (per == 0) per = align_down(s->slot, isz);
+    int nt = total >= (size_t)s->stream_from;
     for (size_t off = 0; off < total; off += per) {
         size_t m = total - off < per ? total - off : per, elems = m / isz;
         uint64_t round = s->round++;
@@ -322,14 +507,15 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
         size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
         for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + lo * isz;
-        sum(slot_of(s, me, round) + lo * isz, dst + off + lo * isz, parts, w, hi - lo);
+        sum(dst + off + lo * isz, slot_of(s, me, round) + lo * isz, parts, w, hi - lo, nt);
         if (step(s, f)) return -1;
         for (int r = 0; r < w; r++) {
             if (r == me) continue;
             size_t a = unit * (size_t)r, b = r == w - 1 ? elems : a + unit;
-            memcpy(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz);
+            put(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz, nt);
         }
     }
+    store_fence(nt);
     return 0;
 }
 
@@ -344,6 +530,8 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
         off += counts[r];
         if (counts[r] > most) most = counts[r];
     }
+    if (w > 1 && off * isz >= (size_t)s->direct_from)
+        return reduce_scatter_direct(s, src, dst, counts, kind, f);
     size_t per = align_down(s->slot / (size_t)w, (size_t)ALIGN) / isz; /* elements per part */
     const void *parts[MAXW];
     sum_fn sum = sum_of[kind];
@@ -359,7 +547,7 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
         if (counts[me] > k) {
             size_t m = counts[me] - k < per ? counts[me] - k : per;
             for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
-            sum(dst + k * isz, NULL, parts, w, m);
+            sum(dst + k * isz, NULL, parts, w, m, 0);
         }
     }
     return 0;
@@ -375,6 +563,7 @@ static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *coun
         off += counts[r];
         if (counts[r] > most) most = counts[r];
     }
+    if (w > 1 && off >= (size_t)s->direct_from) return gatherv_direct(s, src, dst, counts, root, f);
     size_t per = s->slot;
     int reads = root < 0 || root == me;
     for (size_t k = 0; k < most; k += per) {
@@ -398,6 +587,7 @@ static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *coun
 /* root's nbytes of buf to buf on every other rank. */
 static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure *f) {
     int me = s->rank;
+    if (s->world > 1 && nbytes >= (size_t)s->direct_from) return broadcast_direct(s, buf, nbytes, root, f);
     for (size_t k = 0; k < nbytes; k += s->slot) {
         size_t m = nbytes - k < s->slot ? nbytes - k : s->slot;
         uint64_t round = s->round++;
@@ -407,6 +597,7 @@ static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure 
     }
     return 0;
 }
+
 
 /* ------------------------------------------------------------------ Python glue */
 
@@ -535,6 +726,18 @@ static PyObject *seg_barrier(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     RUN(s, 0, step(s, f));
 }
 
+/* probe_direct(): whether this rank reads every peer's memory directly (collective; one wait) */
+static PyObject *seg_probe_direct(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    ARGS(0);
+    (void)a;
+    Failure fail_;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS ok = probe_direct(s, &fail_);
+    Py_END_ALLOW_THREADS
+    if (ok < 0) return raise_failure(&fail_);
+    return PyBool_FromLong(ok);
+}
+
 /* start(): read the peers' pids (after every rank has mapped and written its own) */
 static PyObject *seg_start(Segment *s, PyObject *unused) {
     (void)unused;
@@ -558,6 +761,7 @@ static PyObject *seg_pids(Segment *s, PyObject *unused) {
 
 static void seg_dealloc(Segment *s) {
     if (s->base) munmap(s->base, s->length);
+    free(s->scratch);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
@@ -609,7 +813,18 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     s->oneshot_max = 1 << 20;
     s->broken = 0;
     s->gil_free_from = 0;
+    s->direct_from = PY_SSIZE_T_MAX;
+    s->stream_from = PY_SSIZE_T_MAX;
+    s->probe = PROBE;
+    s->scratch = malloc((size_t)world * CHUNK);
+    if (!s->scratch) {
+        munmap(base, length);
+        s->base = NULL;
+        PyErr_NoMemory();
+        return -1;
+    }
     memset(s->pids, 0, sizeof s->pids);
+    addr_of(s, rank)[2] = (uint64_t)(uintptr_t)&s->probe;
     __atomic_store_n(pid_of(s, rank), (int)getpid(), __ATOMIC_RELEASE);
     return 0;
 }
@@ -640,7 +855,7 @@ static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) 
     size_t n = PyLong_AsSize_t(a[2]);
     long kind = PyLong_AsLong(a[3]);
     if (PyErr_Occurred() || !kind_ok(kind)) return NULL;
-    sum_of[kind](dst, NULL, parts, (int)w, n);
+    sum_of[kind](dst, NULL, parts, (int)w, n, 0);
     Py_RETURN_NONE;
 }
 
@@ -651,6 +866,7 @@ static PyMethodDef seg_methods[] = {
     {"gatherv", (PyCFunction)(void (*)(void))seg_gatherv, METH_FASTCALL, "gatherv(src, dst, counts, root)"},
     {"broadcast", (PyCFunction)(void (*)(void))seg_broadcast, METH_FASTCALL, "broadcast(buf, nbytes, root)"},
     {"barrier", (PyCFunction)(void (*)(void))seg_barrier, METH_FASTCALL, "barrier()"},
+    {"probe_direct", (PyCFunction)(void (*)(void))seg_probe_direct, METH_FASTCALL, "probe_direct(): whether peers' memory reads directly"},
     {"start", (PyCFunction)seg_start, METH_NOARGS, "read the peers' pids"},
     {"close", (PyCFunction)seg_close, METH_NOARGS, "unmap"},
     {"pids", (PyCFunction)seg_pids, METH_NOARGS, "the ranks' pids"},
@@ -660,6 +876,8 @@ static PyMethodDef seg_methods[] = {
 static PyMemberDef seg_members[] = {
     {"timeout", T_DOUBLE, offsetof(Segment, timeout), 0, "seconds a wait may last (<= 0: no bound)"},
     {"oneshot_max", T_PYSSIZET, offsetof(Segment, oneshot_max), 0, "all_reduce bytes summed one-shot"},
+    {"stream_from", T_PYSSIZET, offsetof(Segment, stream_from), 0, "result bytes from which result writes bypass the cache"},
+    {"direct_from", T_PYSSIZET, offsetof(Segment, direct_from), 0, "bytes from which peers' tensors are read directly"},
     {"gil_free_from", T_INT, offsetof(Segment, gil_free_from), 0, "bytes from which the GIL is released"},
     {"broken", T_INT, offsetof(Segment, broken), 0, "1 after a failed wait"},
     {"slot", T_PYSSIZET, offsetof(Segment, slot), READONLY, "bytes per slot"},

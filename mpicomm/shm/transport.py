@@ -24,7 +24,7 @@ from mpi4py import MPI
 from ..buffers import HUGE_PAGES_FROM, huge_pages
 from ..calls import Caller
 from ..errors import CollectiveTimeoutError, CommunicationError
-from ..staging import readable
+from ..staging import readable, writable_into
 
 try:
     from . import _core
@@ -38,6 +38,11 @@ SLOT_BYTES = 1 << 20
 # elements for one more wait. Measured side by side (2 ranks, docs/benchmarks.md): the
 # reduce-scatter won from 32 KiB (1.15-1.6x) to 512 KiB (1.5-3.3x, except f32 512 KiB).
 ONESHOT_MAX = 16 << 10
+# Messages of at least this many bytes (all_reduce, reduce_scatter: the whole input; gathers: the
+# whole output; broadcast: the tensor) skip the slots where peers can read each other's memory
+# (process_vm_readv): one copy per byte instead of two. Measured side by side (2 ranks,
+# docs/shm.md, "Direct reads").
+DIRECT_FROM = 256 << 10
 # Calls moving at least this many bytes release the GIL while they wait: every call, because a
 # wait that holds it stops this process's other threads, one of which may be the peer a rank is
 # waiting for in another communicator (docs/reliability.md, "Threads"). Releasing costs ~0.1 us.
@@ -65,6 +70,7 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
     torch.float16: (_F16, 1),
 }
 
+_NEVER = (1 << 63) - 1
 _counter = itertools.count()
 log = logging.getLogger("mpicomm")
 
@@ -82,12 +88,16 @@ def segment_name(pid: int, serial: int, token: str) -> str:
     return f"/mpicomm-{job}-{pid}-{serial}-{token}"
 
 
-def open_transport(comm: MPI.Comm, caller: Caller, huge: bool = True) -> Transport | None:
+def open_transport(
+    comm: MPI.Comm, caller: Caller, huge: bool = True, direct: bool = True
+) -> Transport | None:
     """Map a segment for ``comm``'s group (all ranks on one node; collective on ``comm``).
 
     Rank 0 creates it under a fresh name and broadcasts the name; every rank maps it; after an
     MPI barrier (an allreduce of the outcome) rank 0 unlinks the name. ``None`` on every rank
-    if any rank failed (the failure is logged), so all ranks take the MPI path alike.
+    if any rank failed (the failure is logged), so all ranks take the MPI path alike. Large
+    messages read peers' tensors directly when ``direct`` (``MPICOMM_SHM_DIRECT``) is on at every
+    rank and every rank can read every peer's memory (probed here).
     """
     if _core is None:
         return None
@@ -118,6 +128,9 @@ def open_transport(comm: MPI.Comm, caller: Caller, huge: bool = True) -> Transpo
     segment.start()
     segment.oneshot_max = ONESHOT_MAX
     segment.gil_free_from = GIL_FREE_FROM
+    readable_peers = world > 1 and segment.probe_direct()
+    if comm.allreduce(int(direct and readable_peers), op=MPI.MIN):
+        segment.direct_from = DIRECT_FROM
     return Transport(segment, caller, huge)
 
 
@@ -147,6 +160,17 @@ class Transport:
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
         self._seg.timeout = seconds or 0.0
+
+    @property
+    def direct_from(self) -> int | None:
+        """Bytes from which peers' tensors are read directly; ``None``: never (docs/shm.md). Set
+        it to the same value on every rank (tests compare the two paths)."""
+        n = self._seg.direct_from
+        return None if n >= _NEVER else n
+
+    @direct_from.setter
+    def direct_from(self, nbytes: int | None) -> None:
+        self._seg.direct_from = _NEVER if nbytes is None else nbytes
 
     @staticmethod
     def sums(dtype: torch.dtype) -> bool:
@@ -203,20 +227,28 @@ class Transport:
         return self._refused(operation)
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The rank-order sum of every rank's ``x`` (any shape), fresh; ``None`` for a dtype the
-        compiled sums do not cover."""
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rank-order sum of every rank's ``x`` (any shape): written into ``out`` (x's shape
+        and dtype; may be ``x`` itself) where its memory allows, else a fresh tensor; ``None``
+        for a dtype the compiled sums do not cover.
+
+        The hot path of a model layer's sum: a handful of attribute reads, one allocation and one
+        call into the compiled core (docs/shm.md, "Per-call cost").
+        """
         if self._caller.broken is not None:
             raise self._refused("all_reduce")
         kind = KINDS.get(x.dtype)
         if kind is None:
             return None
-        x = readable(x).contiguous()
-        out = torch.empty_like(x)  # the cheapest allocation (torch.empty parses more)
-        if self._huge and x.nbytes >= HUGE_PAGES_FROM:
-            huge_pages(out)
+        if x.is_neg() or not x.is_contiguous() or (kind[1] == 2 and x.is_conj()):
+            x = readable(x).contiguous()
+        n = x.numel()
+        if out is None or not writable_into(out, x):
+            out = torch.empty_like(x)  # the cheapest allocation (torch.empty parses more)
+            if self._huge and n * x.itemsize >= HUGE_PAGES_FROM:
+                huge_pages(out)
         try:
-            self._seg.all_reduce(x.data_ptr(), out.data_ptr(), x.numel() * kind[1], kind[0])
+            self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n * kind[1], kind[0])
         except _core.WaitError as exc:
             raise self._failed("all_reduce", exc) from None
         return out

@@ -1,7 +1,8 @@
 """The shared-memory path (mpicomm.shm) on every rank: every collective and dtype against the
 reference and, bit for bit, against the MPI path (``shm="0"``) on the same inputs; sizes that
 take the one-shot sum, the in-segment reduce-scatter + all-gather, and several rounds through the
-double-buffered slots; identical bits on every rank. At 1 rank the path is forced (``shm="1"``).
+double-buffered slots, and all of it again with peers' tensors read directly; identical bits on
+every rank. At 1 rank the path is forced (``shm="1"``).
 
     timeout 600 mpiexec -n 3 python -m pytest --with-mpi -q tests/mpi/test_shm.py
 """
@@ -28,9 +29,18 @@ TIMEOUT = 60.0
 NARROW = (torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(scope="module")
-def on():
+@pytest.fixture(scope="module", params=["direct", "slots"])
+def on(request):
+    """Shared memory, large messages read from peers' tensors directly (every size, to cover the
+    direct path at small sizes too) or copied through the segment's slots."""
     comm = MPICommunicator(MPI.COMM_WORLD, shm="1", timeout=TIMEOUT, unique_name="shm-on")
+    if request.param == "slots":
+        comm.transport.direct_from = None
+    elif comm.world_size > 1:
+        if comm.transport.direct_from is None:
+            comm.destroy()
+            pytest.skip("this kernel refuses process_vm_readv between the ranks")
+        comm.transport.direct_from = 0
     yield comm
     comm.destroy()
 
@@ -135,3 +145,53 @@ def test_environment_setting_off(monkeypatch):
         assert torch.equal(comm.all_reduce(torch.ones(2)), torch.full((2,), comm.world_size * 1.0))
     finally:
         comm.destroy()
+
+
+def test_direct_setting_off(monkeypatch):
+    monkeypatch.setenv("MPICOMM_SHM_DIRECT", "0")
+    comm = MPICommunicator(MPI.COMM_WORLD, shm="1", unique_name="shm-direct-off")
+    try:
+        assert comm.transport.direct_from is None
+        x = torch.ones(1 << 18)
+        assert torch.equal(comm.all_reduce(x), torch.full_like(x, comm.world_size))
+    finally:
+        comm.destroy()
+
+
+@pytest.mark.parametrize("n", [7, 1_300_007])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.complex64])
+def test_all_reduce_out(on, off, dtype, n):
+    """``out=``: in place (out is the input), into another tensor, into a non-contiguous view and
+    into a view overlapping the input (both through a fresh result); shared memory and MPI give
+    the same bits, and ``out`` is what is returned."""
+    world, rank = on.world_size, on.rank
+    xs = inputs(dtype, n, world)
+    want = reference_sum(xs)
+    ok = True
+    for comm in (on, off):
+        mine = xs[rank].clone()
+        ok = ok and comm.all_reduce(mine, out=mine) is mine and conformance.equal_bits(mine, want)
+        other = torch.empty_like(mine)
+        got = comm.all_reduce(xs[rank], out=other)
+        ok = ok and got is other and conformance.equal_bits(other, want)
+        wide = torch.zeros(n, 2, dtype=dtype)
+        comm.all_reduce(xs[rank], out=wide[:, 1])
+        ok = ok and conformance.equal_bits(wide[:, 1], want) and not wide[:, 0].any()
+        both = torch.cat([xs[rank], xs[rank][:1]])
+        comm.all_reduce(both[:n], out=both[1:])
+        ok = ok and conformance.equal_bits(both[1:], want)
+        ok = ok and torch.equal(xs[rank], inputs(dtype, n, world)[rank])
+    assert everywhere(ok)
+
+
+def test_all_reduce_bad_out_raises_everywhere(on):
+    x = torch.ones(4)
+    for out, error in (
+        (torch.ones(5), ValueError),
+        (torch.ones(4, dtype=torch.float64), ValueError),
+        ([0.0] * 4, TypeError),
+        (torch.ones(4, requires_grad=True), ValueError),
+    ):
+        with pytest.raises(error):
+            on.all_reduce(x, out=out)
+    assert torch.equal(on.all_reduce(x), torch.full_like(x, on.world_size))
