@@ -214,8 +214,86 @@ SUM_SAME(sum_f64, double, +)
 SUM_NARROW(sum_bf16, bf16_to_f32, f32_to_bf16)
 SUM_NARROW(sum_f16, f16_to_f32, f32_to_f16)
 
+/* The same sums written for AVX-512 (16 floats per instruction; compilers vectorise the portable
+   ones above only 8 wide, and the narrow-float conversions dominate): the conversions are the ones
+   above, lane for lane, so the bits are the same. Chosen at import where the CPU has AVX-512. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+AVX512 static inline __m512 load_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+AVX512 static inline __m256i to_bf16(__m512 v) { /* f32_to_bf16, 16 lanes */
+    __m512i x = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, odd), _mm512_set1_epi32(0x7FFF)), 16);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0xFFFF), r);
+    return _mm512_cvtepi32_epi16(r);
+}
+AVX512 static inline __m512 load_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2ph) */
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+#define SUM_NARROW_512(NAME, LOAD, STORE, TO32, FROM32)                                        \
+    AVX512 static void NAME(void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) { \
+        uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
+        const uint16_t **src = (const uint16_t **)src_;                                         \
+        uint16_t out[BLK];                                                                      \
+        for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
+            size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;                                      \
+            uint16_t *o = nt || dst2 ? out : dst + i0;                                          \
+            for (; j + 16 <= m; j += 16) {                                                      \
+                __m512 a = LOAD(src[0] + i0 + j);                                               \
+                for (int r = 1; r < w; r++) a = _mm512_add_ps(a, LOAD(src[r] + i0 + j));        \
+                _mm256_storeu_si256((__m256i *)(o + j), STORE(a));                              \
+            }                                                                                   \
+            for (; j < m; j++) {                                                                \
+                float a = TO32(src[0][i0 + j]);                                                 \
+                for (int r = 1; r < w; r++) a += TO32(src[r][i0 + j]);                          \
+                o[j] = FROM32(a);                                                               \
+            }                                                                                   \
+            if (o == out) {                                                                     \
+                put(dst + i0, out, m * 2, nt);                                                  \
+                if (dst2) memcpy(dst2 + i0, out, m * 2);                                        \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+SUM_NARROW_512(sum_bf16_512, load_bf16, to_bf16, bf16_to_f32, f32_to_bf16)
+SUM_NARROW_512(sum_f16_512, load_f16, to_f16, f16_to_f32, f32_to_f16)
+
+AVX512 static void sum_f32_512(void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {
+    float *dst = (float *)dst_, *dst2 = (float *)dst2_;
+    const float **src = (const float **)src_;
+    float out[BLK];
+    for (size_t i0 = 0; i0 < n; i0 += BLK) {
+        size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;
+        float *o = nt || dst2 ? out : dst + i0;
+        for (; j + 16 <= m; j += 16) {
+            __m512 a = _mm512_loadu_ps(src[0] + i0 + j);
+            for (int r = 1; r < w; r++) a = _mm512_add_ps(a, _mm512_loadu_ps(src[r] + i0 + j));
+            _mm512_storeu_ps(o + j, a);
+        }
+        for (; j < m; j++) {
+            float a = src[0][i0 + j];
+            for (int r = 1; r < w; r++) a += src[r][i0 + j];
+            o[j] = a;
+        }
+        if (o == out) {
+            put(dst + i0, out, m * 4, nt);
+            if (dst2) memcpy(dst2 + i0, out, m * 4);
+        }
+    }
+}
+#endif
+
 typedef void (*sum_fn)(void *, void *, const void **, int, size_t, int);
-static const sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
+static sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
                                 sum_i64, sum_f32,  sum_f64, sum_bf16, sum_f16};
 
 /* ------------------------------------------------------------------ the segment */
@@ -906,6 +984,15 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&SegmentType) < 0) return NULL;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+        sum_of[KIND_BF16] = sum_bf16_512;
+        sum_of[KIND_F16] = sum_f16_512;
+        sum_of[KIND_F32] = sum_f32_512;
+    }
+#endif
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     WaitError = PyErr_NewException("mpicomm.shm._core.WaitError", PyExc_RuntimeError, NULL);
