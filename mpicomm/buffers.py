@@ -4,15 +4,19 @@ Everything that hands tensor memory to MPI goes through :func:`mpi_spec`: the ca
 from :mod:`mpicomm.dtypes`, contiguity, and the CUDA stream
 synchronisation that mpi4py does not do itself. Host memory goes to MPI by address, device memory
 by DLPack. :class:`Workspace` holds the reusable scratch and pinned staging memory, grown on demand
-and never reallocated per call; :func:`huge_pages` prepares large fresh host results.
+and never reallocated per call; :class:`ResultMemory` makes fresh host results (large ones in
+recycled memory, on huge pages).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import sys
+import weakref
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -135,6 +139,86 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
         if end > start:
             madvise(start, end - start, _MADV_HUGEPAGE)
     return tensor
+
+
+# Host results of at least this many bytes come from recycled memory (_Recycler). A fresh block of
+# that size is new memory to the kernel: every first write faults and the kernel zeroes the page
+# first, one more pass over the result than the collective itself makes (a 64 MiB all_reduce
+# spent ~6 ms of ~30 ms there; MPICH's wheel also inspects every new receive buffer).
+RECYCLE_FROM = 1 << 20
+
+
+class _Recycler:
+    """Process-wide free lists of host memory blocks, by exact size, for large results.
+
+    A result handed out owns its block until its storage is freed (the numpy view torch's storage
+    holds dies, and a finalizer gives the block back); only then can the block serve another
+    result, so every result is still fresh memory to its user (docs/contract.md, "Results").
+    At most ``per_size`` blocks of one size and ``max_bytes`` in all wait to be reused; the rest
+    is freed.
+    """
+
+    def __init__(self, per_size: int = 2, max_bytes: int = 1 << 30) -> None:
+        self.per_size = per_size
+        self.max_bytes = max_bytes
+        self.free_bytes = 0
+        self.reused = 0  # results served from a recycled block (for tests)
+        self._free: dict[int, list[np.ndarray]] = {}
+
+    def tensor(self, nbytes: int, shape, dtype: torch.dtype, huge: bool) -> torch.Tensor:
+        blocks = self._free.get(nbytes)
+        if blocks:
+            block = blocks.pop()
+            self.free_bytes -= nbytes
+            self.reused += 1
+        else:
+            block = np.empty(nbytes, dtype=np.uint8)
+            if huge:
+                huge_pages(torch.from_numpy(block))
+        view = block[:]  # dies with the result's storage
+        weakref.finalize(view, self._give_back, block).atexit = False
+        return torch.from_numpy(view).view(dtype).view(shape)
+
+    def _give_back(self, block: np.ndarray) -> None:
+        nbytes = block.nbytes
+        blocks = self._free.setdefault(nbytes, [])
+        if len(blocks) < self.per_size and self.free_bytes + nbytes <= self.max_bytes:
+            blocks.append(block)
+            self.free_bytes += nbytes
+
+    def clear(self) -> None:
+        self._free.clear()
+        self.free_bytes = 0
+
+
+recycler = _Recycler()
+
+
+class ResultMemory:
+    """Where a communicator's fresh host results come from: ``torch.empty`` for small ones;
+    recycled blocks from ``RECYCLE_FROM`` bytes when ``recycle`` (``MPICOMM_RECYCLE``); huge
+    pages under large new blocks when ``huge`` (``MPICOMM_HUGE_PAGES``)."""
+
+    __slots__ = ("huge", "recycle")
+
+    def __init__(self, huge: bool = True, recycle: bool = True) -> None:
+        self.huge = huge
+        self.recycle = recycle
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh contiguous host tensor of ``shape`` and ``dtype``, not yet written."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.recycle and nbytes >= RECYCLE_FROM:
+            return recycler.tensor(nbytes, tuple(shape), dtype, self.huge)
+        out = torch.empty(shape, dtype=dtype)
+        return huge_pages(out) if self.huge else out
+
+    def empty_like(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`empty` of a contiguous ``x``'s shape and dtype (small: ``torch.empty_like``,
+        the cheapest allocation torch has)."""
+        if x.numel() * x.itemsize < RECYCLE_FROM:
+            return torch.empty_like(x)
+        return self.empty(x.shape, x.dtype)
 
 
 def sync_device(device: torch.device) -> None:

@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from . import consistency, hierarchical, launch, plan, reduction
 from .base import DeviceCommunicatorBase
-from .buffers import Workspace, byte_spec, mpi_spec, sync_device, vector_spec
+from .buffers import ResultMemory, Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller, created
 from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
@@ -117,6 +117,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.validate = env.validate if validate is None else bool(validate)
         self.staging = env.staging if staging is None else bool(staging)
         self.huge_pages = env.huge_pages
+        self._results = ResultMemory(env.huge_pages, env.recycle)
         self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         shm = env.shm if shm is None else shm
         self.shm = check_choice(
@@ -169,7 +170,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         if plan.shm_wanted(
             self.shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging
         ):
-            self._shm = open_transport(self._control, self._call, self.huge_pages, env.shm_direct)
+            self._shm = open_transport(self._control, self._call, self._results, env.shm_direct)
             if self._shm is None and self.shm == "1":
                 raise CommunicationError(f"{label}: MPICOMM_SHM=1, but no segment could be made")
         log.debug(
@@ -243,7 +244,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         route = self._routes.get(device)
         if route is None:
             staged = Route.needs_staging(device, self.cuda_aware, self.staging)
-            route = Route(device, staged, self._workspace, self.huge_pages)
+            route = Route(device, staged, self._workspace, self._results)
             self._routes[device] = route
         return route
 

@@ -11,6 +11,9 @@
 ``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name for the ``mpicomm`` logger
 ``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under large
                                     fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
+``MPICOMM_RECYCLE``                 ``0``: large host results (1 MiB and up) in new memory every time
+                                    (default ``1``: in memory recycled from results already freed;
+                                    see :class:`mpicomm.buffers.ResultMemory`)
 ``MPICOMM_HIERARCHICAL``            ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
                                     the node-aware all_reduce of :mod:`mpicomm.hierarchical`
 ``MPICOMM_ABORT_ON_EXCEPTION``      ``0``: do not abort the MPI job on an uncaught exception
@@ -108,6 +111,7 @@ class Settings:
     hierarchical: str = "auto"
     shm: str = "auto"
     shm_direct: bool = True
+    recycle: bool = True
 
 
 def settings() -> Settings:
@@ -123,6 +127,7 @@ def settings() -> Settings:
         hierarchical=auto_flag("MPICOMM_HIERARCHICAL"),
         shm=auto_flag("MPICOMM_SHM"),
         shm_direct=bool(flag("MPICOMM_SHM_DIRECT", True)),
+        recycle=bool(flag("MPICOMM_RECYCLE", True)),
     )
 
 

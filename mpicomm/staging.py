@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import plan, reduction
-from .buffers import Workspace, huge_pages, sync_device
+from .buffers import ResultMemory, Workspace, sync_device
 from .dtypes import DTYPES
 
 _HOST = torch.device("cpu")
@@ -49,16 +49,16 @@ def writable_into(out: torch.Tensor, x: torch.Tensor) -> bool:
 class Route:
     """The memory of one call on ``device``: staged through the host, or handed to MPI directly."""
 
-    __slots__ = ("device", "staged", "on_gpu", "_workspace", "_huge_pages")
+    __slots__ = ("device", "staged", "on_gpu", "_workspace", "_results")
 
     def __init__(
-        self, device: torch.device, staged: bool, workspace: Workspace, huge: bool
+        self, device: torch.device, staged: bool, workspace: Workspace, results: ResultMemory
     ) -> None:
         self.device = device
         self.staged = staged
         self.on_gpu = device != _HOST and device.type == "cuda"
         self._workspace = workspace
-        self._huge_pages = huge
+        self._results = results
 
     @staticmethod
     def needs_staging(device: torch.device, cuda_aware: bool, forced: bool) -> bool:
@@ -94,7 +94,7 @@ class Route:
         if self.staged:
             return self._workspace.tensor("out", tuple(shape), dtype, _HOST, True)
         if not self.on_gpu:
-            return self.fresh_host(torch.empty(shape, dtype=dtype))
+            return self._results.empty(shape, dtype)
         out = torch.empty(shape, dtype=dtype, device=self.device)
         if sync:
             sync_device(self.device)
@@ -112,10 +112,6 @@ class Route:
         if self.on_gpu and not self.staged:
             sync_device(self.device)
 
-    def fresh_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A new host result, not yet written: on huge pages when large (MPICOMM_HUGE_PAGES)."""
-        return huge_pages(tensor) if self._huge_pages else tensor
-
     def result(self, out: torch.Tensor) -> torch.Tensor:
         """The caller's fresh result: ``out`` itself, or a copy out of the staging memory."""
         if self.staged:
@@ -131,9 +127,10 @@ class Route:
         world, shape = buf.shape[0], buf.shape[1:]
         merged = (*shape[:dim], world * shape[dim], *shape[dim + 1 :])
         moved = buf.movedim(0, dim)  # (*shape[:dim], W, *shape[dim:]), strided
-        out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
-        if out.is_cpu:
-            self.fresh_host(out)
+        if buf.is_cpu:
+            out = self._results.empty(merged, buf.dtype)
+        else:
+            out = torch.empty(merged, dtype=buf.dtype, device=buf.device)
         out.view(moved.shape).copy_(moved)
         return out
 

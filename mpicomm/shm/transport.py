@@ -21,7 +21,7 @@ import uuid
 import torch
 from mpi4py import MPI
 
-from ..buffers import HUGE_PAGES_FROM, huge_pages
+from ..buffers import ResultMemory
 from ..calls import Caller
 from ..errors import CollectiveTimeoutError, CommunicationError
 from ..staging import readable, writable_into
@@ -89,7 +89,7 @@ def segment_name(pid: int, serial: int, token: str) -> str:
 
 
 def open_transport(
-    comm: MPI.Comm, caller: Caller, huge: bool = True, direct: bool = True
+    comm: MPI.Comm, caller: Caller, results: ResultMemory, direct: bool = True
 ) -> Transport | None:
     """Map a segment for ``comm``'s group (all ranks on one node; collective on ``comm``).
 
@@ -131,7 +131,7 @@ def open_transport(
     readable_peers = world > 1 and segment.probe_direct()
     if comm.allreduce(int(direct and readable_peers), op=MPI.MIN):
         segment.direct_from = DIRECT_FROM
-    return Transport(segment, caller, huge)
+    return Transport(segment, caller, results)
 
 
 class Transport:
@@ -142,14 +142,14 @@ class Transport:
     shared: a failure here makes the MPI paths refuse too, and the other way round.
     """
 
-    __slots__ = ("_seg", "_caller", "world", "rank", "_huge")
+    __slots__ = ("_seg", "_caller", "world", "rank", "_results")
 
-    def __init__(self, segment, caller: Caller, huge: bool = True) -> None:
+    def __init__(self, segment, caller: Caller, results: ResultMemory) -> None:
         self._seg = segment
         self._caller = caller
         self.world = segment.world
         self.rank = segment.rank
-        self._huge = huge
+        self._results = results
         self.timeout = caller.timeout
 
     @property
@@ -180,11 +180,6 @@ class Transport:
     def close(self) -> None:
         """Unmap the segment (its name is already gone)."""
         self._seg.close()
-
-    def _fresh(self, like: torch.Tensor, shape) -> torch.Tensor:
-        """A new host tensor of ``like``'s dtype (``new_empty`` parses less than ``torch.empty``)."""
-        out = like.new_empty(shape)
-        return huge_pages(out) if self._huge else out
 
     def _refused(self, operation: str) -> CommunicationError:
         return CommunicationError(
@@ -244,9 +239,7 @@ class Transport:
             x = readable(x).contiguous()
         n = x.numel()
         if out is None or not writable_into(out, x):
-            out = torch.empty_like(x)  # the cheapest allocation (torch.empty parses more)
-            if self._huge and n * x.itemsize >= HUGE_PAGES_FROM:
-                huge_pages(out)
+            out = self._results.empty_like(x)
         try:
             self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n * kind[1], kind[0])
         except _core.WaitError as exc:
@@ -264,7 +257,7 @@ class Transport:
         if kind is None:
             return None
         x = readable(x).contiguous()
-        out = self._fresh(x, shape)
+        out = self._results.empty(shape, x.dtype)
         scale = kind[1]
         sizes = tuple(c * scale for c in counts)
         try:
@@ -279,7 +272,7 @@ class Transport:
         if self._caller.broken is not None:
             raise self._refused(operation)
         x = readable(x).contiguous()
-        out = self._fresh(x, shape)
+        out = self._results.empty(shape, x.dtype)
         try:
             self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
         except _core.WaitError as exc:
@@ -292,7 +285,7 @@ class Transport:
         if self._caller.broken is not None:
             raise self._refused("gather" if root >= 0 else "all_gatherv")
         x = readable(x).contiguous()
-        out = self._fresh(x, shape) if root < 0 or root == self.rank else None
+        out = self._results.empty(shape, x.dtype) if root < 0 or root == self.rank else None
         sizes = tuple(r * row_bytes for r in rows)
         try:
             self._seg.gatherv(x.data_ptr(), 0 if out is None else out.data_ptr(), sizes, root)
@@ -304,7 +297,7 @@ class Transport:
         """Rank ``src``'s ``tensor`` as a fresh tensor on every rank."""
         if self._caller.broken is not None:
             raise self._refused("broadcast")
-        out = self._fresh(tensor, tensor.shape)
+        out = self._results.empty(tensor.shape, tensor.dtype)
         if self.rank == src:
             out.copy_(tensor.detach())
         try:

@@ -136,8 +136,9 @@ def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
     from mpi4py import MPI
 
     import mpicomm
-    import mpicomm.staging as module
+    import mpicomm.buffers as module
 
+    module.recycler.clear()  # a recycled block is not advised again
     advised = []
     monkeypatch.setattr(module, "huge_pages", lambda t: advised.append(t.nbytes) or t)
     monkeypatch.setenv("MPICOMM_HUGE_PAGES", setting)
@@ -152,3 +153,59 @@ def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
         assert advised[0] == big.nbytes and len(advised) == 3
     else:
         assert advised == []
+
+
+def test_large_results_reuse_freed_memory_only():
+    """A large result's block serves a later result only once the first result's storage is
+    gone: live results (and views keeping one alive) never share memory."""
+    import gc
+
+    from mpicomm.buffers import RECYCLE_FROM, ResultMemory, recycler
+
+    recycler.clear()
+    memory = ResultMemory(huge=False)
+    n = RECYCLE_FROM // 4 + 16
+    a = memory.empty((n,), torch.float32)
+    b = memory.empty((n,), torch.float32)
+    assert a.data_ptr() != b.data_ptr() and a.is_contiguous() and a.shape == (n,)
+    address = a.data_ptr()
+    view = a[5:]
+    del a
+    gc.collect()
+    c = memory.empty((n,), torch.float32)
+    assert c.data_ptr() != address, "memory reused while a view of its result was alive"
+    del view
+    gc.collect()
+    reused = recycler.reused
+    d = memory.empty((2, n // 2), torch.float32)  # same bytes, another shape
+    assert d.data_ptr() == address and recycler.reused == reused + 1
+    e = memory.empty((n,), torch.bfloat16)  # other bytes: a new block
+    assert e.data_ptr() not in (address, b.data_ptr(), c.data_ptr())
+    small = memory.empty((8,), torch.float32)
+    assert small.nbytes < RECYCLE_FROM
+    del b, c, d, e
+    gc.collect()
+    assert recycler.free_bytes <= recycler.max_bytes
+    assert len(recycler._free[n * 4]) <= recycler.per_size
+
+
+def test_recycling_off_gives_new_memory(monkeypatch):
+    import gc
+
+    from mpi4py import MPI
+
+    import mpicomm
+    from mpicomm.buffers import RECYCLE_FROM, recycler
+
+    recycler.clear()
+    reused = recycler.reused
+    monkeypatch.setenv("MPICOMM_RECYCLE", "0")
+    comm = mpicomm.MPICommunicator(MPI.COMM_SELF)
+    try:
+        x = torch.ones(RECYCLE_FROM // 4)
+        for _ in range(3):
+            assert torch.equal(comm.all_reduce(x), x)
+            gc.collect()
+        assert recycler.reused == reused and recycler.free_bytes == 0
+    finally:
+        comm.destroy()
