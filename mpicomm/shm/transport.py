@@ -21,7 +21,7 @@ import uuid
 import torch
 from mpi4py import MPI
 
-from ..buffers import ResultMemory
+from ..buffers import RECYCLE_FROM, ResultMemory
 from ..calls import Caller
 from ..errors import CollectiveTimeoutError, CommunicationError
 from ..staging import readable, writable_into
@@ -142,7 +142,7 @@ class Transport:
     shared: a failure here makes the MPI paths refuse too, and the other way round.
     """
 
-    __slots__ = ("_seg", "_caller", "world", "rank", "_results")
+    __slots__ = ("_seg", "_caller", "world", "rank", "_results", "_small")
 
     def __init__(self, segment, caller: Caller, results: ResultMemory) -> None:
         self._seg = segment
@@ -150,6 +150,7 @@ class Transport:
         self.world = segment.world
         self.rank = segment.rank
         self._results = results
+        self._small = RECYCLE_FROM // 16  # elements: below it, no result is recycled
         self.timeout = caller.timeout
 
     @property
@@ -239,7 +240,8 @@ class Transport:
             x = readable(x).contiguous()
         n = x.numel()
         if out is None or not writable_into(out, x):
-            out = self._results.empty_like(x)
+            # small results straight from torch: the cheapest allocation it has
+            out = torch.empty_like(x) if n < self._small else self._results.empty_like(x)
         try:
             self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n * kind[1], kind[0])
         except _core.WaitError as exc:
