@@ -316,6 +316,8 @@ typedef struct {
     Py_ssize_t stream_from; /* result bytes from which result writes bypass the cache (put) */
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
+    int holds_gil;       /* this call runs with the GIL held (a small message) ... */
+    PyThreadState *released; /* ... and released it once a wait grew long (restored by RUN) */
 } Segment;
 
 static PyObject *WaitError; /* args: (what: "timeout" | "died" | "broken", ranks: tuple, seconds) */
@@ -384,6 +386,11 @@ static int step(Segment *s, Failure *fail) {
             if (++spins < SPIN) {
                 cpu_relax();
                 continue;
+            }
+            if (s->holds_gil && !s->released) {
+                /* A long wait: let this process's other threads run (one of them may be the
+                   peer another rank waits for, in another communicator). */
+                s->released = PyEval_SaveThread();
             }
             sched_yield();
             if ((spins & 63) != 0) continue;
@@ -711,8 +718,13 @@ static int usable(Segment *s) {
         if ((BYTES) >= (size_t)(S)->gil_free_from) {                                            \
             Py_BEGIN_ALLOW_THREADS rc_ = (CALL);                                                \
             Py_END_ALLOW_THREADS                                                                \
-        } else                                                                                  \
+        } else {                                                                                \
+            (S)->holds_gil = 1;                                                                 \
+            (S)->released = NULL;                                                               \
             rc_ = (CALL);                                                                       \
+            (S)->holds_gil = 0;                                                                 \
+            if ((S)->released) PyEval_RestoreThread((S)->released);                             \
+        }                                                                                       \
         if (rc_) return raise_failure(f);                                                       \
         Py_RETURN_NONE;                                                                         \
     } while (0)
