@@ -121,46 +121,12 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? nan : nonsign));
 }
 
-/* ------------------------------------------------------------------ result writes */
-
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
-
-/* Copy bytes to a result. With nt (a result too large to stay in cache) the stores bypass the
-   cache where the CPU has streaming stores: no read of the destination lines before they are
-   overwritten, and the cache keeps the data still to be read. Callers fence (store_fence) before
-   publishing a stage, since streaming stores are not ordered with the release store. */
-static inline void put(void *dst, const void *src, size_t bytes, int nt) {
-#if defined(__x86_64__)
-    if (nt && ((uintptr_t)dst & 15) == 0) {
-        size_t i = 0;
-        for (; i + 16 <= bytes; i += 16)
-            _mm_stream_si128((__m128i *)((char *)dst + i),
-                             _mm_loadu_si128((const __m128i *)((const char *)src + i)));
-        if (i < bytes) memcpy((char *)dst + i, (const char *)src + i, bytes - i);
-        return;
-    }
-#endif
-    (void)nt;
-    memcpy(dst, src, bytes);
-}
-
-static inline void store_fence(int nt) {
-#if defined(__x86_64__)
-    if (nt) _mm_sfence();
-#else
-    (void)nt;
-#endif
-}
-
 /* ------------------------------------------------------------------ sums in rank order */
 
-/* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements, left to right.
-   nt: dst is a large result (see put); dst2 (a slot peers read next) stays in cache. */
+/* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements, left to right. */
 #define SUM_SAME(NAME, T, OP)                                                                   \
     __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
-        void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {                  \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
         T *dst = (T *)dst_, *dst2 = (T *)dst2_;                                                 \
         const T **src = (const T **)src_;                                                       \
         T acc[BLK];                                                                             \
@@ -177,7 +143,7 @@ static inline void store_fence(int nt) {
                     for (size_t j = 0; j < m; j++) acc[j] = (T)(acc[j] OP s[j]);                \
                 }                                                                               \
             }                                                                                   \
-            put(dst + i0, acc, m * sizeof(T), nt);                                              \
+            memcpy(dst + i0, acc, m * sizeof(T));                                               \
             if (dst2) memcpy(dst2 + i0, acc, m * sizeof(T));                                    \
         }                                                                                       \
     }
@@ -192,7 +158,7 @@ SUM_SAME(sum_f64, double, +)
 
 #define SUM_NARROW(NAME, TO32, FROM32)                                                          \
     __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
-        void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {                  \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
         uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
         const uint16_t **src = (const uint16_t **)src_;                                         \
         float acc[BLK];                                                                         \
@@ -206,7 +172,7 @@ SUM_SAME(sum_f64, double, +)
                 for (size_t j = 0; j < m; j++) acc[j] += TO32(s[j]);                            \
             }                                                                                   \
             for (size_t j = 0; j < m; j++) out[j] = FROM32(acc[j]);                             \
-            put(dst + i0, out, m * 2, nt);                                                      \
+            memcpy(dst + i0, out, m * 2);                                                       \
             if (dst2) memcpy(dst2 + i0, out, m * 2);                                            \
         }                                                                                       \
     }
@@ -240,13 +206,13 @@ AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2
 }
 
 #define SUM_NARROW_512(NAME, LOAD, STORE, TO32, FROM32)                                        \
-    AVX512 static void NAME(void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) { \
+    AVX512 static void NAME(void *dst_, void *dst2_, const void **src_, int w, size_t n) {   \
         uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
         const uint16_t **src = (const uint16_t **)src_;                                         \
         uint16_t out[BLK];                                                                      \
         for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
             size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;                                      \
-            uint16_t *o = nt || dst2 ? out : dst + i0;                                          \
+            uint16_t *o = dst2 ? out : dst + i0;                                                \
             for (; j + 16 <= m; j += 16) {                                                      \
                 __m512 a = LOAD(src[0] + i0 + j);                                               \
                 for (int r = 1; r < w; r++) a = _mm512_add_ps(a, LOAD(src[r] + i0 + j));        \
@@ -258,8 +224,8 @@ AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2
                 o[j] = FROM32(a);                                                               \
             }                                                                                   \
             if (o == out) {                                                                     \
-                put(dst + i0, out, m * 2, nt);                                                  \
-                if (dst2) memcpy(dst2 + i0, out, m * 2);                                        \
+                memcpy(dst + i0, out, m * 2);                                                   \
+                memcpy(dst2 + i0, out, m * 2);                                                  \
             }                                                                                   \
         }                                                                                       \
     }
@@ -267,13 +233,13 @@ AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2
 SUM_NARROW_512(sum_bf16_512, load_bf16, to_bf16, bf16_to_f32, f32_to_bf16)
 SUM_NARROW_512(sum_f16_512, load_f16, to_f16, f16_to_f32, f32_to_f16)
 
-AVX512 static void sum_f32_512(void *dst_, void *dst2_, const void **src_, int w, size_t n, int nt) {
+AVX512 static void sum_f32_512(void *dst_, void *dst2_, const void **src_, int w, size_t n) {
     float *dst = (float *)dst_, *dst2 = (float *)dst2_;
     const float **src = (const float **)src_;
     float out[BLK];
     for (size_t i0 = 0; i0 < n; i0 += BLK) {
         size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;
-        float *o = nt || dst2 ? out : dst + i0;
+        float *o = dst2 ? out : dst + i0;
         for (; j + 16 <= m; j += 16) {
             __m512 a = _mm512_loadu_ps(src[0] + i0 + j);
             for (int r = 1; r < w; r++) a = _mm512_add_ps(a, _mm512_loadu_ps(src[r] + i0 + j));
@@ -285,14 +251,14 @@ AVX512 static void sum_f32_512(void *dst_, void *dst2_, const void **src_, int w
             o[j] = a;
         }
         if (o == out) {
-            put(dst + i0, out, m * 4, nt);
-            if (dst2) memcpy(dst2 + i0, out, m * 4);
+            memcpy(dst + i0, out, m * 4);
+            memcpy(dst2 + i0, out, m * 4);
         }
     }
 }
 #endif
 
-typedef void (*sum_fn)(void *, void *, const void **, int, size_t, int);
+typedef void (*sum_fn)(void *, void *, const void **, int, size_t);
 static sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
                                 sum_i64, sum_f32,  sum_f64, sum_bf16, sum_f16};
 
@@ -313,7 +279,6 @@ typedef struct {
     int broken;
     int gil_free_from;   /* bytes from which the GIL is released around a call */
     Py_ssize_t direct_from; /* bytes from which peers read each other's tensors directly */
-    Py_ssize_t stream_from; /* result bytes from which result writes bypass the cache (put) */
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
     int holds_gil;       /* this call runs with the GIL held (a small message) ... */
@@ -460,7 +425,7 @@ static int publish(Segment *s, const void *in, const void *out, Failure *f) {
    (which may be its own input: element i is read before it is written), CHUNK bytes per peer at
    a time through the scratch buffer. */
 static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t hi, int kind,
-                      int nt, Failure *f) {
+                      Failure *f) {
     size_t isz = kind_size[kind], per = CHUNK / isz;
     int w = s->world, me = s->rank;
     const void *parts[MAXW];
@@ -476,9 +441,8 @@ static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t 
             if (peer_read(s, q, buf, addr_of(s, q)[0] + k * isz, m * isz, f)) return -1;
             parts[q] = buf;
         }
-        sum(dst + k * isz, NULL, parts, w, m, nt);
+        sum(dst + k * isz, NULL, parts, w, m);
     }
-    store_fence(nt);
     return 0;
 }
 
@@ -492,7 +456,7 @@ static int all_reduce_direct(Segment *s, const char *src, char *dst, size_t n, i
     size_t unit = n / (size_t)w / 64 * 64; /* part boundaries on 64-element multiples */
     if (publish(s, src, dst, f)) return -1;
     size_t lo = unit * (size_t)me, hi = me == w - 1 ? n : lo + unit;
-    if (direct_sum(s, src, dst, lo, hi, kind, n * isz >= (size_t)s->stream_from, f)) return -1;
+    if (direct_sum(s, src, dst, lo, hi, kind, f)) return -1;
     if (step(s, f)) return -1;
     for (int q = 0; q < w; q++) {
         if (q == me) continue;
@@ -510,8 +474,7 @@ static int reduce_scatter_direct(Segment *s, const char *src, char *dst, const s
     if (publish(s, src, dst, f)) return -1;
     /* direct_sum indexes the inputs from lo; dst is this rank's part only */
     size_t isz = kind_size[kind];
-    int nt = counts[s->rank] * isz >= (size_t)s->stream_from;
-    if (direct_sum(s, src, dst - lo * isz, lo, lo + counts[s->rank], kind, nt, f)) return -1;
+    if (direct_sum(s, src, dst - lo * isz, lo, lo + counts[s->rank], kind, f)) return -1;
     return step(s, f);
 }
 
@@ -575,7 +538,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
             memcpy(slot_of(s, me, round), src + off, m);
             if (step(s, f)) return -1;
             for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round);
-            sum(dst + off, NULL, parts, w, m / isz, 0);
+            sum(dst + off, NULL, parts, w, m / isz);
         }
         return 0;
     }
@@ -583,7 +546,6 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
        r of every slot into its own slot (in place) and dst, then copies the other parts out. */
     size_t per = align_down(s->slot, (size_t)ALIGN * isz);
     if (per == 0) per = align_down(s->slot, isz);
-    int nt = total >= (size_t)s->stream_from;
     for (size_t off = 0; off < total; off += per) {
         size_t m = total - off < per ? total - off : per, elems = m / isz;
         uint64_t round = s->round++;
@@ -592,15 +554,14 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
         size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
         for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + lo * isz;
-        sum(dst + off + lo * isz, slot_of(s, me, round) + lo * isz, parts, w, hi - lo, nt);
+        sum(dst + off + lo * isz, slot_of(s, me, round) + lo * isz, parts, w, hi - lo);
         if (step(s, f)) return -1;
         for (int r = 0; r < w; r++) {
             if (r == me) continue;
             size_t a = unit * (size_t)r, b = r == w - 1 ? elems : a + unit;
-            put(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz, nt);
+            memcpy(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz);
         }
     }
-    store_fence(nt);
     return 0;
 }
 
@@ -632,7 +593,7 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
         if (counts[me] > k) {
             size_t m = counts[me] - k < per ? counts[me] - k : per;
             for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
-            sum(dst + k * isz, NULL, parts, w, m, 0);
+            sum(dst + k * isz, NULL, parts, w, m);
         }
     }
     return 0;
@@ -904,7 +865,6 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     s->broken = 0;
     s->gil_free_from = 0;
     s->direct_from = PY_SSIZE_T_MAX;
-    s->stream_from = PY_SSIZE_T_MAX;
     s->probe = PROBE;
     s->scratch = malloc((size_t)world * CHUNK);
     if (!s->scratch) {
@@ -945,7 +905,7 @@ static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) 
     size_t n = PyLong_AsSize_t(a[2]);
     long kind = PyLong_AsLong(a[3]);
     if (PyErr_Occurred() || !kind_ok(kind)) return NULL;
-    sum_of[kind](dst, NULL, parts, (int)w, n, 0);
+    sum_of[kind](dst, NULL, parts, (int)w, n);
     Py_RETURN_NONE;
 }
 
@@ -966,7 +926,6 @@ static PyMethodDef seg_methods[] = {
 static PyMemberDef seg_members[] = {
     {"timeout", T_DOUBLE, offsetof(Segment, timeout), 0, "seconds a wait may last (<= 0: no bound)"},
     {"oneshot_max", T_PYSSIZET, offsetof(Segment, oneshot_max), 0, "all_reduce bytes summed one-shot"},
-    {"stream_from", T_PYSSIZET, offsetof(Segment, stream_from), 0, "result bytes from which result writes bypass the cache"},
     {"direct_from", T_PYSSIZET, offsetof(Segment, direct_from), 0, "bytes from which peers' tensors are read directly"},
     {"gil_free_from", T_INT, offsetof(Segment, gil_free_from), 0, "bytes from which the GIL is released"},
     {"broken", T_INT, offsetof(Segment, broken), 0, "1 after a failed wait"},
