@@ -169,17 +169,25 @@ def test_all_reduce_out(on, off, dtype, n):
     want = reference_sum(xs)
     ok = True
     for comm in (on, off):
+        # MPI may add float32 and complex sums in another order than rank order
+        exact = comm is on or dtype not in conformance.INEXACT_SUM
+
+        def same(got, exact=exact):
+            return (
+                conformance.equal_bits(got, want) if exact else torch.allclose(got, want, atol=1e-5)
+            )
+
         mine = xs[rank].clone()
-        ok = ok and comm.all_reduce(mine, out=mine) is mine and conformance.equal_bits(mine, want)
+        ok = ok and comm.all_reduce(mine, out=mine) is mine and same(mine)
         other = torch.empty_like(mine)
         got = comm.all_reduce(xs[rank], out=other)
-        ok = ok and got is other and conformance.equal_bits(other, want)
+        ok = ok and got is other and same(other)
         wide = torch.zeros(n, 2, dtype=dtype)
         comm.all_reduce(xs[rank], out=wide[:, 1])
-        ok = ok and conformance.equal_bits(wide[:, 1], want) and not wide[:, 0].any()
+        ok = ok and same(wide[:, 1]) and not wide[:, 0].any()
         both = torch.cat([xs[rank], xs[rank][:1]])
         comm.all_reduce(both[:n], out=both[1:])
-        ok = ok and conformance.equal_bits(both[1:], want)
+        ok = ok and same(both[1:])
         ok = ok and torch.equal(xs[rank], inputs(dtype, n, world)[rank])
     assert everywhere(ok)
 
