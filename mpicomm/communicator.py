@@ -167,6 +167,13 @@ class MPICommunicator(DeviceCommunicatorBase):
                 label, lambda: NodeSplit.create(self.device_group, self.node_of), "node groups"
             )
         self._shm: Transport | None = None
+        self._node_shm: Transport | None = None  # this node's ranks, for hierarchical steps
+        if self._nodes is not None and plan.node_shm_wanted(
+            self.shm, shm_built(), self._nodes.local_size, self.staging
+        ):
+            self._node_shm = open_transport(
+                self._nodes.local, self._call, self._results, env.shm_direct
+            )
         if plan.shm_wanted(
             self.shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging
         ):
@@ -211,8 +218,9 @@ class MPICommunicator(DeviceCommunicatorBase):
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
         self._call.timeout = None if seconds is None else check_seconds(seconds, "timeout")
-        if self._shm is not None:
-            self._shm.timeout = self._call.timeout
+        for transport in (self._shm, self._node_shm):
+            if transport is not None:
+                transport.timeout = self._call.timeout
 
     @property
     def broken(self) -> str | None:
@@ -302,7 +310,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         elif algo == plan.BYTES:
             reduction.all_reduce_bytes(call, "all_reduce", comm, x, buf, info, self._workspace)
         else:
-            hierarchical.all_reduce(call, "all_reduce", self._nodes, x, buf, info, self._workspace)
+            hierarchical.all_reduce(
+                call, "all_reduce", self._nodes, x, buf, info, self._workspace, self._node_shm
+            )
         return _into(out, route.result(buf))
 
     def _plan(self, info, nbytes: int) -> str:
@@ -612,9 +622,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = True
         self.all2all_manager.destroy()
         self._workspace.clear()
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        for transport in (self._shm, self._node_shm):
+            if transport is not None:
+                transport.close()
+        self._shm = self._node_shm = None
         self._call.close()
         self._free_groups()
         launch.untrack(self)

@@ -5,7 +5,9 @@ treats all links alike; this one moves each node's data across the network once:
 
 (1) reduce inside each node to its leader (the node's lowest rank); (2) the leaders, one per node,
 all-reduce across the network as a reduce-scatter (each leader sums one chunk) followed by an
-all-gather; (3) each leader broadcasts the result in its node.
+all-gather; (3) each leader broadcasts the result in its node. Steps (1) and (3) run in the node's
+shared-memory segment for host memory where the communicator mapped one (docs/shm.md): step (1)
+is then a shared-memory all_reduce of the node's ranks, in their order.
 
 Numerics (docs/contract.md): float16/bfloat16 are summed in float32 from the first step to the
 last and rounded once, on the leader that owns the chunk; every element is finished by exactly one
@@ -22,6 +24,7 @@ from .buffers import Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .dtypes import DtypeInfo
 from .reduction import split_evenly
+from .shm import Transport
 from .topology import NodeSplit
 
 
@@ -33,9 +36,11 @@ def all_reduce(
     out: torch.Tensor,
     info: DtypeInfo,
     workspace: Workspace,
+    local: Transport | None = None,
 ) -> None:
     """``out`` = elementwise sum of every rank's ``x`` (contiguous, same shape and dtype on every
-    rank); scratch memory comes from ``workspace``. Every rank gets identical bits."""
+    rank); scratch memory comes from ``workspace``; ``local``: the shared-memory transport of this
+    node's ranks (``split.local``), or ``None``. Every rank gets identical bits."""
     acc, n, device = info.accumulate, x.numel(), x.device
     flat = x.reshape(-1)
     if acc is x.dtype:
@@ -44,8 +49,12 @@ def all_reduce(
         send = workspace.tensor("widen", (n,), acc, device)
         send.copy_(flat)
         sync_device(device)
-    partial = send
-    if split.local_size > 1:
+    local = local if local is not None and device.type == "cpu" else None
+    summed = None
+    if local is not None:  # None too for a dtype the compiled sums do not cover
+        summed = local.all_reduce(send, workspace.tensor("accumulate", (n,), acc, device))
+    partial = send if summed is None else summed
+    if summed is None and split.local_size > 1:
         partial = workspace.tensor("accumulate", (n,), acc, device) if split.is_leader else None
         recv = mpi_spec(partial) if partial is not None else None
         call(operation, split.local, "Reduce", mpi_spec(send), recv, MPI.SUM, 0)
@@ -63,5 +72,7 @@ def all_reduce(
             )
         out.view(-1).copy_(partial)  # the one rounding for 16-bit floats
         sync_device(device)
-    if split.local_size > 1:
+    if local is not None:
+        local.broadcast(out, 0, out=out)
+    elif split.local_size > 1:
         call(operation, split.local, "Bcast", mpi_spec(out), 0)

@@ -106,3 +106,11 @@ def shm_wanted(mode: str, built: bool, world: int, one_node: bool, staging: bool
             raise ValueError(f"MPICOMM_SHM=1 (shm=1) asks for shared memory, but {why}")
         return True
     return built and world >= 2 and one_node and not staging
+
+
+def node_shm_wanted(mode: str, built: bool, local_size: int, staging: bool) -> bool:
+    """Whether a group that spans nodes maps a segment for the ranks of each node, for the
+    node-local steps of the hierarchical all_reduce (:mod:`mpicomm.hierarchical`): unless
+    ``MPICOMM_SHM=0``, where the core is built, this node holds 2+ of the group's ranks and
+    staging is not forced."""
+    return mode != "0" and built and local_size >= 2 and not staging

@@ -297,12 +297,16 @@ class Transport:
             raise self._failed("gather" if root >= 0 else "all_gatherv", exc) from None
         return out
 
-    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Rank ``src``'s ``tensor`` as a fresh tensor on every rank."""
+    def broadcast(
+        self, tensor: torch.Tensor, src: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` on every rank: in a fresh tensor, or in ``out`` (contiguous,
+        host, tensor's shape and dtype; may be ``tensor`` itself)."""
         if self._caller.broken is not None:
             raise self._refused("broadcast")
-        out = self._results.empty(tensor.shape, tensor.dtype)
-        if self.rank == src:
+        if out is None:
+            out = self._results.empty(tensor.shape, tensor.dtype)
+        if self.rank == src and out.data_ptr() != tensor.data_ptr():
             out.copy_(tensor.detach())
         try:
             self._seg.broadcast(out.data_ptr(), out.nbytes, src)

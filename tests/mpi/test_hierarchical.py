@@ -54,13 +54,14 @@ def node_of(layout: str, world: int):
     return lambda r: LAYOUTS[layout](r, world)
 
 
-def hier_comm(comm, layout: str):
+def hier_comm(comm, layout: str, shm: str = "0"):
     """A communicator whose node split follows ``layout`` and that always takes the hierarchical
-    all_reduce where it applies (as MPICOMM_HIERARCHICAL=1 would). Shared memory is off: a
-    layout that puts every rank on one node must still test the MPI paths."""
+    all_reduce where it applies (as MPICOMM_HIERARCHICAL=1 would). Shared memory is off unless
+    ``shm="auto"``: a layout that puts every rank on one node must still test the MPI paths; with
+    it, the node-local steps of a split group run in each node's segment."""
     import mpicomm
 
-    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=node_of(layout, comm.Get_size()), shm="0")
+    c = mpicomm.MPICommunicator(cpu_group=comm, node_of=node_of(layout, comm.Get_size()), shm=shm)
     c.hierarchical = "1"
     return c
 
@@ -91,11 +92,12 @@ def test_split_nodes(comm, layout):
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("node_memory", ["0", "auto"], ids=["node-mpi", "node-shm"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_all_reduce(comm, layout, dtype):
+def test_all_reduce(comm, layout, dtype, node_memory):
     w, r = comm.Get_size(), comm.Get_rank()
-    c = hier_comm(comm, layout)
+    c = hier_comm(comm, layout, node_memory)
     try:
         for shape in [(1000,), (3, 5, 7), (), (0,), (1,), (2, 3)]:
             inputs = [make_input(i, shape, dtype, seed=len(shape)) for i in range(w)]
@@ -198,3 +200,34 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
             assert torch.equal(out, torch.full((n,), w * (w - 1) / 2, dtype=dtype))
     finally:
         c.destroy()
+
+
+@pytest.mark.mpi(min_size=3)
+def test_node_local_steps_use_shared_memory(comm, monkeypatch):
+    """Where a node holds 2+ of the group's ranks, the hierarchy's node-local steps get that
+    node's shared-memory transport (none with ``shm="0"``, none for a node of one rank)."""
+    from mpicomm.shm import built
+
+    if not built():
+        pytest.skip("the compiled core mpicomm.shm._core is not built")
+    seen = []
+    real = hierarchical.all_reduce
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1] if len(args) > 7 else kwargs.get("local"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hierarchical, "all_reduce", spy)
+    w, r = comm.Get_size(), comm.Get_rank()
+    for shm, layout in (("auto", "lonely-first"), ("0", "lonely-first")):
+        c = hier_comm(comm, layout, shm)
+        try:
+            seen.clear()
+            inputs = [make_input(i, (4099,), torch.bfloat16, seed=5) for i in range(w)]
+            out = c.all_reduce(inputs[r])
+            assert within_one_ulp(out, torch.stack([t.double() for t in inputs]).sum(0))
+            assert same_bits_everywhere(comm, out)
+            shared = seen[0] is not None
+            assert shared == (shm == "auto" and r > 0), (shm, r)  # rank 0 is alone on its node
+        finally:
+            c.destroy()
