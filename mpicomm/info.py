@@ -68,7 +68,10 @@ def transport_report(num_nodes: int) -> list[str]:
             False: "large messages copied through the segment (MPICOMM_SHM_DIRECT=0)",
         }.get(direct, direct)
         one_node = f"shared memory (mpicomm.shm, compiled core built; {large})"
-    many = "MPI (node-aware all_reduce for 16-bit floats: MPICOMM_HIERARCHICAL)"
+    many = (
+        "MPI (node-aware all_reduce for 16-bit floats, MPICOMM_HIERARCHICAL: its steps inside "
+        "each node in shared memory where one-node groups use it)"
+    )
     return [
         f"one-node groups  {one_node}",
         f"multi-node       {many}" + ("" if num_nodes > 1 else " (this job: one node)"),
