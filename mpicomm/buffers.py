@@ -158,7 +158,7 @@ class _Recycler:
     is freed.
     """
 
-    def __init__(self, per_size: int = 2, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, per_size: int = 2, max_bytes: int = 256 << 20) -> None:
         self.per_size = per_size
         self.max_bytes = max_bytes
         self.free_bytes = 0
