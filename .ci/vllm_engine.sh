@@ -56,7 +56,8 @@ if [[ ${MPICOMM_VLLM_ENGINE_SLURM:-1} != 0 ]]; then
     t3=$(date +%s)
     echo "== vLLM engine under sbatch passed in $((t3 - t2)) s"
     trap - EXIT
-    timeout 90 bash tests/system/slurm/cluster.sh down # its daemons are not needed any more
+    # its daemons are not needed any more
+    timeout 90 bash tests/system/slurm/cluster.sh down || echo "vllm_engine.sh: slurm teardown failed" >&2
 fi
 
 if [[ ${MPICOMM_VLLM_ENGINE_MULTINODE:-1} != 0 ]]; then
