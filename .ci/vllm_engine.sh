@@ -21,7 +21,9 @@
 # expect less on an idle CI machine): venv cached 0 s (cold about 110-150 s); the tests under
 # mpiexec 597 s (TP=2 153 s, DP=2+EP 155 s, embeddings 289 s, each including its one-rank
 # reference run); the sbatch test 426 s (it reuses the TP=2 reference). Each vLLM start costs
-# most of that (importing vLLM), not the generation.
+# most of that (importing vLLM), not the generation. The two-host checks (run.sh vllm
+# vllm_slurm, reusing the reference): 108 s at load average 4.5 (vllm 54 s, vllm_slurm 51 s),
+# 80 s at load 1 (39 s and 26 s plus bringing the hosts and Slurm up).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
