@@ -141,11 +141,13 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-# Host results of at least this many bytes come from recycled memory (_Recycler). A fresh block of
-# that size is new memory to the kernel: every first write faults and the kernel zeroes the page
-# first, one more pass over the result than the collective itself makes (a 64 MiB all_reduce
-# spent ~6 ms of ~30 ms there; MPICH's wheel also inspects every new receive buffer).
-RECYCLE_FROM = 1 << 20
+# Host results of at least this many bytes come from recycled memory (_Recycler). glibc serves
+# blocks above its mmap threshold (at most 32 MiB) as new memory every time: every first write
+# faults and the kernel zeroes the page first, one more pass over the result than the collective
+# itself makes (a 64 MiB all_reduce spent ~6 ms of ~30 ms there; MPICH's wheel also inspects every
+# new receive buffer). Smaller blocks glibc reuses itself, and faster: recycling 1-4 MiB results
+# measured 1.1-1.2x slower side by side (docs/benchmarks.md).
+RECYCLE_FROM = 32 << 20
 
 
 class _Recycler:
