@@ -12,6 +12,8 @@ that machine noise hits every configuration alike. Configurations:
 - ``vLLM TP=2``: one process; vLLM's ``mp`` executor starts 2 workers whose TP group uses vLLM
   CPU's own communicator (shared-memory all-reduce on one node); threads bound with
   ``VLLM_CPU_OMP_THREADS_BIND=0|1`` (its default binding asserts on one NUMA node).
+- ``vLLM TP=2 mpiexec``: vLLM's own CPU communicator launched exactly as mpicomm's below
+  (``MPICOMM_VLLM=0``): the same launcher and engine layout, only the communicator differs.
 - ``mpicomm TP=2``: ``mpiexec -n 2 -bind-to core python -m mpicomm.vllm.launch``, vLLM's groups
   on mpicomm (external_launcher).
 - ``mpicomm DP=2+EP``: the same launch, MoE model (Mixtral config), DP=2 with expert
@@ -97,13 +99,19 @@ def configs(args) -> list[tuple[str, list[str], dict[str, str]]]:
     py = sys.executable
     mpiexec = shutil.which("mpiexec", path=str(Path(py).parent)) or "mpiexec"
     common = _common(args)
-    mpi = [mpiexec, "-n", "2", "-bind-to", "core", py, "-m", "mpicomm.vllm.launch", str(GENERATE)]
+    launch = [mpiexec, "-n", "2", "-bind-to", "core", py, "-m", "mpicomm.vllm.launch"]
+    mpi = [*launch, str(GENERATE)]
     out = [
         ("one rank", [py, str(GENERATE), *common], {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
         (
             "vLLM TP=2",
             [py, str(GENERATE), "--tp", "2", *common],
             {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "MPICOMM_VLLM": "0"},
+        ),
+        (
+            "vLLM TP=2 mpiexec",
+            [*launch, __file__, NATIVE_RANK, "--tp", "2", *common],
+            {"MPICOMM_VLLM": "0"},
         ),
         ("mpicomm TP=2", [*mpi, "--tp", "2", *common], {"MPICOMM_VLLM": "1"}),
     ]
