@@ -205,18 +205,30 @@ AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2
     return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-#define SUM_NARROW_512(NAME, LOAD, STORE, TO32, FROM32)                                        \
+AVX512 static inline void store_bf16(uint16_t *o, __m512 v) {
+    _mm256_storeu_si256((__m256i *)o, to_bf16(v));
+}
+AVX512 static inline void store_f16(uint16_t *o, __m512 v) {
+    _mm256_storeu_si256((__m256i *)o, to_f16(v));
+}
+AVX512 static inline __m512 load_f32(const float *p) { return _mm512_loadu_ps(p); }
+AVX512 static inline void store_f32(float *o, __m512 v) { _mm512_storeu_ps(o, v); }
+static inline float as_f32(float v) { return v; }
+
+/* SUM_SAME / SUM_NARROW above, 16 lanes at a time (the tail of a block element by element):
+   T in memory, LOAD/STORE convert 16 of them to/from float32, TO32/FROM32 one. */
+#define SUM_512(NAME, T, LOAD, STORE, TO32, FROM32)                                             \
     AVX512 static void NAME(void *dst_, void *dst2_, const void **src_, int w, size_t n) {   \
-        uint16_t *dst = (uint16_t *)dst_, *dst2 = (uint16_t *)dst2_;                            \
-        const uint16_t **src = (const uint16_t **)src_;                                         \
-        uint16_t out[BLK];                                                                      \
+        T *dst = (T *)dst_, *dst2 = (T *)dst2_;                                                 \
+        const T **src = (const T **)src_;                                                       \
+        T out[BLK];                                                                             \
         for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
             size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;                                      \
-            uint16_t *o = dst2 ? out : dst + i0;                                                \
+            T *o = dst2 ? out : dst + i0;                                                       \
             for (; j + 16 <= m; j += 16) {                                                      \
                 __m512 a = LOAD(src[0] + i0 + j);                                               \
                 for (int r = 1; r < w; r++) a = _mm512_add_ps(a, LOAD(src[r] + i0 + j));        \
-                _mm256_storeu_si256((__m256i *)(o + j), STORE(a));                              \
+                STORE(o + j, a);                                                                \
             }                                                                                   \
             for (; j < m; j++) {                                                                \
                 float a = TO32(src[0][i0 + j]);                                                 \
@@ -224,38 +236,15 @@ AVX512 static inline __m256i to_f16(__m512 v) { /* f32_to_f16, 16 lanes (vcvtps2
                 o[j] = FROM32(a);                                                               \
             }                                                                                   \
             if (o == out) {                                                                     \
-                memcpy(dst + i0, out, m * 2);                                                   \
-                memcpy(dst2 + i0, out, m * 2);                                                  \
+                memcpy(dst + i0, out, m * sizeof(T));                                           \
+                memcpy(dst2 + i0, out, m * sizeof(T));                                          \
             }                                                                                   \
         }                                                                                       \
     }
 
-SUM_NARROW_512(sum_bf16_512, load_bf16, to_bf16, bf16_to_f32, f32_to_bf16)
-SUM_NARROW_512(sum_f16_512, load_f16, to_f16, f16_to_f32, f32_to_f16)
-
-AVX512 static void sum_f32_512(void *dst_, void *dst2_, const void **src_, int w, size_t n) {
-    float *dst = (float *)dst_, *dst2 = (float *)dst2_;
-    const float **src = (const float **)src_;
-    float out[BLK];
-    for (size_t i0 = 0; i0 < n; i0 += BLK) {
-        size_t m = n - i0 < BLK ? n - i0 : BLK, j = 0;
-        float *o = dst2 ? out : dst + i0;
-        for (; j + 16 <= m; j += 16) {
-            __m512 a = _mm512_loadu_ps(src[0] + i0 + j);
-            for (int r = 1; r < w; r++) a = _mm512_add_ps(a, _mm512_loadu_ps(src[r] + i0 + j));
-            _mm512_storeu_ps(o + j, a);
-        }
-        for (; j < m; j++) {
-            float a = src[0][i0 + j];
-            for (int r = 1; r < w; r++) a += src[r][i0 + j];
-            o[j] = a;
-        }
-        if (o == out) {
-            memcpy(dst + i0, out, m * 4);
-            memcpy(dst2 + i0, out, m * 4);
-        }
-    }
-}
+SUM_512(sum_bf16_512, uint16_t, load_bf16, store_bf16, bf16_to_f32, f32_to_bf16)
+SUM_512(sum_f16_512, uint16_t, load_f16, store_f16, f16_to_f32, f32_to_f16)
+SUM_512(sum_f32_512, float, load_f32, store_f32, as_f32, as_f32)
 #endif
 
 typedef void (*sum_fn)(void *, void *, const void **, int, size_t);
@@ -421,9 +410,9 @@ static int publish(Segment *s, const void *in, const void *out, Failure *f) {
     return step(s, f); /* its release store publishes the addresses */
 }
 
-/* Rank me sums, in rank order, elements [lo, hi) of every rank's input (published) into dst
-   (which may be its own input: element i is read before it is written), CHUNK bytes per peer at
-   a time through the scratch buffer. */
+/* Rank me sums, in rank order, elements [lo, hi) of every rank's input (published) into
+   dst[0, hi - lo) (which may be that part of its own input: element i is read before it is
+   written), CHUNK bytes per peer at a time through the scratch buffer. */
 static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t hi, int kind,
                       Failure *f) {
     size_t isz = kind_size[kind], per = CHUNK / isz;
@@ -441,7 +430,7 @@ static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t 
             if (peer_read(s, q, buf, addr_of(s, q)[0] + k * isz, m * isz, f)) return -1;
             parts[q] = buf;
         }
-        sum(dst + k * isz, NULL, parts, w, m);
+        sum(dst + (k - lo) * isz, NULL, parts, w, m);
     }
     return 0;
 }
@@ -456,7 +445,7 @@ static int all_reduce_direct(Segment *s, const char *src, char *dst, size_t n, i
     size_t unit = n / (size_t)w / 64 * 64; /* part boundaries on 64-element multiples */
     if (publish(s, src, dst, f)) return -1;
     size_t lo = unit * (size_t)me, hi = me == w - 1 ? n : lo + unit;
-    if (direct_sum(s, src, dst, lo, hi, kind, f)) return -1;
+    if (direct_sum(s, src, dst + lo * isz, lo, hi, kind, f)) return -1;
     if (step(s, f)) return -1;
     for (int q = 0; q < w; q++) {
         if (q == me) continue;
@@ -466,31 +455,26 @@ static int all_reduce_direct(Segment *s, const char *src, char *dst, size_t n, i
     return step(s, f);
 }
 
-/* reduce_scatter, direct: rank r sums elements [displ[r], +counts[r]) of every input into dst. */
-static int reduce_scatter_direct(Segment *s, const char *src, char *dst, const size_t *counts,
+/* reduce_scatter, direct: this rank sums elements [lo, +count) of every input into dst. */
+static int reduce_scatter_direct(Segment *s, const char *src, char *dst, size_t lo, size_t count,
                                  int kind, Failure *f) {
-    size_t lo = 0;
-    for (int r = 0; r < s->rank; r++) lo += counts[r];
     if (publish(s, src, dst, f)) return -1;
-    /* direct_sum indexes the inputs from lo; dst is this rank's part only */
-    size_t isz = kind_size[kind];
-    if (direct_sum(s, src, dst - lo * isz, lo, lo + counts[s->rank], kind, f)) return -1;
+    if (direct_sum(s, src, dst, lo, lo + count, kind, f)) return -1;
     return step(s, f);
 }
 
-/* gatherv / all_gather, direct: every receiving rank copies each peer's input into place. */
-static int gatherv_direct(Segment *s, const char *src, char *dst, const size_t *counts, int root,
-                          Failure *f) {
+/* gatherv / all_gather, direct: every receiving rank copies rank q's input (counts[q] bytes)
+   to dst + displ[q]. */
+static int gatherv_direct(Segment *s, const char *src, char *dst, const size_t *counts,
+                          const size_t *displ, int root, Failure *f) {
     int w = s->world, me = s->rank;
     if (publish(s, src, dst, f)) return -1;
     if (root < 0 || root == me) {
-        size_t off = 0;
         for (int q = 0; q < w; q++) {
             if (q == me)
-                memcpy(dst + off, src, counts[q]);
-            else if (counts[q] && peer_read(s, q, dst + off, addr_of(s, q)[0], counts[q], f))
+                memcpy(dst + displ[q], src, counts[q]);
+            else if (counts[q] && peer_read(s, q, dst + displ[q], addr_of(s, q)[0], counts[q], f))
                 return -1;
-            off += counts[q];
         }
     }
     return step(s, f);
@@ -565,19 +549,26 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
     return 0;
 }
 
+/* displ[r] = counts[0] + ... + counts[r-1]; returns the total, and the largest count in *most. */
+static size_t offsets(const size_t *counts, int w, size_t *displ, size_t *most) {
+    size_t off = 0;
+    *most = 0;
+    for (int r = 0; r < w; r++) {
+        displ[r] = off;
+        off += counts[r];
+        if (counts[r] > *most) *most = counts[r];
+    }
+    return off;
+}
+
 /* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
 static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_t *counts, int kind,
                              Failure *f) {
     size_t isz = kind_size[kind];
     int w = s->world, me = s->rank;
-    size_t displ[MAXW], most = 0, off = 0;
-    for (int r = 0; r < w; r++) {
-        displ[r] = off;
-        off += counts[r];
-        if (counts[r] > most) most = counts[r];
-    }
-    if (w > 1 && off * isz >= (size_t)s->direct_from)
-        return reduce_scatter_direct(s, src, dst, counts, kind, f);
+    size_t displ[MAXW], most, total = offsets(counts, w, displ, &most);
+    if (w > 1 && total * isz >= (size_t)s->direct_from)
+        return reduce_scatter_direct(s, src, dst, displ[me], counts[me], kind, f);
     size_t per = align_down(s->slot / (size_t)w, (size_t)ALIGN) / isz; /* elements per part */
     const void *parts[MAXW];
     sum_fn sum = sum_of[kind];
@@ -603,13 +594,9 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
 static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *counts, int root,
                       Failure *f) {
     int w = s->world, me = s->rank;
-    size_t displ[MAXW], most = 0, off = 0;
-    for (int r = 0; r < w; r++) {
-        displ[r] = off;
-        off += counts[r];
-        if (counts[r] > most) most = counts[r];
-    }
-    if (w > 1 && off >= (size_t)s->direct_from) return gatherv_direct(s, src, dst, counts, root, f);
+    size_t displ[MAXW], most, total = offsets(counts, w, displ, &most);
+    if (w > 1 && total >= (size_t)s->direct_from)
+        return gatherv_direct(s, src, dst, counts, displ, root, f);
     size_t per = s->slot;
     int reads = root < 0 || root == me;
     for (size_t k = 0; k < most; k += per) {
