@@ -116,7 +116,6 @@ class MPICommunicator(DeviceCommunicatorBase):
         self.allreduce_algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
         self.validate = env.validate if validate is None else bool(validate)
         self.staging = env.staging if staging is None else bool(staging)
-        self.huge_pages = env.huge_pages
         self._results = ResultMemory(env.huge_pages, env.recycle)
         self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         shm = env.shm if shm is None else shm

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .dtypes import DTYPES, DtypeInfo, dtype_info
+from .dtypes import DtypeInfo, dtype_info
 
 
 def as_int(value: object, argument: str, what: str = "an int") -> int:
@@ -63,8 +63,7 @@ def check_tensor(value: object, argument: str = "input_") -> DtypeInfo:
         raise TypeError(f"{argument} is a nested tensor: pass its components (.unbind())")
     if value.layout is not torch.strided:
         raise TypeError(f"{argument} must be a dense (strided) tensor, got layout {value.layout}")
-    info = DTYPES.get(value.dtype)  # inline: this check runs on every call
-    return dtype_info(value.dtype, argument) if info is None else info
+    return dtype_info(value.dtype, argument)
 
 
 def normalize_dim(dim: object, ndim: int, argument: str = "dim") -> int:

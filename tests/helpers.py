@@ -11,6 +11,7 @@ Import as ``from tests.helpers import run_mpi`` (pytest puts the repository root
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,44 @@ def run_mpi(
         print(proc.stdout[-6000:])
         print(proc.stderr[-6000:], file=sys.stderr)
     return proc
+
+
+def vllm_entry_point(folder: Path) -> str | None:
+    """A folder (inside ``folder``) holding a dist-info that registers mpicomm's
+    ``vllm.platform_plugins`` entry point, to put on ``PYTHONPATH`` where mpicomm is importable
+    but not installed; ``None`` where this python already has the entry point."""
+    import importlib.metadata
+
+    eps = importlib.metadata.entry_points(group="vllm.platform_plugins")
+    if any(ep.value == "mpicomm.vllm:register" for ep in eps):
+        return None
+    info = folder / "entry-point" / "mpicomm_vllm_entry-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpicomm-vllm-entry\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[vllm.platform_plugins]\nmpicomm = mpicomm.vllm:register\n"
+    )
+    return str(info.parent)
+
+
+# Launcher variables a vLLM test job must not inherit (mpicomm.vllm.launch sets them per rank).
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_reporting(
+    n: int, script: Path, *args: str, marker: str, timeout: float, env: Mapping[str, str | None]
+) -> str:
+    """Run a test program on ``n`` ranks whose every rank prints ``<marker> rank=R`` when its
+    checks pass; assert that the job exited 0 and every rank reported, and return the output
+    (failures show it without vLLM's INFO lines)."""
+    proc = run_mpi(n, str(script), *args, timeout=timeout, env=env)
+    out = proc.stdout + proc.stderr
+    tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]
+    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{tail}"
+    # mpiexec may interleave two ranks' lines: find each rank's marker anywhere in the output.
+    oks = set(re.findall(rf"{marker} rank=(\d+)", out))
+    assert oks == {str(r) for r in range(n)}, f"ranks {sorted(oks)} of {n} reported OK:\n{tail}"
+    return out
 
 
 # --- for tests that run on every rank of a job (tests/mpi/) -----------------------------------

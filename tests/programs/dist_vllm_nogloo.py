@@ -90,13 +90,7 @@ def main() -> int:
         ps.initialize_model_parallel(args.tp, args.pp)
         vg.check(dist.get_backend() == DIST_BACKEND, f"default backend {dist.get_backend()}")
         vg.check(on_mpi(dist.group.WORLD), "default group is not on MPI")
-        groups = {
-            "world": ps.get_world_group(),
-            "tp": ps.get_tp_group(),
-            "pp": ps.get_pp_group(),
-            "dp": ps.get_dp_group(),
-            "ep": ps.get_ep_group(),
-        }
+        groups = vg.parallel_groups(ps)
         summary = {}
         for name, group in groups.items():
             kinds = (type(group.cpu_group).__name__, type(group.device_group).__name__)

@@ -68,6 +68,17 @@ def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
     return torch.equal(got, ref)
 
 
+def parallel_groups(ps) -> dict:
+    """vLLM's group coordinators by name, from its ``parallel_state`` module ``ps``."""
+    return {
+        "world": ps.get_world_group(),
+        "tp": ps.get_tp_group(),
+        "pp": ps.get_pp_group(),
+        "dp": ps.get_dp_group(),
+        "ep": ps.get_ep_group(),
+    }
+
+
 def exercise_group(name: str, group, world) -> None:
     """Every GroupCoordinator collective of ``group``, against references built locally."""
     from mpicomm.vllm.communicator import VllmMPICommunicator
@@ -275,13 +286,7 @@ def main() -> int:
             world_size, rank, "env://", int(env["LOCAL_RANK"]), backend="gloo"
         )
         ps.initialize_model_parallel(args.tp, args.pp)
-        groups = {
-            "world": ps.get_world_group(),
-            "tp": ps.get_tp_group(),
-            "pp": ps.get_pp_group(),
-            "dp": ps.get_dp_group(),
-            "ep": ps.get_ep_group(),
-        }
+        groups = parallel_groups(ps)
         summary = {}
         for name, group in groups.items():
             summary[name] = (group.ranks, type(group.device_communicator).__name__)

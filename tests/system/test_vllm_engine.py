@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, run_mpi
+from tests.helpers import LAUNCHER_VARS, ROOT, run_mpi, vllm_entry_point
 
 if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed (.ci/vllm_engine.sh runs this)", allow_module_level=True)
@@ -37,27 +37,10 @@ GENERATE = ROOT / "examples" / "vllm_generate.py"
 EMBED = ROOT / "examples" / "vllm_embed.py"
 
 
-def entry_point_dir() -> str | None:
-    """A folder holding a dist-info that registers mpicomm's ``vllm.platform_plugins`` entry
-    point, for a python where mpicomm is on PYTHONPATH but not installed; None if registered."""
-    eps = importlib.metadata.entry_points(group="vllm.platform_plugins")
-    if any(ep.value == "mpicomm.vllm:register" for ep in eps):
-        return None
-    info = WORKDIR / "entry-point" / "mpicomm_vllm_entry-0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpicomm-vllm-entry\nVersion: 0\n")
-    (info / "entry_points.txt").write_text(
-        "[vllm.platform_plugins]\nmpicomm = mpicomm.vllm:register\n"
-    )
-    return str(info.parent)
-
-
 def engine_env(**extra: str) -> dict[str, str | None]:
     """The child environment: mpicomm on, 1 thread per rank, 1 GiB of KV cache, no stale ranks."""
-    path = [str(ROOT)] + ([p] if (p := entry_point_dir()) else [])
-    env: dict[str, str | None] = dict.fromkeys(
-        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "VLLM_TARGET_DEVICE")
-    )
+    path = [str(ROOT)] + ([p] if (p := vllm_entry_point(WORKDIR)) else [])
+    env: dict[str, str | None] = dict.fromkeys((*LAUNCHER_VARS, "VLLM_TARGET_DEVICE"))
     env.update(
         MPICOMM_VLLM="1",
         OMP_NUM_THREADS="1",

@@ -9,11 +9,10 @@ requires every rank to print ``VLLM_GROUPS_OK`` and the job to exit 0.
 from __future__ import annotations
 
 import os
-import re
 
 import pytest
 
-from tests.helpers import PROGRAMS, run_mpi
+from tests.helpers import LAUNCHER_VARS, PROGRAMS, run_reporting
 
 pytest.importorskip(
     "vllm.distributed.parallel_state",
@@ -25,17 +24,10 @@ TIMEOUT = int(os.environ.get("MPICOMM_VLLM_TEST_TIMEOUT", "420"))
 
 
 def run(n: int, *args: str, enable: bool = True) -> str:
-    env = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+    env = dict.fromkeys(LAUNCHER_VARS)
     env["MPICOMM_VLLM"] = "1" if enable else "0"
     env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
-    proc = run_mpi(n, str(SCRIPT), *args, timeout=TIMEOUT, env=env)
-    out = proc.stdout + proc.stderr
-    tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]
-    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{tail}"
-    # mpiexec may interleave two ranks' lines: find each rank's marker anywhere in the output.
-    oks = set(re.findall(r"VLLM_GROUPS_OK rank=(\d+)", out))
-    assert oks == {str(r) for r in range(n)}, f"ranks {sorted(oks)} of {n} reported OK:\n{tail}"
-    return out
+    return run_reporting(n, SCRIPT, *args, marker="VLLM_GROUPS_OK", timeout=TIMEOUT, env=env)
 
 
 @pytest.mark.timeout(TIMEOUT + 60)

@@ -9,13 +9,11 @@ provides the entry point from a temporary folder on ``PYTHONPATH``.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import re
 
 import pytest
 
-from tests.helpers import PROGRAMS, ROOT, run_mpi
+from tests.helpers import LAUNCHER_VARS, PROGRAMS, ROOT, run_reporting, vllm_entry_point
 
 pytest.importorskip(
     "vllm.distributed.parallel_state",
@@ -30,34 +28,20 @@ TIMEOUT = int(os.environ.get("MPICOMM_VLLM_TEST_TIMEOUT", "420"))
 def plugin_path(tmp_path_factory) -> str:
     """``PYTHONPATH`` for the job: this checkout, plus the entry point if it is not installed."""
     paths = [str(ROOT)]
-    plugins = importlib.metadata.entry_points(group="vllm.platform_plugins")
-    if not any(ep.name == "mpicomm" for ep in plugins):
-        folder = tmp_path_factory.mktemp("entry_point")
-        info = folder / "mpicomm_test_plugin-0.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpicomm-test-plugin\n")
-        (info / "entry_points.txt").write_text(
-            "[vllm.platform_plugins]\nmpicomm = mpicomm.vllm:register\n"
-        )
-        paths.append(str(folder))
+    if folder := vllm_entry_point(tmp_path_factory.mktemp("entry_point")):
+        paths.append(folder)
     return os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")])
 
 
 def run(n: int, pythonpath: str, *args: str) -> str:
-    env = dict.fromkeys(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+    env = dict.fromkeys(LAUNCHER_VARS)
     env.update(
         MPICOMM_VLLM="1",
         MPICOMM_VLLM_TORCH_BACKEND="mpicomm",
         PYTHONPATH=pythonpath,
         OMP_NUM_THREADS="1",
     )
-    proc = run_mpi(n, str(SCRIPT), *args, timeout=TIMEOUT, env=env)
-    out = proc.stdout + proc.stderr
-    tail = "\n".join(line for line in out.splitlines() if "INFO" not in line)[-6000:]
-    assert proc.returncode == 0, f"{' '.join(proc.args)} exited {proc.returncode}:\n{tail}"
-    oks = set(re.findall(r"VLLM_NOGLOO_OK rank=(\d+)", out))
-    assert oks == {str(r) for r in range(n)}, f"ranks {sorted(oks)} of {n} reported OK:\n{tail}"
-    return out
+    return run_reporting(n, SCRIPT, *args, marker="VLLM_NOGLOO_OK", timeout=TIMEOUT, env=env)
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
