@@ -282,11 +282,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``out`` (input's shape, dtype and device; ``input_`` itself for an in-place sum, as
         torch.distributed's all_reduce), written into ``out``, which is returned.
         """
-        info = check_tensor(input_)
-        if out is None and self._shm is not None and input_.is_cpu and not self.validate:
-            result = self._shm.all_reduce(input_)  # a live communicator's hot path
+        if out is None and self._shm is not None and not self.validate:
+            result = self._shm.sum_fresh(input_)  # the hot path of a plain host tensor
             if result is not None:
                 return result
+        info = check_tensor(input_)
         check_device(input_, self.device)
         if out is not None:
             check_out(out, input_)

@@ -507,7 +507,9 @@ static int probe_direct(Segment *s, Failure *f) {
 
 static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
 
-/* all_reduce of n elements of kind: src -> dst (dst may not alias src). */
+/* all_reduce of n elements of kind: src -> dst (dst may be src itself: the sums read an element
+   before they write it). A rank's own part of a sum comes from src, not from its slot copy (that
+   copy is for its peers): one pass less over memory. */
 static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
     size_t isz = kind_size[kind], total = n * isz;
     int w = s->world, me = s->rank;
@@ -521,7 +523,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
             uint64_t round = s->round++;
             memcpy(slot_of(s, me, round), src + off, m);
             if (step(s, f)) return -1;
-            for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round);
+            for (int r = 0; r < w; r++) parts[r] = r == me ? src + off : slot_of(s, r, round);
             sum(dst + off, NULL, parts, w, m / isz);
         }
         return 0;
@@ -537,7 +539,8 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         if (step(s, f)) return -1;
         size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
         size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
-        for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + lo * isz;
+        for (int r = 0; r < w; r++)
+            parts[r] = (r == me ? src + off : slot_of(s, r, round)) + lo * isz;
         sum(dst + off + lo * isz, slot_of(s, me, round) + lo * isz, parts, w, hi - lo);
         if (step(s, f)) return -1;
         for (int r = 0; r < w; r++) {

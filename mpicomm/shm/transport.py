@@ -72,8 +72,11 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
     torch.float16: (_F16, 1),
 }
 
+# The dtypes :meth:`Transport.sum_fresh` takes: real ones (one kind element per element).
+_REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
 _NEVER = (1 << 63) - 1
 _SMALL = RECYCLE_FROM // 16  # elements: below it no result (at most 16 bytes each) is recycled
+_Tensor, _STRIDED, _empty_like = torch.Tensor, torch.strided, torch.empty_like
 _counter = itertools.count()
 log = logging.getLogger("mpicomm")
 
@@ -225,14 +228,38 @@ class Transport:
         return self._refused(operation)
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The rank-order sum of every rank's ``x`` (any shape): written into ``out`` (x's shape
-        and dtype; may be ``x`` itself) where its memory allows, else a fresh tensor; ``None``
-        for a dtype the compiled sums do not cover.
+    def sum_fresh(self, x) -> torch.Tensor | None:
+        """The hot path of a model layer's sum (docs/shm.md, "Per call"): the rank-order sum of
+        every rank's ``x`` in a fresh tensor, where ``x`` is a plain dense contiguous host tensor
+        of a real dtype with no lazy bit; ``None`` (no wait, nothing done) for anything else or
+        when the group is broken: the caller then validates and takes :meth:`all_reduce`.
 
-        The hot path of a model layer's sum: a handful of attribute reads, one allocation and one
-        call into the compiled core (docs/shm.md, "Per call").
+        A handful of attribute reads, one allocation and one call into the compiled core.
         """
+        if type(x) is not _Tensor or self._caller.broken is not None:
+            return None
+        kind = _REAL.get(x.dtype)
+        if (
+            kind is None
+            or x.layout is not _STRIDED
+            or x.is_nested
+            or not x.is_cpu
+            or x.is_neg()
+            or not x.is_contiguous()
+        ):
+            return None
+        n = x.numel()
+        out = _empty_like(x) if n < _SMALL else self._results.empty_like(x)
+        try:
+            self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n, kind)
+        except _core.WaitError as exc:
+            raise self._failed("all_reduce", exc) from None
+        return out
+
+    def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rank-order sum of every rank's ``x`` (a host tensor of any shape): written into
+        ``out`` (x's shape and dtype; may be ``x`` itself) where its memory allows, else a fresh
+        tensor; ``None`` for a dtype the compiled sums do not cover."""
         if self._caller.broken is not None:
             raise self._refused("all_reduce")
         kind = KINDS.get(x.dtype)
@@ -242,9 +269,7 @@ class Transport:
             x = readable(x).contiguous()
         n = x.numel()
         if out is None or not writable_into(out, x):
-            # small results straight from torch (ResultMemory's own choice for them, without
-            # its call: 0.2 us of a 2.5 us call)
-            out = torch.empty_like(x) if n < _SMALL else self._results.empty_like(x)
+            out = self._results.empty_like(x)
         try:
             self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n * kind[1], kind[0])
         except _core.WaitError as exc:

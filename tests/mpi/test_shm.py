@@ -203,3 +203,32 @@ def test_all_reduce_bad_out_raises_everywhere(on):
         with pytest.raises(error):
             on.all_reduce(x, out=out)
     assert torch.equal(on.all_reduce(x), torch.full_like(x, on.world_size))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_hot_path_takes_only_plain_host_tensors(on):
+    """``sum_fresh`` (the per-call hot path) returns ``None`` without waiting for anything but a
+    plain dense contiguous host tensor of a real dtype; every other input still sums correctly or
+    raises the same error on every rank through the general path."""
+    world, shm = on.world_size, on.transport
+    z = torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)
+    awkward = {
+        "negative view": z.conj().imag,  # a real tensor with the lazy negative bit
+        "strided": torch.arange(8.0)[::2],
+        "complex": z,
+        "parameter": torch.nn.Parameter(torch.ones(3)),
+        "int8 view": torch.arange(6, dtype=torch.int8).view(2, 3).t(),
+    }
+    ok = all(shm.sum_fresh(x) is None for x in awkward.values())  # no wait: rank-local
+    for x in awkward.values():
+        got = on.all_reduce(x)
+        want = reference_sum([x.detach().resolve_neg().resolve_conj()] * world)
+        ok = ok and got.is_contiguous() and not got.requires_grad
+        ok = ok and conformance.equal_bits(got, want)
+    plain = torch.arange(5.0)
+    ok = ok and torch.equal(shm.sum_fresh(plain), plain * world)
+    assert everywhere(ok)
+    for bad in (torch.ones(3).to_sparse(), torch.nested.nested_tensor([torch.ones(2)]), [1.0]):
+        assert shm.sum_fresh(bad) is None
+        with pytest.raises(TypeError):
+            on.all_reduce(bad)
