@@ -24,12 +24,13 @@ traffic reaches that group's ``VllmMPICommunicator.all_gatherv``/``reduce_scatte
 manager, ``dispatch``/``combine`` are mpicomm's own (all-gather across this group, then the
 matching reduce-scatter).
 
-``calls`` counts the collectives this communicator served (``Counter`` keyed by method name).
+``calls`` counts the collectives this communicator served: a dict from each method name in
+``SERVED`` to its count (a plain dict: a model layer's all_reduce pays for the count on every
+call, and a ``Counter``'s increment costs twice a dict's).
 """
 
 from __future__ import annotations
 
-import collections
 import inspect
 import logging
 import zlib
@@ -51,6 +52,23 @@ _BASE_INIT_KW = frozenset(_BASE_INIT) - {
     "unique_name",
 }
 TOPK_DISPATCH = "topk_ids" in inspect.signature(_VllmBase.dispatch).parameters
+# What ``calls`` counts.
+SERVED = (
+    "all_reduce",
+    "all_gather",
+    "all_gatherv",
+    "reduce_scatter",
+    "reduce_scatterv",
+    "gather",
+    "broadcast",
+    "send",
+    "recv",
+    "send_tensor_dict",
+    "recv_tensor_dict",
+    "dispatch",
+    "dispatch_router_logits",
+    "combine",
+)
 """True when the installed vLLM dispatches ``(hidden_states, topk_weights, topk_ids)``."""
 
 
@@ -108,7 +126,7 @@ class VllmMPICommunicator(_VllmBase):
         super().__init__(cpu_group, device, device_group, unique_name, **accepted)
         # vLLM 0.15 has no use_all2all keyword; it derives the flag from the config itself.
         self.use_all2all = bool(getattr(self, "use_all2all", False))
-        self.calls: collections.Counter[str] = collections.Counter()
+        self.calls: dict[str, int] = dict.fromkeys(SERVED, 0)
 
         from mpi4py import MPI
 

@@ -239,3 +239,22 @@ def test_source_ignores_expert_map_reads_a_module_text():
     assert source_ignores_expert_map(module, "_IgnoresMap") is True
     assert source_ignores_expert_map(module, "_HonoursMap") is False
     assert source_ignores_expert_map(module, "Absent") is None
+
+
+def test_every_counted_method_has_a_count():
+    """``calls`` is a plain dict of ``SERVED`` names: every name the communicator counts (a
+    literal ``self.calls[...]`` or a name handed to ``_dispatch``) must be one of them, or the
+    call would raise KeyError (the module imports vLLM, so its text is read here)."""
+    import ast
+    import re
+
+    text = (ROOT / "mpicomm" / "vllm" / "communicator.py").read_text()
+    served = next(
+        ast.literal_eval(node.value)
+        for node in ast.parse(text).body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SERVED"
+    )
+    counted = set(re.findall(r'self\.calls\["(\w+)"\]', text))
+    counted |= set(re.findall(r'self\._dispatch\(\s*"(\w+)"', text))
+    assert {"all_reduce", "dispatch", "dispatch_router_logits", "combine"} <= counted
+    assert counted <= set(served)
