@@ -14,13 +14,16 @@ import ctypes
 import functools
 import math
 import sys
-import weakref
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
 from .dtypes import DTYPES
+
+try:
+    from . import _blocks
+except ImportError:  # not compiled here: large results are new memory every time
+    _blocks = None
 
 _HOST = torch.device("cpu")
 _MAX_VIEWS = 64  # cached workspace views (shapes vary with token counts: keep the set bounded)
@@ -153,46 +156,59 @@ RECYCLE_FROM = 8 << 20
 
 
 class _Recycler:
-    """Process-wide free lists of host memory blocks, by exact size, for large results.
+    """Process-wide free lists of host memory blocks, by exact size, for large results (the
+    compiled ``mpicomm._blocks``; without it every result is new memory).
 
-    A result handed out owns its block until its storage is freed (the numpy view torch's storage
-    holds dies, and a finalizer gives the block back); only then can the block serve another
-    result, so every result is still fresh memory to its user (docs/contract.md, "Results").
-    At most ``per_size`` blocks of one size and ``max_bytes`` in all wait to be reused; the rest
-    is freed.
+    A result is a tensor over a block (``torch.frombuffer``) and owns it until its storage is
+    freed: torch then drops the block, whose memory goes back to the free list. Only then can it
+    serve another result, so every result is still fresh memory to its user (docs/contract.md,
+    "Results"). At most ``per_size`` blocks of one size and ``max_bytes`` in all wait to be
+    reused; the rest is unmapped.
     """
 
-    def __init__(self, per_size: int = 2, max_bytes: int = 256 << 20) -> None:
-        self.per_size = per_size
+    per_size = _blocks.PER_SIZE if _blocks is not None else 0
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
-        self.free_bytes = 0
-        self.reused = 0  # results served from a recycled block (for tests)
-        self._free: dict[int, list[np.ndarray]] = {}
+
+    @property
+    def available(self) -> bool:
+        """Whether results are recycled here (the compiled module is built)."""
+        return _blocks is not None
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, nbytes: int) -> None:
+        self._max_bytes = nbytes
+        if _blocks is not None:
+            _blocks.set_max_bytes(nbytes)
+
+    @property
+    def reused(self) -> int:
+        """Results served from a recycled block so far (for tests)."""
+        return _blocks.stats()[0] if _blocks is not None else 0
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of blocks waiting to be reused."""
+        return _blocks.stats()[1] if _blocks is not None else 0
 
     def tensor(self, nbytes: int, shape, dtype: torch.dtype, huge: bool) -> torch.Tensor:
-        blocks = self._free.get(nbytes)
-        if blocks:
-            block = blocks.pop()
-            self.free_bytes -= nbytes
-            self.reused += 1
-        else:
-            block = np.empty(nbytes, dtype=np.uint8)
-            if huge:
-                huge_pages(torch.from_numpy(block))
-        view = block[:]  # dies with the result's storage
-        weakref.finalize(view, self._give_back, block).atexit = False
-        return torch.from_numpy(view).view(dtype).view(shape)
-
-    def _give_back(self, block: np.ndarray) -> None:
-        nbytes = block.nbytes
-        blocks = self._free.setdefault(nbytes, [])
-        if len(blocks) < self.per_size and self.free_bytes + nbytes <= self.max_bytes:
-            blocks.append(block)
-            self.free_bytes += nbytes
+        """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) over a
+        recycled or new block; huge pages under a new block when ``huge``."""
+        if _blocks is None:
+            out = torch.empty(shape, dtype=dtype)
+            return huge_pages(out) if huge else out
+        block = _blocks.block(nbytes, huge and nbytes >= HUGE_PAGES_FROM)
+        return torch.frombuffer(block, dtype=dtype).view(shape)
 
     def clear(self) -> None:
-        self._free.clear()
-        self.free_bytes = 0
+        """Unmap every block waiting to be reused."""
+        if _blocks is not None:
+            _blocks.clear()
 
 
 recycler = _Recycler()

@@ -7,7 +7,7 @@ import mpi4py
 import torch
 from mpi4py import MPI
 
-from .buffers import HUGE_PAGES_FROM, thp_mode
+from .buffers import HUGE_PAGES_FROM, RECYCLE_FROM, recycler, thp_mode
 from .config import auto_flag, flag
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .shm import built as shm_built
@@ -36,6 +36,19 @@ def huge_pages_report() -> str:
     if mode == "never":
         return f"asked {wanted}, but transparent huge pages are off (never): no effect"
     return f"on {wanted} (transparent huge pages: {mode})"
+
+
+def result_memory_report() -> str:
+    """Where large host results come from: recycled blocks, or new memory every time."""
+    try:
+        recycle = flag("MPICOMM_RECYCLE", True)
+    except ValueError as exc:
+        return f"unknown: {exc}"
+    if not recycle:
+        return "new memory every time (MPICOMM_RECYCLE=0)"
+    if not recycler.available:
+        return "new memory every time (mpicomm._blocks is not built: pip install -e . builds it)"
+    return f"recycled blocks for host results >= {RECYCLE_FROM >> 20} MiB"
 
 
 def _or_error(report_line) -> str:
@@ -107,6 +120,7 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
         f"CUDA-aware MPI   {_or_error(cuda_awareness_report)}",
         f"huge pages       {huge_pages_report()}",
+        f"large results    {result_memory_report()}",
         *transport_report(topo.num_nodes),
         f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
         "",

@@ -55,15 +55,17 @@ def test_info_reports_library_cuda_awareness_and_placement():
     assert "CUDA-aware MPI   no" in out and "staged through pinned host memory" in out
     assert "ranks            2 on 1 node(s)" in out
     assert "huge pages       " in out and "32 MiB" in out
+    assert "large results    recycled blocks for host results >= 8 MiB" in out
     assert out.count(" cpu") >= 2
 
 
 def test_info_honours_cuda_aware_override():
-    env = {"MPICOMM_CUDA_AWARE": "1", "MPICOMM_HUGE_PAGES": "0"}
+    env = {"MPICOMM_CUDA_AWARE": "1", "MPICOMM_HUGE_PAGES": "0", "MPICOMM_RECYCLE": "0"}
     proc = run(1, "-m", "mpicomm", "info", env=env)
     assert proc.returncode == 0, proc.stderr
     assert "CUDA-aware MPI   yes" in proc.stdout and "MPICOMM_CUDA_AWARE=1" in proc.stdout
     assert "huge pages       off (MPICOMM_HUGE_PAGES=0)" in proc.stdout
+    assert "large results    new memory every time (MPICOMM_RECYCLE=0)" in proc.stdout
 
 
 def test_single_process_without_mpiexec():
