@@ -39,6 +39,9 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #define CTRL 128 /* bytes per rank's control line (two cache lines: no false sharing) */
 #define MAXW 64  /* the most ranks one segment serves */
@@ -47,6 +50,7 @@
 #define SPIN 256 /* busy polls of a late peer before yielding the core between polls */
 #define CHUNK (128 << 10) /* bytes a direct sum reads from one peer at a time (stays in L2) */
 #define PROBE 0x6d7069636f6d6d31ull /* the word peers read to test direct reads */
+#define STREAM_FROM ((size_t)1 << 20) /* bytes from which a direct gather streams its own part */
 
 enum { KIND_BOOL = 1, KIND_I8, KIND_I16, KIND_I32, KIND_I64, KIND_F32, KIND_F64, KIND_BF16,
        KIND_F16 };
@@ -463,6 +467,32 @@ static int reduce_scatter_direct(Segment *s, const char *src, char *dst, size_t 
     return step(s, f);
 }
 
+/* memcpy of a large block with streaming stores on x86-64: the destination's lines are neither
+   read first nor left in the cache (glibc streams only past a threshold scaled to the last-level
+   cache, which on large server caches is never reached here). Measured on 2 ranks, the own part of
+   a direct all_gather: 16 MiB 2.1-2.4 -> 1.9 ms, 64 MiB 11.3-12.4 -> 9.9-10.4 ms. */
+static void copy_streaming(char *dst, const char *src, size_t n) {
+#if defined(__x86_64__)
+    size_t i = (64 - ((uintptr_t)dst & 63)) & 63; /* bytes up to dst's next line */
+    if (i > n) i = n;
+    memcpy(dst, src, i);
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    memcpy(dst + i, src + i, n - i);
+    _mm_sfence(); /* the streamed stores are ordered before this rank's next release store */
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
 /* gatherv / all_gather, direct: every receiving rank copies rank q's input (counts[q] bytes)
    to dst + displ[q]. */
 static int gatherv_direct(Segment *s, const char *src, char *dst, const size_t *counts,
@@ -471,7 +501,9 @@ static int gatherv_direct(Segment *s, const char *src, char *dst, const size_t *
     if (publish(s, src, dst, f)) return -1;
     if (root < 0 || root == me) {
         for (int q = 0; q < w; q++) {
-            if (q == me)
+            if (q == me && counts[q] >= STREAM_FROM)
+                copy_streaming(dst + displ[q], src, counts[q]);
+            else if (q == me)
                 memcpy(dst + displ[q], src, counts[q]);
             else if (counts[q] && peer_read(s, q, dst + displ[q], addr_of(s, q)[0], counts[q], f))
                 return -1;

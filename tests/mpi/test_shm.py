@@ -111,6 +111,10 @@ def test_gathers_and_broadcast_large(on):
     ok = torch.equal(on.all_gatherv(xs[rank], sizes=rows), torch.cat(xs))
     ys = [make_input(torch.bfloat16, r, (3, 400_000), 80) for r in range(world)]
     ok = ok and torch.equal(on.all_gather(ys[rank], dim=1), torch.cat(ys, 1))
+    # over 1 MiB per rank at odd offsets: a direct gather streams its own part from any address
+    odd = [1_100_001 + 7 * r for r in range(world)]
+    zs = [make_input(torch.int8, r, (odd[r],), 75) for r in range(world)]
+    ok = ok and torch.equal(on.all_gatherv(zs[rank], sizes=odd), torch.cat(zs))
     for dst in range(world):
         g = on.gather(ys[rank], dst=dst, dim=0)
         ok = ok and (torch.equal(g, torch.cat(ys, 0)) if rank == dst else g is None)
