@@ -147,12 +147,12 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 # Host results of at least this many bytes come from recycled memory (_Recycler). glibc serves
 # blocks above its mmap threshold (at most 32 MiB) as new memory, and trims the heap's top above
 # twice that, so large blocks are often new memory: every first write faults and the kernel zeroes
-# the page first, one more pass over the result than the collective itself makes (a 16 MiB float32
-# all_reduce on 2 ranks: 3.2-4.3 ms with new results, 2.3-2.9 ms recycled; a 64 MiB one spent
-# ~6 ms of ~30 ms there; MPICH's wheel also inspects every new receive buffer). Smaller blocks
-# glibc reuses itself, and faster: recycling 1-4 MiB results measured 1.1-1.2x slower side by side
-# (docs/benchmarks.md).
-RECYCLE_FROM = 8 << 20
+# the page first, one more pass over the result than the collective itself makes. Side by side on
+# 2 ranks (float32 all_reduce, each result kept until the next call returns, as a model keeps an
+# activation): 4 MiB 1.05-1.09 ms new, 0.84 ms recycled; 16 MiB 3.2-4.3 vs 2.3-2.9 ms. Smaller
+# results glibc reuses itself about as fast (1 MiB: 0.26-0.29 vs 0.26 ms kept, 0.21-0.24 vs
+# 0.24 ms dropped at once) (docs/benchmarks.md).
+RECYCLE_FROM = 4 << 20
 
 
 class _Recycler:

@@ -11,7 +11,7 @@
 ``MPICOMM_LOG_LEVEL``               a :mod:`logging` level name for the ``mpicomm`` logger
 ``MPICOMM_HUGE_PAGES``              ``0``: do not ask Linux for transparent huge pages under large
                                     fresh results (default ``1``; see :func:`mpicomm.buffers.huge_pages`)
-``MPICOMM_RECYCLE``                 ``0``: large host results (8 MiB and up) in new memory every time
+``MPICOMM_RECYCLE``                 ``0``: large host results (4 MiB and up) in new memory every time
                                     (default ``1``: in memory recycled from results already freed;
                                     see :class:`mpicomm.buffers.ResultMemory`)
 ``MPICOMM_HIERARCHICAL``            ``auto`` (default), ``0`` (never) or ``1`` (whenever it applies):
