@@ -41,6 +41,8 @@ from vllm.distributed.device_communicators.base_device_communicator import (
     DeviceCommunicatorBase as _VllmBase,
 )
 
+from ..consistency import COLLECTIVES
+
 logger = logging.getLogger(__name__)
 
 _BASE_INIT = inspect.signature(_VllmBase.__init__).parameters
@@ -52,15 +54,9 @@ _BASE_INIT_KW = frozenset(_BASE_INIT) - {
     "unique_name",
 }
 TOPK_DISPATCH = "topk_ids" in inspect.signature(_VllmBase.dispatch).parameters
-# What ``calls`` counts.
+# What ``calls`` counts: the tensor collectives, point to point, MoE.
 SERVED = (
-    "all_reduce",
-    "all_gather",
-    "all_gatherv",
-    "reduce_scatter",
-    "reduce_scatterv",
-    "gather",
-    "broadcast",
+    *COLLECTIVES,
     "send",
     "recv",
     "send_tensor_dict",
