@@ -117,17 +117,20 @@ def _anon_huge_kib(address: int) -> int | None:
 def test_large_fresh_results_get_huge_pages():
     """A large fresh result is advised onto 2 MiB pages (so filling it does not fault 4 KiB at a
     time); the memory stays ordinary memory; small results are left alone."""
-    from mpicomm.buffers import huge_pages
+    from mpicomm.buffers import ResultMemory, huge_pages
 
-    big = huge_pages(torch.empty(HUGE_PAGES_FROM // 4 + 1024, dtype=torch.float32))
-    big.fill_(3.0)
-    assert bool((big == 3.0).all())
+    n = max(HUGE_PAGES_FROM, 16 << 20) // 4 + 1024
+    big = huge_pages(torch.empty(n, dtype=torch.float32))
+    recycled = ResultMemory(huge=True).empty((n,), torch.float32)  # a block, where built
+    for result in (big, recycled):
+        result.fill_(3.0)
+        assert bool((result == 3.0).all())
+        if thp_mode() in ("madvise", "always"):
+            huge = _anon_huge_kib(result.data_ptr() + (8 << 20))
+            if huge is not None:
+                assert huge > 0, "the advised result has no huge pages although THP is enabled"
     small = torch.empty(1000)
     assert huge_pages(small) is small
-    if thp_mode() in ("madvise", "always"):
-        huge = _anon_huge_kib(big.data_ptr() + (4 << 20))
-        if huge is not None:
-            assert huge > 0, "the advised result has no huge pages although THP is enabled"
 
 
 @pytest.mark.parametrize("setting", ["1", "0"])
