@@ -6,7 +6,7 @@
    later block() of the same size takes it. So a block never serves a new result while any tensor
    still uses it, and a recycled result is never a page-faulting, kernel-zeroed new mapping.
 
-   The free list keeps at most PER_SIZE blocks of one size and max_bytes in all (the rest is
+   The free list keeps at most PER_SIZE blocks of one size and MAX_BYTES in all (the rest is
    unmapped). Every entry point runs with the GIL held (torch takes it to drop the Block). */
 
 #define PY_SSIZE_T_CLEAN
@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 
 #define PER_SIZE 2
+#define MAX_BYTES ((size_t)256 << 20)
 #define MAXFREE 32
 #define HUGE_PAGE ((size_t)2 << 20)
 
@@ -33,7 +34,7 @@ typedef struct {
 
 static Memory free_list[MAXFREE];
 static int free_count;
-static size_t free_bytes, max_bytes = (size_t)256 << 20;
+static size_t free_bytes;
 static unsigned long long reused;
 
 static int map_memory(Memory *m, size_t size, int huge) {
@@ -56,7 +57,7 @@ static int map_memory(Memory *m, size_t size, int huge) {
 static void give_back(Memory *m) {
     int same = 0;
     for (int i = 0; i < free_count; i++) same += free_list[i].size == m->size;
-    if (same < PER_SIZE && free_count < MAXFREE && free_bytes + m->size <= max_bytes) {
+    if (same < PER_SIZE && free_count < MAXFREE && free_bytes + m->size <= MAX_BYTES) {
         free_list[free_count++] = *m;
         free_bytes += m->size;
     } else {
@@ -135,20 +136,10 @@ static PyObject *blocks_clear(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* set_max_bytes(n): the most bytes that wait to be reused */
-static PyObject *blocks_set_max_bytes(PyObject *self, PyObject *arg) {
-    (void)self;
-    size_t n = PyLong_AsSize_t(arg);
-    if (n == (size_t)-1 && PyErr_Occurred()) return NULL;
-    max_bytes = n;
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef blocks_methods[] = {
     {"block", (PyCFunction)(void (*)(void))blocks_block, METH_FASTCALL, "block(nbytes, huge)"},
     {"stats", blocks_stats, METH_NOARGS, "stats() -> (reused, bytes waiting, blocks waiting)"},
     {"clear", blocks_clear, METH_NOARGS, "unmap every waiting block"},
-    {"set_max_bytes", blocks_set_max_bytes, METH_O, "the most bytes that wait to be reused"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef blocks_module = {PyModuleDef_HEAD_INIT, "_blocks", NULL, -1,
@@ -161,5 +152,6 @@ PyMODINIT_FUNC PyInit__blocks(void) {
     Py_INCREF(&BlockType);
     PyModule_AddObject(m, "Block", (PyObject *)&BlockType);
     PyModule_AddIntConstant(m, "PER_SIZE", PER_SIZE);
+    PyModule_AddIntConstant(m, "MAX_BYTES", (long)MAX_BYTES);
     return m;
 }

@@ -167,25 +167,9 @@ class _Recycler:
     reused; the rest is unmapped.
     """
 
-    per_size = _blocks.PER_SIZE if _blocks is not None else 0
-
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.max_bytes = max_bytes
-
-    @property
-    def available(self) -> bool:
-        """Whether results are recycled here (the compiled module is built)."""
-        return _blocks is not None
-
-    @property
-    def max_bytes(self) -> int:
-        return self._max_bytes
-
-    @max_bytes.setter
-    def max_bytes(self, nbytes: int) -> None:
-        self._max_bytes = nbytes
-        if _blocks is not None:
-            _blocks.set_max_bytes(nbytes)
+    available = _blocks is not None  # whether results are recycled here
+    per_size = _blocks.PER_SIZE if available else 0
+    max_bytes = _blocks.MAX_BYTES if available else 0
 
     @property
     def reused(self) -> int:
@@ -199,10 +183,8 @@ class _Recycler:
 
     def tensor(self, nbytes: int, shape, dtype: torch.dtype, huge: bool) -> torch.Tensor:
         """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) over a
-        recycled or new block; huge pages under a new block when ``huge``."""
-        if _blocks is None:
-            out = torch.empty(shape, dtype=dtype)
-            return huge_pages(out) if huge else out
+        recycled or new block; huge pages under a new block when ``huge`` (only where
+        :attr:`available`)."""
         block = _blocks.block(nbytes, huge and nbytes >= HUGE_PAGES_FROM)
         return torch.frombuffer(block, dtype=dtype).view(shape)
 
@@ -229,7 +211,7 @@ class ResultMemory:
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A fresh contiguous host tensor of ``shape`` and ``dtype``, not yet written."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.recycle and nbytes >= RECYCLE_FROM:
+        if self.recycle and recycler.available and nbytes >= RECYCLE_FROM:
             return recycler.tensor(nbytes, tuple(shape), dtype, self.huge)
         out = torch.empty(shape, dtype=dtype)
         return huge_pages(out) if self.huge else out
