@@ -123,12 +123,34 @@ def settings() -> Settings:
         timeout=_seconds("MPICOMM_TIMEOUT"),
         allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=_log_level("MPICOMM_LOG_LEVEL"),
-        huge_pages=bool(flag("MPICOMM_HUGE_PAGES", True)),
+        huge_pages=huge_pages_on(),
         hierarchical=auto_flag("MPICOMM_HIERARCHICAL"),
-        shm=auto_flag("MPICOMM_SHM"),
-        shm_direct=bool(flag("MPICOMM_SHM_DIRECT", True)),
-        recycle=bool(flag("MPICOMM_RECYCLE", True)),
+        shm=shm_mode(),
+        shm_direct=shm_direct_on(),
+        recycle=recycle_on(),
     )
+
+
+# The settings ``python -m mpicomm info`` reports one by one (a malformed other one must not hide
+# them); settings() reads them through the same functions.
+def huge_pages_on() -> bool:
+    """``MPICOMM_HUGE_PAGES``: large host results on transparent huge pages (default on)."""
+    return bool(flag("MPICOMM_HUGE_PAGES", True))
+
+
+def recycle_on() -> bool:
+    """``MPICOMM_RECYCLE``: large host results in recycled memory (default on)."""
+    return bool(flag("MPICOMM_RECYCLE", True))
+
+
+def shm_mode() -> str:
+    """``MPICOMM_SHM``: ``auto``, ``0`` or ``1``."""
+    return auto_flag("MPICOMM_SHM")
+
+
+def shm_direct_on() -> bool:
+    """``MPICOMM_SHM_DIRECT``: large shared-memory messages read peers' tensors (default on)."""
+    return bool(flag("MPICOMM_SHM_DIRECT", True))
 
 
 def auto_flag(name: str) -> str:

@@ -8,7 +8,7 @@ import torch
 from mpi4py import MPI
 
 from .buffers import HUGE_PAGES_FROM, RECYCLE_FROM, recycler, thp_mode
-from .config import auto_flag, flag
+from .config import huge_pages_on, recycle_on, shm_direct_on, shm_mode
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .shm import built as shm_built
 from .topology import default_device, node_topology
@@ -23,11 +23,7 @@ _THREAD_LEVELS = {
 
 def huge_pages_report() -> str:
     """Whether large fresh results are put on transparent huge pages, and whether Linux obliges."""
-    try:
-        wanted_on = flag("MPICOMM_HUGE_PAGES", True)
-    except ValueError as exc:  # info works whatever the other settings say; this one is shown
-        return f"unknown: {exc}"
-    if not wanted_on:
+    if not huge_pages_on():
         return "off (MPICOMM_HUGE_PAGES=0)"
     wanted = f"for host results >= {HUGE_PAGES_FROM >> 20} MiB"
     mode = thp_mode()
@@ -40,11 +36,7 @@ def huge_pages_report() -> str:
 
 def result_memory_report() -> str:
     """Where large host results come from: recycled blocks, or new memory every time."""
-    try:
-        recycle = flag("MPICOMM_RECYCLE", True)
-    except ValueError as exc:
-        return f"unknown: {exc}"
-    if not recycle:
+    if not recycle_on():
         return "new memory every time (MPICOMM_RECYCLE=0)"
     if not recycler.available:
         return "new memory every time (mpicomm._blocks is not built: pip install -e . builds it)"
@@ -62,7 +54,7 @@ def _or_error(report_line) -> str:
 def transport_report(num_nodes: int) -> list[str]:
     """Which transport each kind of group uses for host tensors (docs/shm.md)."""
     try:
-        mode = auto_flag("MPICOMM_SHM")
+        mode = shm_mode()
     except ValueError as exc:
         mode = f"unknown: {exc}"
     if mode == "0":
@@ -73,7 +65,7 @@ def transport_report(num_nodes: int) -> list[str]:
         )
     else:
         try:
-            direct = flag("MPICOMM_SHM_DIRECT", True)
+            direct = shm_direct_on()
         except ValueError as exc:
             direct = f"unknown: {exc}"
         large = {
@@ -119,8 +111,8 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"thread level     {_THREAD_LEVELS.get(MPI.Query_thread(), MPI.Query_thread())}",
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
         f"CUDA-aware MPI   {_or_error(cuda_awareness_report)}",
-        f"huge pages       {huge_pages_report()}",
-        f"large results    {result_memory_report()}",
+        f"huge pages       {_or_error(huge_pages_report)}",
+        f"large results    {_or_error(result_memory_report)}",
         *transport_report(topo.num_nodes),
         f"ranks            {comm.Get_size()} on {topo.num_nodes} node(s)",
         "",

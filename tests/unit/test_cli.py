@@ -68,6 +68,16 @@ def test_info_honours_cuda_aware_override():
     assert "large results    new memory every time (MPICOMM_RECYCLE=0)" in proc.stdout
 
 
+def test_info_names_a_malformed_setting_and_reports_the_rest():
+    env = {"MPICOMM_RECYCLE": "maybe", "MPICOMM_HUGE_PAGES": "2", "MPICOMM_SHM_DIRECT": "x"}
+    proc = run(1, "-m", "mpicomm", "info", env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "large results    unknown: MPICOMM_RECYCLE must be 0 or 1, got 'maybe'" in out
+    assert "huge pages       unknown: MPICOMM_HUGE_PAGES must be 0 or 1, got '2'" in out
+    assert "unknown: MPICOMM_SHM_DIRECT must be 0 or 1" in out and "ranks            1" in out
+
+
 def test_single_process_without_mpiexec():
     proc = subprocess.run(
         [sys.executable, "-m", "mpicomm", "check"], capture_output=True, text=True, timeout=240
