@@ -154,6 +154,8 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 # results glibc reuses itself about as fast (1 MiB: 0.26-0.29 vs 0.26 ms kept, 0.21-0.24 vs
 # 0.24 ms dropped at once) (docs/benchmarks.md).
 RECYCLE_FROM = 4 << 20
+# Host results below this many bytes are plain torch.empty_like: neither recycled nor advised.
+SMALL_RESULT = min(RECYCLE_FROM, HUGE_PAGES_FROM)
 
 
 class _Recycler:
@@ -219,7 +221,7 @@ class ResultMemory:
     def empty_like(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`empty` of a contiguous ``x``'s shape and dtype (small: ``torch.empty_like``,
         the cheapest allocation torch has)."""
-        if x.numel() * x.itemsize < RECYCLE_FROM:
+        if x.numel() * x.itemsize < SMALL_RESULT:
             return torch.empty_like(x)
         return self.empty(x.shape, x.dtype)
 

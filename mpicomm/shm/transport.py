@@ -21,7 +21,7 @@ import uuid
 import torch
 from mpi4py import MPI
 
-from ..buffers import RECYCLE_FROM, ResultMemory
+from ..buffers import SMALL_RESULT, ResultMemory
 from ..calls import Caller
 from ..errors import CollectiveTimeoutError, CommunicationError
 from ..staging import readable, writable_into
@@ -75,7 +75,9 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
 # The dtypes :meth:`Transport.sum_fresh` takes: real ones (one kind element per element).
 _REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
 _NEVER = (1 << 63) - 1
-_SMALL = RECYCLE_FROM // 16  # elements: below it no result (at most 16 bytes each) is recycled
+# elements: below it a result (at most 16 bytes each) is ResultMemory's plain torch.empty_like,
+# taken here without that call on the hot path
+_SMALL = SMALL_RESULT // 16
 _Tensor, _STRIDED, _empty_like = torch.Tensor, torch.strided, torch.empty_like
 _counter = itertools.count()
 log = logging.getLogger("mpicomm")
