@@ -274,6 +274,12 @@ typedef struct {
     Py_ssize_t direct_from; /* bytes from which peers read each other's tensors directly */
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
+    int busy;            /* inside sum_fresh: a re-entrant call (from a finalizer) is refused */
+    /* What sum_fresh takes and how it allocates (hot_config): torch.Tensor, {dtype: kind} of the
+       real dtypes, torch.strided, torch.empty_like, the allocator of results of large_from bytes
+       or more. NULL until configured. */
+    PyObject *hot_type, *hot_kinds, *hot_strided, *hot_empty, *hot_empty_large;
+    Py_ssize_t hot_large_from;
     int holds_gil;       /* this call runs with the GIL held (a small message) ... */
     PyThreadState *released; /* ... and released it once a wait grew long (restored by RUN) */
 } Segment;
@@ -327,10 +333,15 @@ typedef struct {
     double seconds;
 } Failure;
 
-/* Publish the next stage and wait until every peer has published it. 0, or -1 with *fail set. */
-static int step(Segment *s, Failure *fail) {
-    uint64_t target = ++s->stage;
-    __atomic_store_n(stage_of(s, s->rank), target, __ATOMIC_RELEASE);
+/* Publish the next stage (a release store: what this rank wrote before is visible to a peer that
+   sees the stage). */
+static inline void announce(Segment *s) {
+    __atomic_store_n(stage_of(s, s->rank), ++s->stage, __ATOMIC_RELEASE);
+}
+
+/* Wait until every peer has published this rank's stage. 0, or -1 with *fail set. */
+static int await_peers(Segment *s, Failure *fail) {
+    uint64_t target = s->stage;
     int w = s->world;
     for (int r = 0; r < w; r++) {
         if (r == s->rank) continue;
@@ -380,6 +391,12 @@ static int step(Segment *s, Failure *fail) {
         }
     }
     return 0;
+}
+
+/* Publish the next stage and wait until every peer has published it. 0, or -1 with *fail set. */
+static int step(Segment *s, Failure *fail) {
+    announce(s);
+    return await_peers(s, fail);
 }
 
 /* ------------------------------------------------------------------ direct reads (large messages) */
@@ -584,6 +601,30 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
     return 0;
 }
 
+/* The two halves of a one-shot all_reduce that fits one slot (sum_fresh runs the result's
+   allocation between them, while the peers' data is on its way): post copies src into this
+   rank's slot and publishes it; finish waits for the peers' and sums into dst (dst NULL: only
+   waits, keeping the ranks in step when the allocation failed). */
+static int fits_one_shot(Segment *s, size_t total) {
+    return total > 0 && total <= s->oneshot_max && total <= s->slot &&
+           (s->world == 1 || total < (size_t)s->direct_from);
+}
+
+static void post_one_shot(Segment *s, const char *src, size_t total) {
+    memcpy(slot_of(s, s->rank, s->round++), src, total);
+    announce(s);
+}
+
+static int finish_one_shot(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
+    const void *parts[MAXW];
+    uint64_t round = s->round - 1;
+    if (await_peers(s, f)) return -1;
+    if (!dst) return 0;
+    for (int r = 0; r < s->world; r++) parts[r] = r == s->rank ? src : slot_of(s, r, round);
+    sum_of[kind](dst, NULL, parts, s->world, n);
+    return 0;
+}
+
 /* displ[r] = counts[0] + ... + counts[r-1]; returns the total, and the largest count in *most. */
 static size_t offsets(const size_t *counts, int w, size_t *displ, size_t *most) {
     size_t off = 0;
@@ -682,6 +723,12 @@ static PyObject *raise_failure(Failure *f) {
 }
 
 static int usable(Segment *s) {
+    if (s->busy) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "a collective was called on this group while its all_reduce was allocating "
+                        "the result (from a finalizer?): one call at a time (docs/contract.md)");
+        return 0;
+    }
     if (s->base == NULL || s->broken) {
         PyObject *args = Py_BuildValue("(s()d)", s->base == NULL ? "closed" : "broken", 0.0);
         if (args) {
@@ -693,21 +740,27 @@ static int usable(Segment *s) {
     return 1;
 }
 
+/* RC = CALL, without the GIL from gil_free_from bytes; below, with it (released by a long wait). */
+#define CALL_GIL(S, BYTES, RC, CALL)                                                            \
+    do {                                                                                        \
+        if ((BYTES) >= (size_t)(S)->gil_free_from) {                                            \
+            Py_BEGIN_ALLOW_THREADS RC = (CALL);                                                 \
+            Py_END_ALLOW_THREADS                                                                \
+        } else {                                                                                \
+            (S)->holds_gil = 1;                                                                 \
+            (S)->released = NULL;                                                               \
+            RC = (CALL);                                                                        \
+            (S)->holds_gil = 0;                                                                 \
+            if ((S)->released) PyEval_RestoreThread((S)->released);                             \
+        }                                                                                       \
+    } while (0)
+
 #define RUN(S, BYTES, CALL)                                                                     \
     do {                                                                                        \
         Failure fail_;                                                                          \
         Failure *f = &fail_;                                                                    \
         int rc_;                                                                                \
-        if ((BYTES) >= (size_t)(S)->gil_free_from) {                                            \
-            Py_BEGIN_ALLOW_THREADS rc_ = (CALL);                                                \
-            Py_END_ALLOW_THREADS                                                                \
-        } else {                                                                                \
-            (S)->holds_gil = 1;                                                                 \
-            (S)->released = NULL;                                                               \
-            rc_ = (CALL);                                                                       \
-            (S)->holds_gil = 0;                                                                 \
-            if ((S)->released) PyEval_RestoreThread((S)->released);                             \
-        }                                                                                       \
+        CALL_GIL(S, BYTES, rc_, CALL);                                                          \
         if (rc_) return raise_failure(f);                                                       \
         Py_RETURN_NONE;                                                                         \
     } while (0)
@@ -747,6 +800,107 @@ static PyObject *seg_all_reduce(Segment *s, PyObject *const *a, Py_ssize_t nargs
     long kind = PyLong_AsLong(a[3]);
     if (PyErr_Occurred() || !kind_ok(kind)) return NULL;
     RUN(s, n * kind_size[kind], do_all_reduce(s, src, dst, n, (int)kind, f));
+}
+
+/* ------------------------------------------------------------------ the hot path of a sum */
+
+/* Attribute and method names sum_fresh reads (interned at import). */
+static PyObject *S_dtype, *S_layout, *S_is_nested, *S_is_cpu, *S_is_neg, *S_is_contiguous, *S_numel,
+    *S_data_ptr;
+
+/* hot_config(tensor_type, kinds, strided, empty_like, empty_large, large_from) */
+static PyObject *seg_hot_config(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 6 || !PyType_Check(a[0]) || !PyDict_Check(a[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "hot_config(tensor_type, kinds: dict, strided, empty_like, empty_large, large_from)");
+        return NULL;
+    }
+    Py_ssize_t large_from = PyLong_AsSsize_t(a[5]);
+    if (large_from == -1 && PyErr_Occurred()) return NULL;
+    PyObject **slots[] = {&s->hot_type, &s->hot_kinds, &s->hot_strided, &s->hot_empty, &s->hot_empty_large};
+    for (int i = 0; i < 5; i++) {
+        Py_INCREF(a[i]);
+        Py_XSETREF(*slots[i], a[i]);
+    }
+    s->hot_large_from = large_from;
+    Py_RETURN_NONE;
+}
+
+/* 1 when x.<name> (a method call when call) is `want`, 0 when not, -1 on an error. */
+static int reads(PyObject *x, PyObject *name, int call, PyObject *want) {
+    PyObject *v = call ? PyObject_CallMethodNoArgs(x, name) : PyObject_GetAttr(x, name);
+    if (!v) return -1;
+    int same = v == want;
+    Py_DECREF(v);
+    return same;
+}
+
+/* x.<name>() as an integer or address; -1 with an exception on an error. */
+static int read_int(PyObject *x, PyObject *name, int address, uintptr_t *out) {
+    PyObject *v = PyObject_CallMethodNoArgs(x, name);
+    if (!v) return -1;
+    *out = address ? (uintptr_t)PyLong_AsVoidPtr(v) : (uintptr_t)PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+/* The kind of x when sum_fresh takes it (an exact torch.Tensor: strided, not nested, on the CPU,
+   no lazy negation, contiguous, of a dtype in hot_kinds); 0 when it does not. */
+static long hot_kind(Segment *s, PyObject *x) {
+    if ((PyObject *)Py_TYPE(x) != s->hot_type) return 0;
+    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
+    if (!dtype) return 0;
+    PyObject *k = PyDict_GetItemWithError(s->hot_kinds, dtype); /* borrowed */
+    Py_DECREF(dtype);
+    long kind = k ? PyLong_AsLong(k) : 0;
+    if (kind > 0 && (reads(x, S_layout, 0, s->hot_strided) != 1 ||
+                     reads(x, S_is_nested, 0, Py_False) != 1 || reads(x, S_is_cpu, 0, Py_True) != 1 ||
+                     reads(x, S_is_neg, 1, Py_False) != 1 || reads(x, S_is_contiguous, 1, Py_True) != 1))
+        kind = 0;
+    if (PyErr_Occurred()) PyErr_Clear(); /* the caller's general path reports what is wrong */
+    return kind >= KIND_BOOL && kind <= KIND_F16 ? kind : 0;
+}
+
+/* sum_fresh(x): the rank-order sum of every rank's x in a fresh tensor (docs/shm.md, "Per call"),
+   or None, having done nothing, for a tensor the hot path does not take (the caller then checks x
+   and takes the general path). A one-shot sum publishes x before allocating the result, so the
+   allocation overlaps the wait for the peers. */
+static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
+    long kind = s->hot_type && s->base && !s->broken && !s->busy ? hot_kind(s, x) : 0;
+    uintptr_t n, src, dst;
+    if (!kind || read_int(x, S_numel, 0, &n) || read_int(x, S_data_ptr, 1, &src)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    size_t total = n * kind_size[kind];
+    int large = total >= (size_t)s->hot_large_from;
+    int posted = !large && fits_one_shot(s, total);
+    if (posted) post_one_shot(s, (const char *)src, total);
+    s->busy = posted;
+    PyObject *out = PyObject_CallOneArg(large ? s->hot_empty_large : s->hot_empty, x);
+    s->busy = 0;
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
+        if (posted) { /* keep in step with the peers, then report the allocation's error */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            CALL_GIL(s, 0, rc, finish_one_shot(s, (const char *)src, NULL, n, (int)kind, f));
+            PyErr_Restore(type, value, tb);
+        }
+        Py_XDECREF(out);
+        return NULL;
+    }
+    if (posted)
+        CALL_GIL(s, total, rc, finish_one_shot(s, (const char *)src, (char *)dst, n, (int)kind, f));
+    else
+        CALL_GIL(s, total, rc, do_all_reduce(s, (const char *)src, (char *)dst, n, (int)kind, f));
+    if (rc) {
+        Py_DECREF(out);
+        return raise_failure(f);
+    }
+    return out;
 }
 
 /* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank */
@@ -834,6 +988,11 @@ static PyObject *seg_pids(Segment *s, PyObject *unused) {
 
 static void seg_dealloc(Segment *s) {
     if (s->base) munmap(s->base, s->length);
+    Py_CLEAR(s->hot_type);
+    Py_CLEAR(s->hot_kinds);
+    Py_CLEAR(s->hot_strided);
+    Py_CLEAR(s->hot_empty);
+    Py_CLEAR(s->hot_empty_large);
     free(s->scratch);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
@@ -933,6 +1092,9 @@ static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) 
 
 static PyMethodDef seg_methods[] = {
     {"all_reduce", (PyCFunction)(void (*)(void))seg_all_reduce, METH_FASTCALL, "all_reduce(src, dst, n, kind)"},
+    {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
+    {"hot_config", (PyCFunction)(void (*)(void))seg_hot_config, METH_FASTCALL,
+     "hot_config(tensor_type, kinds, strided, empty_like, empty_large, large_from): what sum_fresh takes"},
     {"reduce_scatter", (PyCFunction)(void (*)(void))seg_reduce_scatter, METH_FASTCALL, "reduce_scatter(src, dst, counts, kind)"},
     {"all_gather", (PyCFunction)(void (*)(void))seg_all_gather, METH_FASTCALL, "all_gather(src, dst, nbytes)"},
     {"gatherv", (PyCFunction)(void (*)(void))seg_gatherv, METH_FASTCALL, "gatherv(src, dst, counts, root)"},
@@ -986,6 +1148,10 @@ PyMODINIT_FUNC PyInit__core(void) {
         sum_of[KIND_F32] = sum_f32_512;
     }
 #endif
+    const char *names[] = {"dtype", "layout", "is_nested", "is_cpu", "is_neg", "is_contiguous", "numel", "data_ptr"};
+    PyObject **interned[] = {&S_dtype, &S_layout, &S_is_nested, &S_is_cpu, &S_is_neg, &S_is_contiguous, &S_numel, &S_data_ptr};
+    for (int i = 0; i < 8; i++)
+        if (!(*interned[i] = PyUnicode_InternFromString(names[i]))) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;
     WaitError = PyErr_NewException("mpicomm.shm._core.WaitError", PyExc_RuntimeError, NULL);

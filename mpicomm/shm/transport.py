@@ -75,10 +75,6 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
 # The dtypes :meth:`Transport.sum_fresh` takes: real ones (one kind element per element).
 _REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
 _NEVER = (1 << 63) - 1
-# elements: below it a result (at most 16 bytes each) is ResultMemory's plain torch.empty_like,
-# taken here without that call on the hot path
-_SMALL = SMALL_RESULT // 16
-_Tensor, _STRIDED, _empty_like = torch.Tensor, torch.strided, torch.empty_like
 _counter = itertools.count()
 log = logging.getLogger("mpicomm")
 
@@ -159,6 +155,15 @@ class Transport:
         self.rank = segment.rank
         self._results = results
         self.timeout = caller.timeout
+        self._hot_config()
+
+    def _hot_config(self, small=torch.empty_like) -> None:
+        """Tell the compiled hot path (:meth:`sum_fresh`) what it takes and where its results come
+        from: ``small(x)`` below ``SMALL_RESULT`` bytes (what ResultMemory would give, without
+        that call), ResultMemory's ``empty_like`` from there (tests pass another ``small``)."""
+        self._seg.hot_config(
+            torch.Tensor, _REAL, torch.strided, small, self._results.empty_like, SMALL_RESULT
+        )
 
     @property
     def timeout(self) -> float | None:
@@ -236,27 +241,15 @@ class Transport:
         of a real dtype with no lazy bit; ``None`` (no wait, nothing done) for anything else or
         when the group is broken: the caller then validates and takes :meth:`all_reduce`.
 
-        A handful of attribute reads, one allocation and one call into the compiled core.
+        One call into the compiled core, which reads x's attributes, allocates the result and sums
+        (``Segment.sum_fresh``).
         """
-        if type(x) is not _Tensor or self._caller.broken is not None:
+        if self._caller.broken is not None:
             return None
-        kind = _REAL.get(x.dtype)
-        if (
-            kind is None
-            or x.layout is not _STRIDED
-            or x.is_nested
-            or not x.is_cpu
-            or x.is_neg()
-            or not x.is_contiguous()
-        ):
-            return None
-        n = x.numel()
-        out = _empty_like(x) if n < _SMALL else self._results.empty_like(x)
         try:
-            self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n, kind)
+            return self._seg.sum_fresh(x)
         except _core.WaitError as exc:
             raise self._failed("all_reduce", exc) from None
-        return out
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The rank-order sum of every rank's ``x`` (a host tensor of any shape): written into

@@ -236,3 +236,55 @@ def test_hot_path_takes_only_plain_host_tensors(on):
         assert shm.sum_fresh(bad) is None
         with pytest.raises(TypeError):
             on.all_reduce(bad)
+
+
+def test_hot_path_allocation_failure_keeps_ranks_in_step(on):
+    """A small sum publishes its input before allocating the result: when that allocation fails
+    on one rank, it raises there, its peers still get the full sum, and the next call is in step."""
+    shm, world = on.transport, on.world_size
+    calls = []
+
+    def fails_once(x):
+        calls.append(x)
+        if len(calls) == 1:
+            raise MemoryError("no memory for the result")
+        return torch.empty_like(x)
+
+    direct = shm.direct_from
+    shm.direct_from = None  # slots: the path that publishes first
+    if on.rank == 0:
+        shm._hot_config(small=fails_once)
+    try:
+        x = torch.arange(6.0) + on.rank
+        want = reference_sum([torch.arange(6.0) + r for r in range(world)])
+        try:
+            got = shm.sum_fresh(x)
+            ok = on.rank != 0 and torch.equal(got, want)
+        except MemoryError:
+            ok = on.rank == 0
+        ok = ok and torch.equal(shm.sum_fresh(x), want)
+    finally:
+        shm._hot_config()
+        shm.direct_from = direct
+    assert everywhere(ok and torch.equal(on.all_reduce(x), want))
+
+
+def test_hot_path_refuses_a_call_from_its_allocation(on):
+    """A collective on the same group from inside the result's allocation (a finalizer, say) is
+    refused on every rank, and the group stays usable."""
+    shm = on.transport
+
+    def calls_back(x):
+        on.all_reduce(torch.ones(1))
+        return torch.empty_like(x)
+
+    direct = shm.direct_from
+    shm.direct_from = None
+    shm._hot_config(small=calls_back)
+    try:
+        with pytest.raises(RuntimeError, match="one call at a time"):
+            shm.sum_fresh(torch.ones(4))
+    finally:
+        shm._hot_config()
+        shm.direct_from = direct
+    assert everywhere(torch.equal(on.all_reduce(torch.ones(4)), torch.full((4,), on.world_size)))
