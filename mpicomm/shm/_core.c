@@ -577,17 +577,21 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         }
         return 0;
     }
-    /* Reduce-scatter + all-gather in the segment, a chunk of S bytes per round: rank r sums part
-       r of every slot into its own slot (in place) and dst, then copies the other parts out. */
+    /* Reduce-scatter + all-gather in the segment, a chunk of S bytes per round: every rank copies
+       the parts its peers sum into its slot, rank r sums part r (its own from src) into dst and
+       that part of its slot, then copies the other parts out of their owners' slots. Skipping the
+       own part of the copy: 2 ranks, float32 128 KiB 17.1 -> 16.1 us, bfloat16 20.1 -> 17.1 us. */
     size_t per = align_down(s->slot, (size_t)ALIGN * isz);
     if (per == 0) per = align_down(s->slot, isz);
     for (size_t off = 0; off < total; off += per) {
         size_t m = total - off < per ? total - off : per, elems = m / isz;
         uint64_t round = s->round++;
-        memcpy(slot_of(s, me, round), src + off, m);
-        if (step(s, f)) return -1;
         size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
         size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
+        char *mine = slot_of(s, me, round);
+        memcpy(mine, src + off, lo * isz);
+        memcpy(mine + hi * isz, src + off + hi * isz, m - hi * isz);
+        if (step(s, f)) return -1;
         for (int r = 0; r < w; r++)
             parts[r] = (r == me ? src + off : slot_of(s, r, round)) + lo * isz;
         sum(dst + off + lo * isz, slot_of(s, me, round) + lo * isz, parts, w, hi - lo);
