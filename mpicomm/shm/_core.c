@@ -267,7 +267,8 @@ typedef struct {
     uint64_t stage;      /* the last stage this rank published */
     uint64_t round;      /* rounds so far: buffer = round % 2 */
     double timeout;      /* seconds; <= 0: wait forever (dead peers are still noticed) */
-    size_t oneshot_max;  /* all_reduce bytes up to which every rank sums everything */
+    size_t oneshot_max;  /* all_reduce bytes up to which every rank sums everything ... */
+    size_t oneshot_narrow_max; /* ... and for bf16/fp16 (converted to fp32 to sum) */
     int pids[MAXW];
     int broken;
     int gil_free_from;   /* bytes from which the GIL is released around a call */
@@ -559,13 +560,17 @@ static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
 /* all_reduce of n elements of kind: src -> dst (dst may be src itself: the sums read an element
    before they write it). A rank's own part of a sum comes from src, not from its slot copy (that
    copy is for its peers): one pass less over memory. */
+static size_t one_shot_max(Segment *s, int kind) {
+    return kind == KIND_BF16 || kind == KIND_F16 ? s->oneshot_narrow_max : s->oneshot_max;
+}
+
 static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
     size_t isz = kind_size[kind], total = n * isz;
     int w = s->world, me = s->rank;
     sum_fn sum = sum_of[kind];
     const void *parts[MAXW];
     if (w > 1 && total >= (size_t)s->direct_from) return all_reduce_direct(s, src, dst, n, kind, f);
-    if (total <= s->oneshot_max) { /* one-shot: every rank sums every slot */
+    if (total <= one_shot_max(s, kind)) { /* one-shot: every rank sums every slot */
         size_t per = align_down(s->slot, isz);
         for (size_t off = 0; off < total; off += per) {
             size_t m = total - off < per ? total - off : per;
@@ -609,8 +614,8 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
    allocation between them, while the peers' data is on its way): post copies src into this
    rank's slot and publishes it; finish waits for the peers' and sums into dst (dst NULL: only
    waits, keeping the ranks in step when the allocation failed). */
-static int fits_one_shot(Segment *s, size_t total) {
-    return total > 0 && total <= s->oneshot_max && total <= s->slot &&
+static int fits_one_shot(Segment *s, size_t total, int kind) {
+    return total > 0 && total <= one_shot_max(s, kind) && total <= s->slot &&
            (s->world == 1 || total < (size_t)s->direct_from);
 }
 
@@ -878,7 +883,7 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     }
     size_t total = n * kind_size[kind];
     int large = total >= (size_t)s->hot_large_from;
-    int posted = !large && fits_one_shot(s, total);
+    int posted = !large && fits_one_shot(s, total, (int)kind);
     if (posted) post_one_shot(s, (const char *)src, total);
     s->busy = posted;
     PyObject *out = PyObject_CallOneArg(large ? s->hot_empty_large : s->hot_empty, x);
@@ -1047,6 +1052,7 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     s->round = 0;
     s->timeout = 0;
     s->oneshot_max = 1 << 20;
+    s->oneshot_narrow_max = 1 << 20;
     s->broken = 0;
     s->gil_free_from = 0;
     s->direct_from = PY_SSIZE_T_MAX;
@@ -1114,6 +1120,7 @@ static PyMethodDef seg_methods[] = {
 static PyMemberDef seg_members[] = {
     {"timeout", T_DOUBLE, offsetof(Segment, timeout), 0, "seconds a wait may last (<= 0: no bound)"},
     {"oneshot_max", T_PYSSIZET, offsetof(Segment, oneshot_max), 0, "all_reduce bytes summed one-shot"},
+    {"oneshot_narrow_max", T_PYSSIZET, offsetof(Segment, oneshot_narrow_max), 0, "the same for bf16/fp16"},
     {"direct_from", T_PYSSIZET, offsetof(Segment, direct_from), 0, "bytes from which peers' tensors are read directly"},
     {"gil_free_from", T_INT, offsetof(Segment, gil_free_from), 0, "bytes from which the GIL is released"},
     {"broken", T_INT, offsetof(Segment, broken), 0, "1 after a failed wait"},

@@ -33,11 +33,16 @@ except ImportError:  # not compiled here: every collective takes the MPI path
 
 # Bytes per slot: each rank has two (double buffering); any message streams through them.
 SLOT_BYTES = 1 << 20
-# all_reduce messages up to this many bytes are summed one-shot (every rank sums every slot);
-# larger ones are reduce-scattered and all-gathered inside the segment: each rank sums 1/W of the
-# elements for one more wait. Measured side by side (2 ranks, docs/benchmarks.md): the
-# reduce-scatter won from 32 KiB (1.15-1.6x) to 512 KiB (1.5-3.3x, except f32 512 KiB).
-ONESHOT_MAX = 16 << 10
+# all_reduce messages are summed one-shot (every rank sums every slot) while each rank reads at
+# most ONESHOT_PEER_BYTES of its peers' slots ((W - 1) x the message), bfloat16/float16 ones up to
+# ONESHOT_NARROW_MAX bytes (their conversions make every rank's full sum costlier); larger ones are
+# reduce-scattered and all-gathered inside the segment: each rank sums 1/W of the elements for one
+# more wait. Measured side by side (2 ranks, the hot path, docs/benchmarks.md): float32 one-shot
+# against the reduce-scatter, 32 KiB 7.4 vs 8.7 us, 64 KiB 9.0 vs 10.4 us, 128 KiB 17.5 vs
+# 18.9 us, 192 KiB 26.0 vs 26.9 us; bfloat16 the reduce-scatter, 24 KiB 7.9 vs 9.2 us, 64 KiB
+# 10.2 vs 10.8 us.
+ONESHOT_PEER_BYTES = 128 << 10
+ONESHOT_NARROW_MAX = 16 << 10
 # Messages of at least this many bytes (all_reduce, reduce_scatter: the whole input; gathers: the
 # whole output; broadcast: the tensor) skip the slots where peers can read each other's memory
 # (process_vm_readv): one copy per byte instead of two. Measured side by side (2 ranks,
@@ -130,7 +135,8 @@ def open_transport(
             log.warning("%s: no shared memory (%s); collectives use MPI", caller.group, error)
         return None
     segment.start()
-    segment.oneshot_max = ONESHOT_MAX
+    segment.oneshot_max = ONESHOT_PEER_BYTES // max(1, world - 1)
+    segment.oneshot_narrow_max = ONESHOT_NARROW_MAX
     segment.gil_free_from = GIL_FREE_FROM
     readable_peers = world > 1 and segment.probe_direct()
     if comm.allreduce(int(direct and readable_peers), op=MPI.MIN):

@@ -73,10 +73,11 @@ def inputs(dtype, n, world):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int64])
-@pytest.mark.parametrize("n", [1, 1000, 70_001, 1_300_007])
+@pytest.mark.parametrize("n", [1, 1000, 20_000, 70_001, 1_300_007])
 def test_all_reduce_sizes(on, off, dtype, n):
-    """One-shot (small), reduce-scatter + all-gather in the segment (large), several rounds:
-    rank-order sums, identical bits everywhere, bits identical to the MPI path for 16-bit floats."""
+    """One-shot (small; 4-byte kinds up to 128 KiB at 2 ranks), reduce-scatter + all-gather in
+    the segment (large), several rounds: rank-order sums, identical bits everywhere, bits
+    identical to the MPI path for 16-bit floats."""
     xs = inputs(dtype, n, on.world_size)
     before = xs[on.rank].clone()
     got = on.all_reduce(xs[on.rank])
