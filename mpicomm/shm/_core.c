@@ -277,10 +277,11 @@ typedef struct {
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
     int busy;            /* inside sum_fresh: a re-entrant call (from a finalizer) is refused */
-    /* What sum_fresh takes and how it allocates (hot_config): torch.Tensor, {dtype: kind} of the
-       real dtypes, torch.strided, torch.empty_like, the allocator of results of large_from bytes
-       or more. NULL until configured. */
-    PyObject *hot_type, *hot_kinds, *hot_strided, *hot_empty, *hot_empty_large;
+    /* What the hot paths take and how they allocate (hot_config): torch.Tensor, {dtype: kind} of
+       the dtypes summed here, {dtype: itemsize} of the dtypes gathered, torch.strided,
+       torch.empty_like, torch.Tensor.new_empty, the allocator of sums of large_from bytes or
+       more. NULL until configured. */
+    PyObject *hot_type, *hot_kinds, *hot_sizes, *hot_strided, *hot_empty, *hot_new, *hot_empty_large;
     Py_ssize_t hot_large_from;
     int holds_gil;       /* this call runs with the GIL held (a small message) ... */
     PyThreadState *released; /* ... and released it once a wait grew long (restored by RUN) */
@@ -631,8 +632,7 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
 
 /* The two halves of a one-shot all_reduce that fits one slot (sum_fresh runs the result's
    allocation between them, while the peers' data is on its way): post copies src into this
-   rank's slot and publishes it; finish waits for the peers' and sums into dst (dst NULL: only
-   waits, keeping the ranks in step when the allocation failed). */
+   rank's slot and publishes it; finish waits for the peers' and sums into dst. */
 static int fits_one_shot(Segment *s, size_t total, int kind) {
     return total > 0 && total <= one_shot_max(s, kind) && total <= s->slot &&
            (s->world == 1 || total < (size_t)s->direct_from);
@@ -647,9 +647,35 @@ static int finish_one_shot(Segment *s, const char *src, char *dst, size_t n, int
     const void *parts[MAXW];
     uint64_t round = s->round - 1;
     if (await_peers(s, f)) return -1;
-    if (!dst) return 0;
     for (int r = 0; r < s->world; r++) parts[r] = r == s->rank ? src : slot_of(s, r, round);
     sum_of[kind](dst, NULL, parts, s->world, n);
+    return 0;
+}
+
+/* The halves of an all_gather of nbytes per rank that fits one round of the slots, written
+   into dst as rows: rank r's block is `rows` rows of row_bytes, and its row i goes to
+   dst + i * W * row_bytes + r * row_bytes (rows == 1: blocks in rank order; more: torch.cat
+   along an inner dimension, with no second pass to move it). post is post_one_shot's copy. */
+static int fits_gather(Segment *s, size_t nbytes) {
+    return nbytes > 0 && nbytes <= s->slot &&
+           (s->world == 1 || nbytes * (size_t)s->world < (size_t)s->direct_from);
+}
+
+static int finish_gather(Segment *s, const char *src, char *dst, size_t rows, size_t row_bytes,
+                         Failure *f) {
+    uint64_t round = s->round - 1;
+    int w = s->world;
+    if (await_peers(s, f)) return -1;
+    for (int r = 0; r < w; r++) {
+        const char *from = r == s->rank ? src : slot_of(s, r, round);
+        char *to = dst + (size_t)r * row_bytes;
+        if (rows == 1) {
+            memcpy(to, from, row_bytes);
+            continue;
+        }
+        for (size_t i = 0; i < rows; i++)
+            memcpy(to + i * (size_t)w * row_bytes, from + i * row_bytes, row_bytes);
+    }
     return 0;
 }
 
@@ -834,19 +860,20 @@ static PyObject *seg_all_reduce(Segment *s, PyObject *const *a, Py_ssize_t nargs
 
 /* Attribute and method names sum_fresh reads (interned at import). */
 static PyObject *S_dtype, *S_layout, *S_is_nested, *S_is_cpu, *S_is_neg, *S_is_contiguous, *S_numel,
-    *S_data_ptr;
+    *S_data_ptr, *S_shape, *S_is_conj;
 
-/* hot_config(tensor_type, kinds, strided, empty_like, empty_large, large_from) */
+/* hot_config(tensor_type, kinds, sizes, strided, empty_like, new_empty, empty_large, large_from) */
 static PyObject *seg_hot_config(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 6 || !PyType_Check(a[0]) || !PyDict_Check(a[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "hot_config(tensor_type, kinds: dict, strided, empty_like, empty_large, large_from)");
+    if (nargs != 8 || !PyType_Check(a[0]) || !PyDict_Check(a[1]) || !PyDict_Check(a[2])) {
+        PyErr_SetString(PyExc_TypeError, "hot_config(tensor_type, kinds: dict, sizes: dict, strided, "
+                                         "empty_like, new_empty, empty_large, large_from)");
         return NULL;
     }
-    Py_ssize_t large_from = PyLong_AsSsize_t(a[5]);
+    Py_ssize_t large_from = PyLong_AsSsize_t(a[7]);
     if (large_from == -1 && PyErr_Occurred()) return NULL;
-    PyObject **slots[] = {&s->hot_type, &s->hot_kinds, &s->hot_strided, &s->hot_empty, &s->hot_empty_large};
-    for (int i = 0; i < 5; i++) {
+    PyObject **slots[] = {&s->hot_type,  &s->hot_kinds, &s->hot_sizes,      &s->hot_strided,
+                          &s->hot_empty, &s->hot_new,   &s->hot_empty_large};
+    for (int i = 0; i < 7; i++) {
         Py_INCREF(a[i]);
         Py_XSETREF(*slots[i], a[i]);
     }
@@ -872,21 +899,45 @@ static int read_int(PyObject *x, PyObject *name, int address, uintptr_t *out) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
-/* The kind of x when sum_fresh takes it (an exact torch.Tensor: strided, not nested, on the CPU,
-   no lazy negation, contiguous, of a dtype in hot_kinds); 0 when it does not. */
+/* Whether a hot path may run now: configured, mapped, not broken, not inside another call. */
+static int hot_ready(Segment *s) { return s->hot_type && s->base && !s->broken && !s->busy; }
+
+/* Whether x is a plain host tensor: an exact torch.Tensor, strided, not nested, on the CPU, with
+   no lazy negation, contiguous. Errors are cleared (the caller's general path reports them). */
+static int plain_tensor(Segment *s, PyObject *x) {
+    int ok = (PyObject *)Py_TYPE(x) == s->hot_type && reads(x, S_layout, 0, s->hot_strided) == 1 &&
+             reads(x, S_is_nested, 0, Py_False) == 1 && reads(x, S_is_cpu, 0, Py_True) == 1 &&
+             reads(x, S_is_neg, 1, Py_False) == 1 && reads(x, S_is_contiguous, 1, Py_True) == 1;
+    if (PyErr_Occurred()) PyErr_Clear();
+    return ok;
+}
+
+/* The kind of x when sum_fresh takes it (a plain tensor of a dtype in hot_kinds); 0 when not. */
 static long hot_kind(Segment *s, PyObject *x) {
     if ((PyObject *)Py_TYPE(x) != s->hot_type) return 0;
     PyObject *dtype = PyObject_GetAttr(x, S_dtype);
-    if (!dtype) return 0;
+    if (!dtype) {
+        PyErr_Clear();
+        return 0;
+    }
     PyObject *k = PyDict_GetItemWithError(s->hot_kinds, dtype); /* borrowed */
     Py_DECREF(dtype);
     long kind = k ? PyLong_AsLong(k) : 0;
-    if (kind > 0 && (reads(x, S_layout, 0, s->hot_strided) != 1 ||
-                     reads(x, S_is_nested, 0, Py_False) != 1 || reads(x, S_is_cpu, 0, Py_True) != 1 ||
-                     reads(x, S_is_neg, 1, Py_False) != 1 || reads(x, S_is_contiguous, 1, Py_True) != 1))
-        kind = 0;
-    if (PyErr_Occurred()) PyErr_Clear(); /* the caller's general path reports what is wrong */
-    return kind >= KIND_BOOL && kind <= KIND_F16 ? kind : 0;
+    if (PyErr_Occurred()) PyErr_Clear();
+    return kind >= KIND_BOOL && kind <= KIND_F16 && plain_tensor(s, x) ? kind : 0;
+}
+
+/* After a failed allocation between a post and its finish: wait for the peers all the same (they
+   read this rank's slot and stay in step), keeping the allocation's error for the caller. */
+static void finish_after_error(Segment *s) {
+    PyObject *type, *value, *tb;
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    PyErr_Fetch(&type, &value, &tb);
+    CALL_GIL(s, 0, rc, await_peers(s, f));
+    (void)rc; /* a failed wait has marked the segment broken: the next call reports it */
+    PyErr_Restore(type, value, tb);
 }
 
 /* sum_fresh(x): the rank-order sum of every rank's x in a fresh tensor (docs/shm.md, "Per call"),
@@ -894,7 +945,7 @@ static long hot_kind(Segment *s, PyObject *x) {
    and takes the general path). A one-shot sum publishes x before allocating the result, so the
    allocation overlaps the wait for the peers. */
 static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
-    long kind = s->hot_type && s->base && !s->broken && !s->busy ? hot_kind(s, x) : 0;
+    long kind = hot_ready(s) ? hot_kind(s, x) : 0;
     uintptr_t n, src, dst;
     if (!kind || read_int(x, S_numel, 0, &n) || read_int(x, S_data_ptr, 1, &src)) {
         PyErr_Clear();
@@ -911,12 +962,7 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     Failure *f = &fail_;
     int rc;
     if (!out || read_int(out, S_data_ptr, 1, &dst)) {
-        if (posted) { /* keep in step with the peers, then report the allocation's error */
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            CALL_GIL(s, 0, rc, finish_one_shot(s, (const char *)src, NULL, n, (int)kind, f));
-            PyErr_Restore(type, value, tb);
-        }
+        if (posted) finish_after_error(s);
         Py_XDECREF(out);
         return NULL;
     }
@@ -924,6 +970,70 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
         CALL_GIL(s, total, rc, finish_one_shot(s, (const char *)src, (char *)dst, n, (int)kind, f));
     else
         CALL_GIL(s, total, rc, do_all_reduce(s, (const char *)src, (char *)dst, n, (int)kind, f));
+    if (rc) {
+        Py_DECREF(out);
+        return raise_failure(f);
+    }
+    return out;
+}
+
+/* gather_fresh(x, dim): torch.cat of every rank's x along dim (an int, negative from the end) in a
+   fresh tensor, or None, having done nothing, for what this hot path does not take: anything but
+   a plain tensor of a dtype in hot_sizes, of at least one dimension, with no lazy conjugation,
+   a dim out of range, an empty
+   tensor, or a gather that does not fit one round of the slots. Publishes x before allocating
+   the result (hot_new(x, shape): x.new_empty), and writes the blocks straight to their places along dim. */
+static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
+        Py_RETURN_NONE;
+    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL, *out = NULL;
+    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
+    PyObject *size = dtype ? PyDict_GetItemWithError(s->hot_sizes, dtype) : NULL; /* borrowed */
+    Py_XDECREF(dtype);
+    size_t isz = size ? PyLong_AsSize_t(size) : 0;
+    uintptr_t src, dst;
+    long dim = PyLong_AsLong(a[1]);
+    Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
+    if (dim < 0) dim += nd;
+    if (!size || nd == 0 || dim < 0 || dim >= nd || reads(x, S_is_conj, 1, Py_False) != 1 ||
+        read_int(x, S_data_ptr, 1, &src)) {
+        PyErr_Clear();
+        Py_XDECREF(shape);
+        Py_RETURN_NONE;
+    }
+    size_t rows = 1, row_bytes = isz;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
+        if (i < dim) rows *= d;
+        else row_bytes *= d;
+    }
+    size_t nbytes = rows * row_bytes;
+    if (PyErr_Occurred() || !fits_gather(s, nbytes) ||
+        nbytes * (size_t)s->world >= (size_t)s->hot_large_from || !(bigger = PyTuple_New(nd))) {
+        PyErr_Clear();
+        Py_DECREF(shape);
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        PyObject *d = PyTuple_GET_ITEM(shape, i);
+        PyTuple_SET_ITEM(bigger, i, i == dim ? PyLong_FromSsize_t(PyLong_AsSsize_t(d) * s->world) : Py_NewRef(d));
+    }
+    Py_DECREF(shape);
+    post_one_shot(s, (const char *)src, nbytes);
+    s->busy = 1;
+    PyObject *args[] = {x, bigger};
+    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
+    s->busy = 0;
+    Py_DECREF(bigger);
+    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
+        finish_after_error(s);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    CALL_GIL(s, nbytes * (size_t)s->world, rc, finish_gather(s, (const char *)src, (char *)dst, rows, row_bytes, f));
     if (rc) {
         Py_DECREF(out);
         return raise_failure(f);
@@ -1018,8 +1128,10 @@ static void seg_dealloc(Segment *s) {
     if (s->base) munmap(s->base, s->length);
     Py_CLEAR(s->hot_type);
     Py_CLEAR(s->hot_kinds);
+    Py_CLEAR(s->hot_sizes);
     Py_CLEAR(s->hot_strided);
     Py_CLEAR(s->hot_empty);
+    Py_CLEAR(s->hot_new);
     Py_CLEAR(s->hot_empty_large);
     free(s->scratch);
     Py_TYPE(s)->tp_free((PyObject *)s);
@@ -1122,8 +1234,11 @@ static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) 
 static PyMethodDef seg_methods[] = {
     {"all_reduce", (PyCFunction)(void (*)(void))seg_all_reduce, METH_FASTCALL, "all_reduce(src, dst, n, kind)"},
     {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
+    {"gather_fresh", (PyCFunction)(void (*)(void))seg_gather_fresh, METH_FASTCALL,
+     "gather_fresh(x, dim): torch.cat of every rank's x along dim, fresh, or None"},
     {"hot_config", (PyCFunction)(void (*)(void))seg_hot_config, METH_FASTCALL,
-     "hot_config(tensor_type, kinds, strided, empty_like, empty_large, large_from): what sum_fresh takes"},
+     "hot_config(tensor_type, kinds, sizes, strided, empty_like, new_empty, empty_large, large_from): what "
+     "the hot paths take"},
     {"reduce_scatter", (PyCFunction)(void (*)(void))seg_reduce_scatter, METH_FASTCALL, "reduce_scatter(src, dst, counts, kind)"},
     {"all_gather", (PyCFunction)(void (*)(void))seg_all_gather, METH_FASTCALL, "all_gather(src, dst, nbytes)"},
     {"gatherv", (PyCFunction)(void (*)(void))seg_gatherv, METH_FASTCALL, "gatherv(src, dst, counts, root)"},
@@ -1180,9 +1295,11 @@ PyMODINIT_FUNC PyInit__core(void) {
         sum_of[KIND_F32] = sum_f32_512;
     }
 #endif
-    const char *names[] = {"dtype", "layout", "is_nested", "is_cpu", "is_neg", "is_contiguous", "numel", "data_ptr"};
-    PyObject **interned[] = {&S_dtype, &S_layout, &S_is_nested, &S_is_cpu, &S_is_neg, &S_is_contiguous, &S_numel, &S_data_ptr};
-    for (int i = 0; i < 8; i++)
+    const char *names[] = {"dtype", "layout", "is_nested", "is_cpu", "is_neg", "is_contiguous", "numel",
+                           "data_ptr", "shape", "is_conj"};
+    PyObject **interned[] = {&S_dtype, &S_layout, &S_is_nested, &S_is_cpu, &S_is_neg, &S_is_contiguous,
+                             &S_numel, &S_data_ptr, &S_shape, &S_is_conj};
+    for (int i = 0; i < 10; i++)
         if (!(*interned[i] = PyUnicode_InternFromString(names[i]))) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;

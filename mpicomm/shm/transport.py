@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 from ..buffers import SMALL_RESULT, ResultMemory
 from ..calls import Caller
+from ..dtypes import DTYPES
 from ..errors import CollectiveTimeoutError, CommunicationError
 from ..staging import readable, writable_into
 
@@ -163,12 +164,22 @@ class Transport:
         self.timeout = caller.timeout
         self._hot_config()
 
-    def _hot_config(self, small=torch.empty_like) -> None:
-        """Tell the compiled hot path (:meth:`sum_fresh`) what it takes and where its results come
-        from: ``small(x)`` below ``SMALL_RESULT`` bytes (what ResultMemory would give, without
-        that call), ResultMemory's ``empty_like`` from there (tests pass another ``small``)."""
+    def _hot_config(self, small=torch.empty_like, new=torch.Tensor.new_empty) -> None:
+        """Tell the compiled hot paths (:meth:`sum_fresh`, :meth:`gather_fresh`) what they take
+        and where their results come from: below ``SMALL_RESULT`` bytes ``small(x)`` for a sum
+        and ``new(x, shape)`` for a gather (what ResultMemory would give, without that call);
+        ResultMemory's ``empty_like`` for larger sums (larger gathers take the general path).
+        Tests pass other allocators."""
+        sizes = {dtype: info.itemsize for dtype, info in DTYPES.items()}
         self._seg.hot_config(
-            torch.Tensor, _REAL, torch.strided, small, self._results.empty_like, SMALL_RESULT
+            torch.Tensor,
+            _REAL,
+            sizes,
+            torch.strided,
+            small,
+            new,
+            self._results.empty_like,
+            SMALL_RESULT,
         )
 
     @property
@@ -256,6 +267,19 @@ class Transport:
             return self._seg.sum_fresh(x)
         except _core.WaitError as exc:
             raise self._failed("all_reduce", exc) from None
+
+    def gather_fresh(self, x, dim) -> torch.Tensor | None:
+        """The hot path of an all_gather (docs/shm.md, "Per call"): ``torch.cat`` of every rank's
+        ``x`` along ``dim`` in a fresh tensor, where ``x`` is a plain contiguous host tensor of at
+        least one dimension and the gather fits one round of the slots; ``None`` (no wait,
+        nothing done) otherwise or when the group is broken: the caller then validates and takes
+        :meth:`all_gather`. One call into the compiled core (``Segment.gather_fresh``)."""
+        if self._caller.broken is not None:
+            return None
+        try:
+            return self._seg.gather_fresh(x, dim)
+        except _core.WaitError as exc:
+            raise self._failed("all_gather", exc) from None
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The rank-order sum of every rank's ``x`` (a host tensor of any shape): written into

@@ -289,3 +289,97 @@ def test_hot_path_refuses_a_call_from_its_allocation(on):
         shm._hot_config()
         shm.direct_from = direct
     assert everywhere(torch.equal(on.all_reduce(torch.ones(4)), torch.full((4,), on.world_size)))
+
+
+def slots_only(shm):
+    """Context: the transport copies through its slots at every size (the hot paths' ground)."""
+
+    class _Slots:
+        def __enter__(self):
+            self.saved = shm.direct_from
+            shm.direct_from = None
+
+        def __exit__(self, *exc):
+            shm.direct_from = self.saved
+
+    return _Slots()
+
+
+def rank_tensor(shape, dtype, rank):
+    n = 1
+    for d in shape:
+        n *= d
+    return (torch.arange(n, dtype=torch.float64).reshape(shape) % 7 + 10 * rank).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64])
+@pytest.mark.parametrize("shape,dim", [((5,), 0), ((3, 4), -1), ((3, 4), 0), ((2, 3, 5), 1)])
+def test_gather_hot_path(on, dtype, shape, dim):
+    """``gather_fresh`` (the hot path of a small all_gather) gives ``torch.cat`` along ``dim`` of
+    every rank's tensor, fresh and contiguous, the input untouched; ``all_gather`` agrees."""
+    world, shm = on.world_size, on.transport
+    xs = [rank_tensor(shape, dtype, r) for r in range(world)]
+    want = torch.cat(xs, dim)
+    x = xs[on.rank].clone()
+    with slots_only(shm):
+        got = shm.gather_fresh(x, dim)
+    ok = got is not None and got.dtype == dtype and got.is_contiguous()
+    ok = ok and torch.equal(got, want) and torch.equal(x, xs[on.rank])
+    ok = ok and got.data_ptr() != x.data_ptr()
+    ok = ok and torch.equal(on.all_gather(x, dim), want)
+    assert everywhere(ok)
+
+
+def test_gather_hot_path_declines(on):
+    """What the gather hot path does not take returns ``None`` without waiting; all_gather then
+    gathers it through the general path, or raises the same error on every rank."""
+    world, shm = on.world_size, on.transport
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    declined = {
+        "strided": (torch.arange(8.0)[::2], 0),
+        "0-d": (torch.tensor(3.0), 0),
+        "conjugate view": (z.conj(), 0),
+        "negative view": (z.conj().imag, 0),
+        "bool dim": (torch.ones(3), True),
+        "dim out of range": (torch.ones(3), 1),
+        "empty": (torch.ones(0), 0),
+        "past one round": (torch.ones((1 << 20) // 4 + 1), 0),
+    }
+    with slots_only(shm):
+        ok = all(shm.gather_fresh(x, dim) is None for x, dim in declined.values())
+    for name in ("strided", "conjugate view", "negative view"):
+        x, dim = declined[name]
+        want = torch.cat([x.resolve_neg().resolve_conj()] * world, dim)
+        ok = ok and torch.equal(on.all_gather(x, dim), want)
+    assert everywhere(ok)
+    with pytest.raises(ValueError):
+        on.all_gather(torch.ones(3), 1)
+
+
+def test_gather_hot_path_allocation_failure_keeps_ranks_in_step(on):
+    """The gather publishes its input before allocating the result: when that fails on one rank,
+    it raises there, its peers still get the full gather, and the next call is in step."""
+    shm, world = on.transport, on.world_size
+    calls = []
+
+    def fails_once(x, shape):
+        calls.append(shape)
+        if len(calls) == 1:
+            raise MemoryError("no memory for the result")
+        return x.new_empty(shape)
+
+    x = torch.arange(4.0) + on.rank
+    want = torch.cat([torch.arange(4.0) + r for r in range(world)])
+    with slots_only(shm):
+        if on.rank == 0:
+            shm._hot_config(new=fails_once)
+        try:
+            try:
+                got = shm.gather_fresh(x, 0)
+                ok = on.rank != 0 and torch.equal(got, want)
+            except MemoryError:
+                ok = on.rank == 0
+            ok = ok and torch.equal(shm.gather_fresh(x, 0), want)
+        finally:
+            shm._hot_config()
+    assert everywhere(ok and torch.equal(on.all_gather(x, 0), want))
