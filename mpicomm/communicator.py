@@ -430,6 +430,10 @@ class MPICommunicator(DeviceCommunicatorBase):
         return self._reduce_scatter("reduce_scatterv", input_, dim, sizes)
 
     def _reduce_scatter(self, operation, input_, dim, sizes) -> torch.Tensor:
+        if self._shm is not None and not self.validate:
+            result = self._shm.scatter_fresh(input_, dim, sizes, operation)  # the hot path
+            if result is not None:
+                return result
         info = check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
         check_device(input_, self.device)

@@ -692,6 +692,48 @@ static size_t offsets(const size_t *counts, int w, size_t *displ, size_t *most) 
 }
 
 /* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
+/* Elements of kind per destination's part of a slot in a reduce_scatter round. */
+static size_t scatter_part(Segment *s, int kind) {
+    return align_down(s->slot / (size_t)s->world, (size_t)ALIGN) / kind_size[kind];
+}
+
+/* One round of a reduce_scatter through the slots, from element k of every destination's piece
+   (counts[d] elements at displ[d] of src), in two halves (the hot path allocates its result
+   between them): post copies the next `per` elements of each piece into part d of this rank's
+   slot and publishes; finish waits and sums part `me` of every slot into dst + k. */
+static void post_scatter_round(Segment *s, const char *src, const size_t *counts, const size_t *displ,
+                               size_t k, size_t per, size_t isz) {
+    char *mine = slot_of(s, s->rank, s->round++);
+    for (int d = 0; d < s->world; d++)
+        if (counts[d] > k) {
+            size_t m = counts[d] - k < per ? counts[d] - k : per;
+            copy_in(mine + (size_t)d * per * isz, src + (displ[d] + k) * isz, m * isz);
+        }
+    announce(s);
+}
+
+static int finish_scatter_round(Segment *s, char *dst, const size_t *counts, size_t k, size_t per,
+                                int kind, Failure *f) {
+    size_t isz = kind_size[kind];
+    uint64_t round = s->round - 1;
+    int me = s->rank;
+    const void *parts[MAXW];
+    if (await_peers(s, f)) return -1;
+    if (counts[me] > k) {
+        size_t m = counts[me] - k < per ? counts[me] - k : per;
+        for (int r = 0; r < s->world; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
+        sum_of[kind](dst + k * isz, NULL, parts, s->world, m);
+    }
+    return 0;
+}
+
+/* Whether a reduce_scatter of these counts runs one round of the slots (not direct reads). */
+static int fits_scatter(Segment *s, const size_t *counts, int kind) {
+    size_t displ[MAXW], most, total = offsets(counts, s->world, displ, &most);
+    return total > 0 && most <= scatter_part(s, kind) &&
+           (s->world == 1 || total * kind_size[kind] < (size_t)s->direct_from);
+}
+
 static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_t *counts, int kind,
                              Failure *f) {
     size_t isz = kind_size[kind];
@@ -699,23 +741,10 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
     size_t displ[MAXW], most, total = offsets(counts, w, displ, &most);
     if (w > 1 && total * isz >= (size_t)s->direct_from)
         return reduce_scatter_direct(s, src, dst, displ[me], counts[me], kind, f);
-    size_t per = align_down(s->slot / (size_t)w, (size_t)ALIGN) / isz; /* elements per part */
-    const void *parts[MAXW];
-    sum_fn sum = sum_of[kind];
+    size_t per = scatter_part(s, kind);
     for (size_t k = 0; k < most; k += per) {
-        uint64_t round = s->round++;
-        char *mine = slot_of(s, me, round);
-        for (int d = 0; d < w; d++)
-            if (counts[d] > k) {
-                size_t m = counts[d] - k < per ? counts[d] - k : per;
-                copy_in(mine + (size_t)d * per * isz, src + (displ[d] + k) * isz, m * isz);
-            }
-        if (step(s, f)) return -1;
-        if (counts[me] > k) {
-            size_t m = counts[me] - k < per ? counts[me] - k : per;
-            for (int r = 0; r < w; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
-            sum(dst + k * isz, NULL, parts, w, m);
-        }
+        post_scatter_round(s, src, counts, displ, k, per, isz);
+        if (finish_scatter_round(s, dst, counts, k, per, kind, f)) return -1;
     }
     return 0;
 }
@@ -1041,6 +1070,93 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
     return out;
 }
 
+/* Rows per rank of a reduce_scatter along dim 0 of `rows` rows: `sizes` (None: an even split,
+   which must divide; else a list or tuple of one non-negative int per rank, summing to rows).
+   0, or -1 when the hot path does not take it (no exception set). */
+static int split_rows(Segment *s, PyObject *sizes, size_t rows, size_t *out) {
+    int w = s->world;
+    if (sizes == Py_None) {
+        if (rows % (size_t)w) return -1;
+        for (int r = 0; r < w; r++) out[r] = rows / (size_t)w;
+        return 0;
+    }
+    PyObject *seq = PyList_CheckExact(sizes) || PyTuple_CheckExact(sizes) ? sizes : NULL;
+    if (!seq || PySequence_Fast_GET_SIZE(seq) != w) return -1;
+    size_t sum = 0;
+    for (int r = 0; r < w; r++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(seq, r);
+        if (!PyLong_CheckExact(v)) return -1;
+        out[r] = PyLong_AsSize_t(v); /* a negative size fails here */
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            return -1;
+        }
+        sum += out[r];
+    }
+    return sum == rows ? 0 : -1;
+}
+
+/* scatter_fresh(x, dim, sizes): reduce_scatter(v) along dim 0: this rank's rows of the sum over
+   ranks of x (rows [sum(sizes[:r]), +sizes[r]) for rank r; sizes None: an even split) in a
+   fresh tensor, or None, having done nothing, for what this hot path does not take: anything
+   but a plain tensor of a dtype summed here with at least one dimension, dim other than 0 (or
+   -ndim), sizes that do not split the rows, or a reduce_scatter that does not fit one round of
+   the slots. Publishes x before allocating the result (hot_new(x, shape)). */
+static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    long kind = nargs == 3 && PyLong_CheckExact(a[1]) && hot_ready(s) ? hot_kind(s, a[0]) : 0;
+    if (!kind) Py_RETURN_NONE;
+    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *smaller = NULL, *out = NULL;
+    Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
+    long dim = PyLong_AsLong(a[1]);
+    size_t rows_of[MAXW], counts[MAXW], rows = 0, inner = 1;
+    uintptr_t src, dst;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
+        if (i == 0) rows = d;
+        else inner *= d;
+    }
+    int me = s->rank, w = s->world;
+    if (PyErr_Occurred() || nd == 0 || (dim != 0 && dim != -nd) ||
+        split_rows(s, a[2], rows, rows_of) || read_int(x, S_data_ptr, 1, &src)) {
+        PyErr_Clear();
+        Py_XDECREF(shape);
+        Py_RETURN_NONE;
+    }
+    for (int r = 0; r < w; r++) counts[r] = rows_of[r] * inner;
+    if (!fits_scatter(s, counts, (int)kind) ||
+        counts[me] * kind_size[kind] >= (size_t)s->hot_large_from || !(smaller = PyTuple_New(nd))) {
+        PyErr_Clear();
+        Py_DECREF(shape);
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < nd; i++)
+        PyTuple_SET_ITEM(smaller, i, i == 0 ? PyLong_FromSize_t(rows_of[me]) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
+    Py_DECREF(shape);
+    size_t displ[MAXW], most, per = scatter_part(s, (int)kind);
+    offsets(counts, w, displ, &most);
+    post_scatter_round(s, (const char *)src, counts, displ, 0, per, kind_size[kind]);
+    s->busy = 1;
+    PyObject *args[] = {x, smaller};
+    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
+    s->busy = 0;
+    Py_DECREF(smaller);
+    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
+        finish_after_error(s);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    CALL_GIL(s, counts[me] * kind_size[kind] * (size_t)w, rc,
+             finish_scatter_round(s, (char *)dst, counts, 0, per, (int)kind, f));
+    if (rc) {
+        Py_DECREF(out);
+        return raise_failure(f);
+    }
+    return out;
+}
+
 /* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank */
 static PyObject *seg_reduce_scatter(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     ARGS(4);
@@ -1236,6 +1352,8 @@ static PyMethodDef seg_methods[] = {
     {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
     {"gather_fresh", (PyCFunction)(void (*)(void))seg_gather_fresh, METH_FASTCALL,
      "gather_fresh(x, dim): torch.cat of every rank's x along dim, fresh, or None"},
+    {"scatter_fresh", (PyCFunction)(void (*)(void))seg_scatter_fresh, METH_FASTCALL,
+     "scatter_fresh(x, dim, sizes): this rank's rows of the sum of every rank's x, fresh, or None"},
     {"hot_config", (PyCFunction)(void (*)(void))seg_hot_config, METH_FASTCALL,
      "hot_config(tensor_type, kinds, sizes, strided, empty_like, new_empty, empty_large, large_from): what "
      "the hot paths take"},

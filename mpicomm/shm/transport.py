@@ -165,11 +165,12 @@ class Transport:
         self._hot_config()
 
     def _hot_config(self, small=torch.empty_like, new=torch.Tensor.new_empty) -> None:
-        """Tell the compiled hot paths (:meth:`sum_fresh`, :meth:`gather_fresh`) what they take
-        and where their results come from: below ``SMALL_RESULT`` bytes ``small(x)`` for a sum
-        and ``new(x, shape)`` for a gather (what ResultMemory would give, without that call);
-        ResultMemory's ``empty_like`` for larger sums (larger gathers take the general path).
-        Tests pass other allocators."""
+        """Tell the compiled hot paths (:meth:`sum_fresh`, :meth:`gather_fresh`,
+        :meth:`scatter_fresh`) what they take and where their results come from: below
+        ``SMALL_RESULT`` bytes ``small(x)`` for a sum and ``new(x, shape)`` for the others (what
+        ResultMemory would give, without that call); ResultMemory's ``empty_like`` for larger
+        sums (larger gathers and reduce-scatters take the general path). Tests pass other
+        allocators."""
         sizes = {dtype: info.itemsize for dtype, info in DTYPES.items()}
         self._seg.hot_config(
             torch.Tensor,
@@ -280,6 +281,20 @@ class Transport:
             return self._seg.gather_fresh(x, dim)
         except _core.WaitError as exc:
             raise self._failed("all_gather", exc) from None
+
+    def scatter_fresh(self, x, dim, sizes, operation: str) -> torch.Tensor | None:
+        """The hot path of a reduce_scatter(v) along dim 0 (docs/shm.md, "Per call"): this rank's
+        rows of the rank-order sum of every rank's ``x`` (``sizes`` rows per rank; ``None``: an
+        even split) in a fresh tensor, where ``x`` is a plain contiguous host tensor of a real
+        dtype and the call fits one round of the slots; ``None`` (no wait, nothing done)
+        otherwise or when the group is broken: the caller then validates and takes
+        :meth:`reduce_scatter`. One call into the compiled core (``Segment.scatter_fresh``)."""
+        if self._caller.broken is not None:
+            return None
+        try:
+            return self._seg.scatter_fresh(x, dim, sizes)
+        except _core.WaitError as exc:
+            raise self._failed(operation, exc) from None
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The rank-order sum of every rank's ``x`` (a host tensor of any shape): written into

@@ -383,3 +383,90 @@ def test_gather_hot_path_allocation_failure_keeps_ranks_in_step(on):
         finally:
             shm._hot_config()
     assert everywhere(ok and torch.equal(on.all_gather(x, 0), want))
+
+
+def uneven(world):
+    """Rows per rank, all different, one of them 0 when there are 3 or more ranks."""
+    return [0 if r == 1 and world > 2 else r + 2 for r in range(world)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("split", ["even", "uneven"])
+@pytest.mark.parametrize("inner", [(), (3,)])
+def test_scatter_hot_path(on, dtype, split, inner):
+    """``scatter_fresh`` (the hot path of a small reduce_scatter(v) along dim 0) gives this rank's
+    rows of the rank-order sum, fresh, the input untouched; the general path agrees."""
+    world, shm = on.world_size, on.transport
+    sizes = [2] * world if split == "even" else uneven(world)
+    shape = (sum(sizes), *inner)
+    xs = [rank_tensor(shape, dtype, r) for r in range(world)]
+    start = sum(sizes[: on.rank])
+    want = reference_sum(xs)[start : start + sizes[on.rank]]
+    x = xs[on.rank].clone()
+    arg = None if split == "even" else sizes
+    with slots_only(shm):
+        got = shm.scatter_fresh(x, 0, arg, "reduce_scatterv")
+    ok = got is not None and got.shape == want.shape and got.is_contiguous()
+    ok = ok and conformance.equal_bits(got, want) and torch.equal(x, xs[on.rank])
+    general = on.reduce_scatter(x, 0) if split == "even" else on.reduce_scatterv(x, 0, sizes)
+    ok = ok and conformance.equal_bits(general, want)
+    assert everywhere(ok)
+
+
+def test_scatter_hot_path_declines(on):
+    """What the reduce_scatter hot path does not take returns ``None`` without waiting; the
+    general path then sums it, or raises the same error on every rank."""
+    world, shm = on.world_size, on.transport
+    x = torch.ones(2 * world, 2 * world)
+    declined = {
+        "dim 1": (x, 1, None),
+        "strided": (torch.ones(4 * world)[::2], 0, None),
+        "complex": (torch.ones(2 * world, dtype=torch.complex64), 0, None),
+        "sizes short": (x, 0, [2 * world] + [0] * (world - 1) + [0]),
+        "sizes off": (x, 0, [1] * world),
+        "bool size": (x, 0, [True] * world),
+        "past one round": (torch.ones(world * (1 << 20)), 0, None),
+    }
+    if world > 1:
+        declined["not divisible"] = (torch.ones(2 * world + 1), 0, None)
+    with slots_only(shm):
+        ok = all(
+            shm.scatter_fresh(t, d, s, "reduce_scatter") is None for t, d, s in declined.values()
+        )
+    for name in ("dim 1", "strided", "complex"):
+        t, d, _ = declined[name]
+        want = torch.chunk(t.resolve_neg() * world, world, d)[on.rank]
+        ok = ok and torch.equal(on.reduce_scatter(t, d), want)
+    assert everywhere(ok)
+    with pytest.raises(ValueError):
+        on.reduce_scatterv(x, 0, [1] * world)
+
+
+def test_scatter_hot_path_allocation_failure_keeps_ranks_in_step(on):
+    """The reduce_scatter publishes its input before allocating the result: when that fails on
+    one rank, it raises there, its peers still get their sums, and the next call is in step."""
+    shm, world = on.transport, on.world_size
+    calls = []
+
+    def fails_once(x, shape):
+        calls.append(shape)
+        if len(calls) == 1:
+            raise MemoryError("no memory for the result")
+        return x.new_empty(shape)
+
+    x = torch.arange(2.0 * world) + on.rank
+    want = reference_sum([torch.arange(2.0 * world) + r for r in range(world)])
+    want = want[2 * on.rank : 2 * on.rank + 2]
+    with slots_only(shm):
+        if on.rank == 0:
+            shm._hot_config(new=fails_once)
+        try:
+            try:
+                got = shm.scatter_fresh(x, 0, None, "reduce_scatter")
+                ok = on.rank != 0 and torch.equal(got, want)
+            except MemoryError:
+                ok = on.rank == 0
+            ok = ok and torch.equal(shm.scatter_fresh(x, 0, None, "reduce_scatter"), want)
+        finally:
+            shm._hot_config()
+    assert everywhere(ok and torch.equal(on.reduce_scatter(x, 0), want))
