@@ -652,33 +652,6 @@ static int finish_one_shot(Segment *s, const char *src, char *dst, size_t n, int
     return 0;
 }
 
-/* The halves of an all_gather of nbytes per rank that fits one round of the slots, written
-   into dst as rows: rank r's block is `rows` rows of row_bytes, and its row i goes to
-   dst + i * W * row_bytes + r * row_bytes (rows == 1: blocks in rank order; more: torch.cat
-   along an inner dimension, with no second pass to move it). post is post_one_shot's copy. */
-static int fits_gather(Segment *s, size_t nbytes) {
-    return nbytes > 0 && nbytes <= s->slot &&
-           (s->world == 1 || nbytes * (size_t)s->world < (size_t)s->direct_from);
-}
-
-static int finish_gather(Segment *s, const char *src, char *dst, size_t rows, size_t row_bytes,
-                         Failure *f) {
-    uint64_t round = s->round - 1;
-    int w = s->world;
-    if (await_peers(s, f)) return -1;
-    for (int r = 0; r < w; r++) {
-        const char *from = r == s->rank ? src : slot_of(s, r, round);
-        char *to = dst + (size_t)r * row_bytes;
-        if (rows == 1) {
-            memcpy(to, from, row_bytes);
-            continue;
-        }
-        for (size_t i = 0; i < rows; i++)
-            memcpy(to + i * (size_t)w * row_bytes, from + i * row_bytes, row_bytes);
-    }
-    return 0;
-}
-
 /* displ[r] = counts[0] + ... + counts[r-1]; returns the total, and the largest count in *most. */
 static size_t offsets(const size_t *counts, int w, size_t *displ, size_t *most) {
     size_t off = 0;
@@ -689,6 +662,31 @@ static size_t offsets(const size_t *counts, int w, size_t *displ, size_t *most) 
         if (counts[r] > *most) *most = counts[r];
     }
     return off;
+}
+
+/* The halves of an all_gather(v) that fits one round of the slots (post: post_one_shot's copy of
+   this rank's counts[me] bytes; the hot paths allocate the result between the two). Rank r's
+   block is `rows` rows of counts[r] / rows bytes, and its row i goes to
+   dst + i * stride + (the row bytes of the ranks before r): rows == 1 gives the blocks in rank
+   order (all_gatherv); more gives torch.cat of equal blocks along an inner dimension (stride:
+   W rows), with no second pass to move that dimension. */
+static int fits_gather(Segment *s, const size_t *counts) {
+    size_t displ[MAXW], most, total = offsets(counts, s->world, displ, &most);
+    return total > 0 && most <= s->slot && (s->world == 1 || total < (size_t)s->direct_from);
+}
+
+static int finish_gather(Segment *s, const char *src, char *dst, const size_t *counts, size_t rows,
+                         size_t stride, Failure *f) {
+    uint64_t round = s->round - 1;
+    size_t at = 0;
+    if (await_peers(s, f)) return -1;
+    for (int r = 0; r < s->world; r++) {
+        const char *from = r == s->rank ? src : slot_of(s, r, round);
+        size_t row = counts[r] / rows;
+        for (size_t i = 0; i < rows; i++) memcpy(dst + i * stride + at, from + i * row, row);
+        at += row;
+    }
+    return 0;
 }
 
 /* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
@@ -1036,8 +1034,9 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
         if (i < dim) rows *= d;
         else row_bytes *= d;
     }
-    size_t nbytes = rows * row_bytes;
-    if (PyErr_Occurred() || !fits_gather(s, nbytes) ||
+    size_t nbytes = rows * row_bytes, counts[MAXW];
+    for (int r = 0; r < s->world; r++) counts[r] = nbytes;
+    if (PyErr_Occurred() || !fits_gather(s, counts) ||
         nbytes * (size_t)s->world >= (size_t)s->hot_large_from || !(bigger = PyTuple_New(nd))) {
         PyErr_Clear();
         Py_DECREF(shape);
@@ -1062,7 +1061,97 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
     Failure fail_;
     Failure *f = &fail_;
     int rc;
-    CALL_GIL(s, nbytes * (size_t)s->world, rc, finish_gather(s, (const char *)src, (char *)dst, rows, row_bytes, f));
+    CALL_GIL(s, nbytes * (size_t)s->world, rc,
+             finish_gather(s, (const char *)src, (char *)dst, counts, rows, row_bytes * (size_t)s->world, f));
+    if (rc) {
+        Py_DECREF(out);
+        return raise_failure(f);
+    }
+    return out;
+}
+
+/* `sizes` as one non-negative int per rank (a list or tuple of exact ints) into out; returns
+   their sum, or -1 when it is not that (no exception set: the general path reports it). */
+static Py_ssize_t read_sizes(Segment *s, PyObject *sizes, size_t *out) {
+    int w = s->world;
+    if (!(PyList_CheckExact(sizes) || PyTuple_CheckExact(sizes)) || PySequence_Fast_GET_SIZE(sizes) != w)
+        return -1;
+    size_t sum = 0;
+    for (int r = 0; r < w; r++) {
+        PyObject *v = PySequence_Fast_GET_ITEM(sizes, r);
+        out[r] = PyLong_CheckExact(v) ? PyLong_AsSize_t(v) : (size_t)-1; /* negative: fails */
+        if (out[r] == (size_t)-1) {
+            PyErr_Clear();
+            return -1;
+        }
+        sum += out[r];
+    }
+    return (Py_ssize_t)sum;
+}
+
+/* gatherv_fresh(x, dim, sizes): all_gatherv along dim 0: rank 0's rows, then rank 1's, ... in a
+   fresh tensor (sizes[r] rows from rank r; None: every rank has x's rows), or None, having done
+   nothing, for what this hot path does not take: anything but a plain tensor of a dtype in
+   hot_sizes, of at least one dimension, with no lazy conjugation, dim other than 0 (or -ndim),
+   sizes whose entry for this rank is not x's rows, or a gather that does not fit one round of
+   the slots. Publishes x before allocating the result (hot_new(x, shape)). */
+static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
+        Py_RETURN_NONE;
+    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL, *out = NULL;
+    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
+    PyObject *size = dtype ? PyDict_GetItemWithError(s->hot_sizes, dtype) : NULL; /* borrowed */
+    Py_XDECREF(dtype);
+    Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
+    long dim = PyLong_AsLong(a[1]);
+    size_t row = size ? PyLong_AsSize_t(size) : 0, rows = 0, sizes[MAXW], counts[MAXW];
+    uintptr_t src, dst;
+    int me = s->rank, w = s->world;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
+        if (i == 0) rows = d;
+        else row *= d;
+    }
+    Py_ssize_t total_rows = -1;
+    if (!PyErr_Occurred() && size && nd > 0 && (dim == 0 || dim == -nd)) {
+        if (a[2] == Py_None) {
+            for (int r = 0; r < w; r++) sizes[r] = rows;
+            total_rows = (Py_ssize_t)(rows * (size_t)w);
+        } else {
+            total_rows = read_sizes(s, a[2], sizes);
+        }
+    }
+    if (total_rows < 0 || sizes[me] != rows || reads(x, S_is_conj, 1, Py_False) != 1 ||
+        read_int(x, S_data_ptr, 1, &src)) {
+        PyErr_Clear();
+        Py_XDECREF(shape);
+        Py_RETURN_NONE;
+    }
+    for (int r = 0; r < w; r++) counts[r] = sizes[r] * row;
+    if (!fits_gather(s, counts) || (size_t)total_rows * row >= (size_t)s->hot_large_from ||
+        !(bigger = PyTuple_New(nd))) {
+        PyErr_Clear();
+        Py_DECREF(shape);
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < nd; i++)
+        PyTuple_SET_ITEM(bigger, i, i == 0 ? PyLong_FromSsize_t(total_rows) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
+    Py_DECREF(shape);
+    post_one_shot(s, (const char *)src, counts[me]);
+    s->busy = 1;
+    PyObject *args[] = {x, bigger};
+    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
+    s->busy = 0;
+    Py_DECREF(bigger);
+    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
+        finish_after_error(s);
+        Py_XDECREF(out);
+        return NULL;
+    }
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    CALL_GIL(s, (size_t)total_rows * row, rc, finish_gather(s, (const char *)src, (char *)dst, counts, 1, 0, f));
     if (rc) {
         Py_DECREF(out);
         return raise_failure(f);
@@ -1071,8 +1160,8 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
 }
 
 /* Rows per rank of a reduce_scatter along dim 0 of `rows` rows: `sizes` (None: an even split,
-   which must divide; else a list or tuple of one non-negative int per rank, summing to rows).
-   0, or -1 when the hot path does not take it (no exception set). */
+   which must divide; else read_sizes summing to rows). 0, or -1 when the hot path does not take
+   it (no exception set). */
 static int split_rows(Segment *s, PyObject *sizes, size_t rows, size_t *out) {
     int w = s->world;
     if (sizes == Py_None) {
@@ -1080,20 +1169,7 @@ static int split_rows(Segment *s, PyObject *sizes, size_t rows, size_t *out) {
         for (int r = 0; r < w; r++) out[r] = rows / (size_t)w;
         return 0;
     }
-    PyObject *seq = PyList_CheckExact(sizes) || PyTuple_CheckExact(sizes) ? sizes : NULL;
-    if (!seq || PySequence_Fast_GET_SIZE(seq) != w) return -1;
-    size_t sum = 0;
-    for (int r = 0; r < w; r++) {
-        PyObject *v = PySequence_Fast_GET_ITEM(seq, r);
-        if (!PyLong_CheckExact(v)) return -1;
-        out[r] = PyLong_AsSize_t(v); /* a negative size fails here */
-        if (PyErr_Occurred()) {
-            PyErr_Clear();
-            return -1;
-        }
-        sum += out[r];
-    }
-    return sum == rows ? 0 : -1;
+    return read_sizes(s, sizes, out) == (Py_ssize_t)rows ? 0 : -1;
 }
 
 /* scatter_fresh(x, dim, sizes): reduce_scatter(v) along dim 0: this rank's rows of the sum over
@@ -1352,6 +1428,8 @@ static PyMethodDef seg_methods[] = {
     {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
     {"gather_fresh", (PyCFunction)(void (*)(void))seg_gather_fresh, METH_FASTCALL,
      "gather_fresh(x, dim): torch.cat of every rank's x along dim, fresh, or None"},
+    {"gatherv_fresh", (PyCFunction)(void (*)(void))seg_gatherv_fresh, METH_FASTCALL,
+     "gatherv_fresh(x, dim, sizes): every rank's rows of x along dim 0, fresh, or None"},
     {"scatter_fresh", (PyCFunction)(void (*)(void))seg_scatter_fresh, METH_FASTCALL,
      "scatter_fresh(x, dim, sizes): this rank's rows of the sum of every rank's x, fresh, or None"},
     {"hot_config", (PyCFunction)(void (*)(void))seg_hot_config, METH_FASTCALL,

@@ -166,7 +166,7 @@ class Transport:
 
     def _hot_config(self, small=torch.empty_like, new=torch.Tensor.new_empty) -> None:
         """Tell the compiled hot paths (:meth:`sum_fresh`, :meth:`gather_fresh`,
-        :meth:`scatter_fresh`) what they take and where their results come from: below
+        :meth:`gatherv_fresh`, :meth:`scatter_fresh`) what they take and where their results come from: below
         ``SMALL_RESULT`` bytes ``small(x)`` for a sum and ``new(x, shape)`` for the others (what
         ResultMemory would give, without that call); ResultMemory's ``empty_like`` for larger
         sums (larger gathers and reduce-scatters take the general path). Tests pass other
@@ -281,6 +281,20 @@ class Transport:
             return self._seg.gather_fresh(x, dim)
         except _core.WaitError as exc:
             raise self._failed("all_gather", exc) from None
+
+    def gatherv_fresh(self, x, dim, sizes) -> torch.Tensor | None:
+        """The hot path of an all_gatherv along dim 0 (docs/shm.md, "Per call"): every rank's
+        rows of ``x`` (``sizes[r]`` from rank r; ``None``: the same everywhere), rank after rank,
+        in a fresh tensor, where ``x`` is a plain contiguous host tensor and the gather fits one
+        round of the slots; ``None`` (no wait, nothing done) otherwise or when the group is
+        broken: the caller then validates and takes :meth:`gatherv`. One call into the compiled
+        core (``Segment.gatherv_fresh``)."""
+        if self._caller.broken is not None:
+            return None
+        try:
+            return self._seg.gatherv_fresh(x, dim, sizes)
+        except _core.WaitError as exc:
+            raise self._failed("all_gatherv", exc) from None
 
     def scatter_fresh(self, x, dim, sizes, operation: str) -> torch.Tensor | None:
         """The hot path of a reduce_scatter(v) along dim 0 (docs/shm.md, "Per call"): this rank's

@@ -470,3 +470,76 @@ def test_scatter_hot_path_allocation_failure_keeps_ranks_in_step(on):
         finally:
             shm._hot_config()
     assert everywhere(ok and torch.equal(on.reduce_scatter(x, 0), want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+@pytest.mark.parametrize("split", ["same", "uneven"])
+@pytest.mark.parametrize("inner", [(), (3,)])
+def test_gatherv_hot_path(on, dtype, split, inner):
+    """``gatherv_fresh`` (the hot path of a small all_gatherv along dim 0) gives every rank's rows
+    in rank order, fresh, the input untouched; the general path agrees."""
+    world, shm = on.world_size, on.transport
+    sizes = [2] * world if split == "same" else uneven(world)
+    xs = [rank_tensor((sizes[r], *inner), dtype, r) for r in range(world)]
+    want = torch.cat(xs)
+    x = xs[on.rank].clone()
+    arg = None if split == "same" else sizes
+    with slots_only(shm):
+        got = shm.gatherv_fresh(x, 0, arg)
+    ok = got is not None and got.dtype == dtype and got.is_contiguous()
+    ok = ok and torch.equal(got, want) and torch.equal(x, xs[on.rank])
+    ok = ok and torch.equal(on.all_gatherv(x, 0, sizes), want)
+    assert everywhere(ok)
+
+
+def test_gatherv_hot_path_declines(on):
+    """What the all_gatherv hot path does not take returns ``None`` without waiting; the general
+    path then gathers it, or raises the same error on every rank."""
+    world, shm = on.world_size, on.transport
+    x = torch.ones(2, 3)
+    declined = {
+        "list": ([x], 0, None),
+        "dim 1": (x, 1, None),
+        "strided": (torch.ones(4, 3)[::2], 0, None),
+        "this rank's size off": (x, 0, [3] * world),
+        "sizes short": (x, 0, [2] * (world + 1)),
+        "bool size": (x, 0, [True] * world),
+        "0-d": (torch.tensor(1.0), 0, None),
+        "past one round": (torch.ones((1 << 20) // 4 + 1), 0, None),
+    }
+    with slots_only(shm):
+        ok = all(shm.gatherv_fresh(t, d, s) is None for t, d, s in declined.values())
+    ok = ok and all(torch.equal(g, torch.ones(2 * world, 3)) for g in on.all_gatherv([x], 0, None))
+    ok = ok and torch.equal(on.all_gatherv(declined["strided"][0], 0), torch.ones(2 * world, 3))
+    assert everywhere(ok)
+    with pytest.raises(ValueError):
+        on.all_gatherv(x, 0, [3] * world)
+
+
+def test_gatherv_hot_path_allocation_failure_keeps_ranks_in_step(on):
+    """The all_gatherv publishes its rows before allocating the result: when that fails on one
+    rank, it raises there, its peers still get every rank's rows, and the next call is in step."""
+    shm, world = on.transport, on.world_size
+    calls = []
+
+    def fails_once(x, shape):
+        calls.append(shape)
+        if len(calls) == 1:
+            raise MemoryError("no memory for the result")
+        return x.new_empty(shape)
+
+    x = torch.full((2,), float(on.rank))
+    want = torch.cat([torch.full((2,), float(r)) for r in range(world)])
+    with slots_only(shm):
+        if on.rank == 0:
+            shm._hot_config(new=fails_once)
+        try:
+            try:
+                got = shm.gatherv_fresh(x, 0, None)
+                ok = on.rank != 0 and torch.equal(got, want)
+            except MemoryError:
+                ok = on.rank == 0
+            ok = ok and torch.equal(shm.gatherv_fresh(x, 0, None), want)
+        finally:
+            shm._hot_config()
+    assert everywhere(ok and torch.equal(on.all_gatherv(x, 0), want))
