@@ -189,15 +189,20 @@ def test_mapping_under_mpiexec():
     assert lines == [f"job.py rank {r}/3 local {r}/3 env=hydra sum=3 PASS" for r in range(3)]
 
 
-def test_export_torch_env_under_mpiexec():
+def test_export_torch_env_under_mpiexec(tmp_path):
+    # Each rank writes its record to its own file: hydra may split one rank's line around
+    # another's on stdout.
     code = (
-        "from mpicomm import launch; e = launch.export_torch_env(); "
-        "print('ENV', e['RANK'], e['LOCAL_RANK'], e['WORLD_SIZE'], e['LOCAL_WORLD_SIZE'], "
-        "e['MASTER_ADDR'], e['MASTER_PORT'], flush=True)"
+        "import os; from mpicomm import launch; e = launch.export_torch_env(); "
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', "
+        "'MASTER_PORT'); "
+        "open(os.path.join(os.environ['MPICOMM_TEST_OUT'], e['RANK']), 'w')"
+        ".write(' '.join(e[k] for k in keys))"
     )
-    proc, _ = _run_mpi(2, ["-c", code], env_extra={"RANK": "", "MASTER_PORT": ""})
+    env = {"RANK": "", "MASTER_PORT": "", "MPICOMM_TEST_OUT": str(tmp_path)}
+    proc, _ = _run_mpi(2, ["-c", code], env_extra=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = sorted(m.split()[1:] for m in re.findall(r"ENV(?: \S+){6}", proc.stdout))
+    rows = [(tmp_path / str(r)).read_text().split() for r in range(2)]
     assert [r[:4] for r in rows] == [["0", "0", "2", "2"], ["1", "1", "2", "2"]]
     assert rows[0][4:] == rows[1][4:]  # the same MASTER_ADDR/MASTER_PORT on every rank
     assert rows[0][4] == "127.0.0.1" and int(rows[0][5]) > 0
