@@ -1022,7 +1022,8 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
     long dim = PyLong_AsLong(a[1]);
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
     if (dim < 0) dim += nd;
-    if (!size || nd == 0 || dim < 0 || dim >= nd || reads(x, S_is_conj, 1, Py_False) != 1 ||
+    if (PyErr_Occurred() || !size || nd == 0 || dim < 0 || dim >= nd ||
+        reads(x, S_is_conj, 1, Py_False) != 1 ||
         read_int(x, S_data_ptr, 1, &src)) {
         PyErr_Clear();
         Py_XDECREF(shape);

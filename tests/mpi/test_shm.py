@@ -342,6 +342,7 @@ def test_gather_hot_path_declines(on):
         "negative view": (z.conj().imag, 0),
         "bool dim": (torch.ones(3), True),
         "dim out of range": (torch.ones(3), 1),
+        "huge dim": (torch.ones(3), 1 << 70),
         "empty": (torch.ones(0), 0),
         "past one round": (torch.ones((1 << 20) // 4 + 1), 0),
     }
@@ -420,6 +421,7 @@ def test_scatter_hot_path_declines(on):
     x = torch.ones(2 * world, 2 * world)
     declined = {
         "dim 1": (x, 1, None),
+        "huge dim": (x, 1 << 70, None),
         "strided": (torch.ones(4 * world)[::2], 0, None),
         "complex": (torch.ones(2 * world, dtype=torch.complex64), 0, None),
         "sizes short": (x, 0, [2 * world] + [0] * (world - 1) + [0]),
@@ -500,6 +502,8 @@ def test_gatherv_hot_path_declines(on):
     declined = {
         "list": ([x], 0, None),
         "dim 1": (x, 1, None),
+        "huge dim": (x, 1 << 70, None),
+        "huge size": (x, 0, [1 << 70] * world),
         "strided": (torch.ones(4, 3)[::2], 0, None),
         "this rank's size off": (x, 0, [3] * world),
         "sizes short": (x, 0, [2] * (world + 1)),
