@@ -967,6 +967,27 @@ static void finish_after_error(Segment *s) {
     PyErr_Restore(type, value, tb);
 }
 
+/* A hot path's result: fn(x), or fn(x, shape) when shape is given, with the segment marked busy
+   while this rank's post waits on it (posted). NULL after an error, having finished the post's
+   wait so the ranks stay in step. *dst: the result's address. */
+static PyObject *allocate(Segment *s, PyObject *fn, PyObject *x, PyObject *shape, int posted,
+                          uintptr_t *dst) {
+    PyObject *args[] = {x, shape};
+    s->busy = posted;
+    PyObject *out = PyObject_Vectorcall(fn, args, shape ? 2 : 1, NULL);
+    s->busy = 0;
+    if (out && read_int(out, S_data_ptr, 1, dst)) Py_CLEAR(out);
+    if (!out && posted) finish_after_error(s);
+    return out;
+}
+
+/* out, or NULL with the wait's WaitError (out released) when the wait failed. */
+static PyObject *result_of(PyObject *out, int rc, Failure *f) {
+    if (!rc) return out;
+    Py_DECREF(out);
+    return raise_failure(f);
+}
+
 /* sum_fresh(x): the rank-order sum of every rank's x in a fresh tensor (docs/shm.md, "Per call"),
    or None, having done nothing, for a tensor the hot path does not take (the caller then checks x
    and takes the general path). A one-shot sum publishes x before allocating the result, so the
@@ -982,47 +1003,65 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     int large = total >= (size_t)s->hot_large_from;
     int posted = !large && fits_one_shot(s, total, (int)kind);
     if (posted) post_one_shot(s, (const char *)src, total);
-    s->busy = posted;
-    PyObject *out = PyObject_CallOneArg(large ? s->hot_empty_large : s->hot_empty, x);
-    s->busy = 0;
+    PyObject *out = allocate(s, large ? s->hot_empty_large : s->hot_empty, x, NULL, posted, &dst);
+    if (!out) return NULL;
     Failure fail_;
     Failure *f = &fail_;
     int rc;
-    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
-        if (posted) finish_after_error(s);
-        Py_XDECREF(out);
-        return NULL;
-    }
     if (posted)
         CALL_GIL(s, total, rc, finish_one_shot(s, (const char *)src, (char *)dst, n, (int)kind, f));
     else
         CALL_GIL(s, total, rc, do_all_reduce(s, (const char *)src, (char *)dst, n, (int)kind, f));
-    if (rc) {
-        Py_DECREF(out);
-        return raise_failure(f);
+    return result_of(out, rc, f);
+}
+
+/* The element size of x's dtype when the gathers' hot paths move it (hot_sizes); 0 when not. */
+static size_t gathered_itemsize(Segment *s, PyObject *x) {
+    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
+    PyObject *size = dtype ? PyDict_GetItemWithError(s->hot_sizes, dtype) : NULL; /* borrowed */
+    Py_XDECREF(dtype);
+    size_t isz = size ? PyLong_AsSize_t(size) : 0;
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
     }
-    return out;
+    return isz;
+}
+
+/* The common end of the gathers' hot paths: post this rank's block (counts[me] bytes at src),
+   allocate the result (hot_new(x, shape); shape is a new reference, released here), and finish
+   the gather into it (finish_gather's rows and stride). */
+static PyObject *gather_posted(Segment *s, PyObject *x, uintptr_t src, PyObject *shape,
+                               const size_t *counts, size_t rows, size_t stride) {
+    size_t displ[MAXW], most, total = offsets(counts, s->world, displ, &most);
+    uintptr_t dst;
+    post_one_shot(s, (const char *)src, counts[s->rank]);
+    PyObject *out = allocate(s, s->hot_new, x, shape, 1, &dst);
+    Py_DECREF(shape);
+    if (!out) return NULL;
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    CALL_GIL(s, total, rc, finish_gather(s, (const char *)src, (char *)dst, counts, rows, stride, f));
+    return result_of(out, rc, f);
 }
 
 /* gather_fresh(x, dim): torch.cat of every rank's x along dim (an int, negative from the end) in a
    fresh tensor, or None, having done nothing, for what this hot path does not take: anything but
    a plain tensor of a dtype in hot_sizes, of at least one dimension, with no lazy conjugation,
-   a dim out of range, an empty
-   tensor, or a gather that does not fit one round of the slots. Publishes x before allocating
-   the result (hot_new(x, shape): x.new_empty), and writes the blocks straight to their places along dim. */
+   a dim out of range, an empty tensor, or a gather that does not fit one round of the slots.
+   Publishes x before allocating the result (hot_new(x, shape): x.new_empty), and writes the
+   blocks straight to their places along dim. */
 static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     if (nargs != 2 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
         Py_RETURN_NONE;
-    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL, *out = NULL;
-    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
-    PyObject *size = dtype ? PyDict_GetItemWithError(s->hot_sizes, dtype) : NULL; /* borrowed */
-    Py_XDECREF(dtype);
-    size_t isz = size ? PyLong_AsSize_t(size) : 0;
-    uintptr_t src, dst;
+    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL;
+    size_t isz = gathered_itemsize(s, x);
+    uintptr_t src;
     long dim = PyLong_AsLong(a[1]);
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
     if (dim < 0) dim += nd;
-    if (PyErr_Occurred() || !size || nd == 0 || dim < 0 || dim >= nd ||
+    if (PyErr_Occurred() || !isz || nd == 0 || dim < 0 || dim >= nd ||
         reads(x, S_is_conj, 1, Py_False) != 1 ||
         read_int(x, S_data_ptr, 1, &src)) {
         PyErr_Clear();
@@ -1048,27 +1087,7 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
         PyTuple_SET_ITEM(bigger, i, i == dim ? PyLong_FromSsize_t(PyLong_AsSsize_t(d) * s->world) : Py_NewRef(d));
     }
     Py_DECREF(shape);
-    post_one_shot(s, (const char *)src, nbytes);
-    s->busy = 1;
-    PyObject *args[] = {x, bigger};
-    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
-    s->busy = 0;
-    Py_DECREF(bigger);
-    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
-        finish_after_error(s);
-        Py_XDECREF(out);
-        return NULL;
-    }
-    Failure fail_;
-    Failure *f = &fail_;
-    int rc;
-    CALL_GIL(s, nbytes * (size_t)s->world, rc,
-             finish_gather(s, (const char *)src, (char *)dst, counts, rows, row_bytes * (size_t)s->world, f));
-    if (rc) {
-        Py_DECREF(out);
-        return raise_failure(f);
-    }
-    return out;
+    return gather_posted(s, x, src, bigger, counts, rows, row_bytes * (size_t)s->world);
 }
 
 /* `sizes` as one non-negative int per rank (a list or tuple of exact ints) into out; returns
@@ -1099,14 +1118,11 @@ static Py_ssize_t read_sizes(Segment *s, PyObject *sizes, size_t *out) {
 static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     if (nargs != 3 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
         Py_RETURN_NONE;
-    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL, *out = NULL;
-    PyObject *dtype = PyObject_GetAttr(x, S_dtype);
-    PyObject *size = dtype ? PyDict_GetItemWithError(s->hot_sizes, dtype) : NULL; /* borrowed */
-    Py_XDECREF(dtype);
+    PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL;
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
     long dim = PyLong_AsLong(a[1]);
-    size_t row = size ? PyLong_AsSize_t(size) : 0, rows = 0, sizes[MAXW], counts[MAXW];
-    uintptr_t src, dst;
+    size_t isz = gathered_itemsize(s, x), row = isz, rows = 0, sizes[MAXW], counts[MAXW];
+    uintptr_t src;
     int me = s->rank, w = s->world;
     for (Py_ssize_t i = 0; i < nd; i++) {
         size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
@@ -1114,7 +1130,7 @@ static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
         else row *= d;
     }
     Py_ssize_t total_rows = -1;
-    if (!PyErr_Occurred() && size && nd > 0 && (dim == 0 || dim == -nd)) {
+    if (!PyErr_Occurred() && isz && nd > 0 && (dim == 0 || dim == -nd)) {
         if (a[2] == Py_None) {
             for (int r = 0; r < w; r++) sizes[r] = rows;
             total_rows = (Py_ssize_t)(rows * (size_t)w);
@@ -1138,26 +1154,7 @@ static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     for (Py_ssize_t i = 0; i < nd; i++)
         PyTuple_SET_ITEM(bigger, i, i == 0 ? PyLong_FromSsize_t(total_rows) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
     Py_DECREF(shape);
-    post_one_shot(s, (const char *)src, counts[me]);
-    s->busy = 1;
-    PyObject *args[] = {x, bigger};
-    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
-    s->busy = 0;
-    Py_DECREF(bigger);
-    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
-        finish_after_error(s);
-        Py_XDECREF(out);
-        return NULL;
-    }
-    Failure fail_;
-    Failure *f = &fail_;
-    int rc;
-    CALL_GIL(s, (size_t)total_rows * row, rc, finish_gather(s, (const char *)src, (char *)dst, counts, 1, 0, f));
-    if (rc) {
-        Py_DECREF(out);
-        return raise_failure(f);
-    }
-    return out;
+    return gather_posted(s, x, src, bigger, counts, 1, 0);
 }
 
 /* Rows per rank of a reduce_scatter along dim 0 of `rows` rows: `sizes` (None: an even split,
@@ -1212,26 +1209,15 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     size_t displ[MAXW], most, per = scatter_part(s, (int)kind);
     offsets(counts, w, displ, &most);
     post_scatter_round(s, (const char *)src, counts, displ, 0, per, kind_size[kind]);
-    s->busy = 1;
-    PyObject *args[] = {x, smaller};
-    out = PyObject_Vectorcall(s->hot_new, args, 2, NULL);
-    s->busy = 0;
+    out = allocate(s, s->hot_new, x, smaller, 1, &dst);
     Py_DECREF(smaller);
-    if (!out || read_int(out, S_data_ptr, 1, &dst)) {
-        finish_after_error(s);
-        Py_XDECREF(out);
-        return NULL;
-    }
+    if (!out) return NULL;
     Failure fail_;
     Failure *f = &fail_;
     int rc;
     CALL_GIL(s, counts[me] * kind_size[kind] * (size_t)w, rc,
              finish_scatter_round(s, (char *)dst, counts, 0, per, (int)kind, f));
-    if (rc) {
-        Py_DECREF(out);
-        return raise_failure(f);
-    }
-    return out;
+    return result_of(out, rc, f);
 }
 
 /* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank */

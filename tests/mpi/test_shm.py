@@ -242,31 +242,10 @@ def test_hot_path_takes_only_plain_host_tensors(on):
 def test_hot_path_allocation_failure_keeps_ranks_in_step(on):
     """A small sum publishes its input before allocating the result: when that allocation fails
     on one rank, it raises there, its peers still get the full sum, and the next call is in step."""
-    shm, world = on.transport, on.world_size
-    calls = []
-
-    def fails_once(x):
-        calls.append(x)
-        if len(calls) == 1:
-            raise MemoryError("no memory for the result")
-        return torch.empty_like(x)
-
-    direct = shm.direct_from
-    shm.direct_from = None  # slots: the path that publishes first
-    if on.rank == 0:
-        shm._hot_config(small=fails_once)
-    try:
-        x = torch.arange(6.0) + on.rank
-        want = reference_sum([torch.arange(6.0) + r for r in range(world)])
-        try:
-            got = shm.sum_fresh(x)
-            ok = on.rank != 0 and torch.equal(got, want)
-        except MemoryError:
-            ok = on.rank == 0
-        ok = ok and torch.equal(shm.sum_fresh(x), want)
-    finally:
-        shm._hot_config()
-        shm.direct_from = direct
+    x = torch.arange(6.0) + on.rank
+    want = reference_sum([torch.arange(6.0) + r for r in range(on.world_size)])
+    hot = on.transport.sum_fresh
+    ok = in_step_after_failure(on, lambda: hot(x), want, small=fails_once(torch.empty_like))
     assert everywhere(ok and torch.equal(on.all_reduce(x), want))
 
 
@@ -303,6 +282,38 @@ def slots_only(shm):
             shm.direct_from = self.saved
 
     return _Slots()
+
+
+def fails_once(allocate):
+    """An allocator that raises MemoryError on its first call and is ``allocate`` after."""
+    calls = []
+
+    def allocator(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MemoryError("no memory for the result")
+        return allocate(*args)
+
+    return allocator
+
+
+def in_step_after_failure(on, hot, want, **allocators) -> bool:
+    """Whether, with rank 0's first allocation failing inside ``hot()`` (the transport's hot
+    paths given ``allocators``, slots only), rank 0 raised MemoryError, its peers got ``want``,
+    and the next call got ``want`` everywhere."""
+    shm = on.transport
+    with slots_only(shm):
+        if on.rank == 0:
+            shm._hot_config(**allocators)
+        try:
+            try:
+                got = hot()
+                ok = on.rank != 0 and torch.equal(got, want)
+            except MemoryError:
+                ok = on.rank == 0
+            return ok and torch.equal(hot(), want)
+        finally:
+            shm._hot_config()
 
 
 def rank_tensor(shape, dtype, rank):
@@ -360,29 +371,10 @@ def test_gather_hot_path_declines(on):
 def test_gather_hot_path_allocation_failure_keeps_ranks_in_step(on):
     """The gather publishes its input before allocating the result: when that fails on one rank,
     it raises there, its peers still get the full gather, and the next call is in step."""
-    shm, world = on.transport, on.world_size
-    calls = []
-
-    def fails_once(x, shape):
-        calls.append(shape)
-        if len(calls) == 1:
-            raise MemoryError("no memory for the result")
-        return x.new_empty(shape)
-
     x = torch.arange(4.0) + on.rank
-    want = torch.cat([torch.arange(4.0) + r for r in range(world)])
-    with slots_only(shm):
-        if on.rank == 0:
-            shm._hot_config(new=fails_once)
-        try:
-            try:
-                got = shm.gather_fresh(x, 0)
-                ok = on.rank != 0 and torch.equal(got, want)
-            except MemoryError:
-                ok = on.rank == 0
-            ok = ok and torch.equal(shm.gather_fresh(x, 0), want)
-        finally:
-            shm._hot_config()
+    want = torch.cat([torch.arange(4.0) + r for r in range(on.world_size)])
+    hot = on.transport.gather_fresh
+    ok = in_step_after_failure(on, lambda: hot(x, 0), want, new=fails_once(torch.Tensor.new_empty))
     assert everywhere(ok and torch.equal(on.all_gather(x, 0), want))
 
 
@@ -447,30 +439,13 @@ def test_scatter_hot_path_declines(on):
 def test_scatter_hot_path_allocation_failure_keeps_ranks_in_step(on):
     """The reduce_scatter publishes its input before allocating the result: when that fails on
     one rank, it raises there, its peers still get their sums, and the next call is in step."""
-    shm, world = on.transport, on.world_size
-    calls = []
-
-    def fails_once(x, shape):
-        calls.append(shape)
-        if len(calls) == 1:
-            raise MemoryError("no memory for the result")
-        return x.new_empty(shape)
-
+    world = on.world_size
     x = torch.arange(2.0 * world) + on.rank
     want = reference_sum([torch.arange(2.0 * world) + r for r in range(world)])
     want = want[2 * on.rank : 2 * on.rank + 2]
-    with slots_only(shm):
-        if on.rank == 0:
-            shm._hot_config(new=fails_once)
-        try:
-            try:
-                got = shm.scatter_fresh(x, 0, None, "reduce_scatter")
-                ok = on.rank != 0 and torch.equal(got, want)
-            except MemoryError:
-                ok = on.rank == 0
-            ok = ok and torch.equal(shm.scatter_fresh(x, 0, None, "reduce_scatter"), want)
-        finally:
-            shm._hot_config()
+    hot = on.transport.scatter_fresh
+    new = fails_once(torch.Tensor.new_empty)
+    ok = in_step_after_failure(on, lambda: hot(x, 0, None, "reduce_scatter"), want, new=new)
     assert everywhere(ok and torch.equal(on.reduce_scatter(x, 0), want))
 
 
@@ -523,27 +498,9 @@ def test_gatherv_hot_path_declines(on):
 def test_gatherv_hot_path_allocation_failure_keeps_ranks_in_step(on):
     """The all_gatherv publishes its rows before allocating the result: when that fails on one
     rank, it raises there, its peers still get every rank's rows, and the next call is in step."""
-    shm, world = on.transport, on.world_size
-    calls = []
-
-    def fails_once(x, shape):
-        calls.append(shape)
-        if len(calls) == 1:
-            raise MemoryError("no memory for the result")
-        return x.new_empty(shape)
-
     x = torch.full((2,), float(on.rank))
-    want = torch.cat([torch.full((2,), float(r)) for r in range(world)])
-    with slots_only(shm):
-        if on.rank == 0:
-            shm._hot_config(new=fails_once)
-        try:
-            try:
-                got = shm.gatherv_fresh(x, 0, None)
-                ok = on.rank != 0 and torch.equal(got, want)
-            except MemoryError:
-                ok = on.rank == 0
-            ok = ok and torch.equal(shm.gatherv_fresh(x, 0, None), want)
-        finally:
-            shm._hot_config()
+    want = torch.cat([torch.full((2,), float(r)) for r in range(on.world_size)])
+    hot = on.transport.gatherv_fresh
+    new = fails_once(torch.Tensor.new_empty)
+    ok = in_step_after_failure(on, lambda: hot(x, 0, None), want, new=new)
     assert everywhere(ok and torch.equal(on.all_gatherv(x, 0), want))
