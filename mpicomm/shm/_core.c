@@ -276,7 +276,8 @@ typedef struct {
     Py_ssize_t direct_from; /* bytes from which peers read each other's tensors directly */
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
-    int busy;            /* inside sum_fresh: a re-entrant call (from a finalizer) is refused */
+    int busy;            /* a hot path allocating its result after its post: a re-entrant call
+                            (from a finalizer) is refused */
     /* What the hot paths take and how they allocate (hot_config): torch.Tensor, {dtype: kind} of
        the dtypes summed here, {dtype: itemsize} of the dtypes gathered, torch.strided,
        torch.empty_like, torch.Tensor.new_empty, the allocator of sums of large_from bytes or
@@ -577,12 +578,37 @@ static inline void copy_in(char *dst, const char *src, size_t n) {
 
 static size_t align_down(size_t n, size_t unit) { return n / unit * unit; }
 
-/* all_reduce of n elements of kind: src -> dst (dst may be src itself: the sums read an element
-   before they write it). A rank's own part of a sum comes from src, not from its slot copy (that
-   copy is for its peers): one pass less over memory. */
+/* The largest all_reduce of kind that every rank sums whole (one-shot). */
 static size_t one_shot_max(Segment *s, int kind) {
     return kind == KIND_BF16 || kind == KIND_F16 ? s->oneshot_narrow_max : s->oneshot_max;
 }
+
+/* The two halves of a one-shot all_reduce round (the hot path allocates its result between
+   them, while the peers' data is on its way): post copies src into this rank's slot and
+   publishes it; finish waits for the peers' and sums n elements into dst. A rank's own part of a
+   sum comes from src, not from its slot copy (that copy is for its peers): one pass less. */
+static void post_one_shot(Segment *s, const char *src, size_t total) {
+    copy_in(slot_of(s, s->rank, s->round++), src, total);
+    announce(s);
+}
+
+static int finish_one_shot(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
+    const void *parts[MAXW];
+    uint64_t round = s->round - 1;
+    if (await_peers(s, f)) return -1;
+    for (int r = 0; r < s->world; r++) parts[r] = r == s->rank ? src : slot_of(s, r, round);
+    sum_of[kind](dst, NULL, parts, s->world, n);
+    return 0;
+}
+
+/* Whether an all_reduce of total bytes is one one-shot round (the hot path's split). */
+static int fits_one_shot(Segment *s, size_t total, int kind) {
+    return total > 0 && total <= one_shot_max(s, kind) && total <= s->slot &&
+           (s->world == 1 || total < (size_t)s->direct_from);
+}
+
+/* all_reduce of n elements of kind: src -> dst (dst may be src itself: the sums read an element
+   before they write it). */
 
 static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
     size_t isz = kind_size[kind], total = n * isz;
@@ -594,11 +620,8 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
         size_t per = align_down(s->slot, isz);
         for (size_t off = 0; off < total; off += per) {
             size_t m = total - off < per ? total - off : per;
-            uint64_t round = s->round++;
-            copy_in(slot_of(s, me, round), src + off, m);
-            if (step(s, f)) return -1;
-            for (int r = 0; r < w; r++) parts[r] = r == me ? src + off : slot_of(s, r, round);
-            sum(dst + off, NULL, parts, w, m / isz);
+            post_one_shot(s, src + off, m);
+            if (finish_one_shot(s, src + off, dst + off, m / isz, kind, f)) return -1;
         }
         return 0;
     }
@@ -627,28 +650,6 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
             memcpy(dst + off + a * isz, slot_of(s, r, round) + a * isz, (b - a) * isz);
         }
     }
-    return 0;
-}
-
-/* The two halves of a one-shot all_reduce that fits one slot (sum_fresh runs the result's
-   allocation between them, while the peers' data is on its way): post copies src into this
-   rank's slot and publishes it; finish waits for the peers' and sums into dst. */
-static int fits_one_shot(Segment *s, size_t total, int kind) {
-    return total > 0 && total <= one_shot_max(s, kind) && total <= s->slot &&
-           (s->world == 1 || total < (size_t)s->direct_from);
-}
-
-static void post_one_shot(Segment *s, const char *src, size_t total) {
-    copy_in(slot_of(s, s->rank, s->round++), src, total);
-    announce(s);
-}
-
-static int finish_one_shot(Segment *s, const char *src, char *dst, size_t n, int kind, Failure *f) {
-    const void *parts[MAXW];
-    uint64_t round = s->round - 1;
-    if (await_peers(s, f)) return -1;
-    for (int r = 0; r < s->world; r++) parts[r] = r == s->rank ? src : slot_of(s, r, round);
-    sum_of[kind](dst, NULL, parts, s->world, n);
     return 0;
 }
 
@@ -689,7 +690,6 @@ static int finish_gather(Segment *s, const char *src, char *dst, const size_t *c
     return 0;
 }
 
-/* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
 /* Elements of kind per destination's part of a slot in a reduce_scatter round. */
 static size_t scatter_part(Segment *s, int kind) {
     return align_down(s->slot / (size_t)s->world, (size_t)ALIGN) / kind_size[kind];
@@ -732,6 +732,7 @@ static int fits_scatter(Segment *s, const size_t *counts, int kind) {
            (s->world == 1 || total * kind_size[kind] < (size_t)s->direct_from);
 }
 
+/* Rank r sums, over all ranks, elements [displ[r], +counts[r]) of src (kind) into dst. */
 static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_t *counts, int kind,
                              Failure *f) {
     size_t isz = kind_size[kind];
@@ -806,8 +807,8 @@ static PyObject *raise_failure(Failure *f) {
 static int usable(Segment *s) {
     if (s->busy) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "a collective was called on this group while its all_reduce was allocating "
-                        "the result (from a finalizer?): one call at a time (docs/contract.md)");
+                        "a collective was called on this group while another one was allocating "
+                        "its result (from a finalizer?): one call at a time (docs/contract.md)");
         return 0;
     }
     if (s->base == NULL || s->broken) {
@@ -883,9 +884,9 @@ static PyObject *seg_all_reduce(Segment *s, PyObject *const *a, Py_ssize_t nargs
     RUN(s, n * kind_size[kind], do_all_reduce(s, src, dst, n, (int)kind, f));
 }
 
-/* ------------------------------------------------------------------ the hot path of a sum */
+/* ------------------------------------------------------------------ the hot paths */
 
-/* Attribute and method names sum_fresh reads (interned at import). */
+/* Attribute and method names the hot paths read (interned at import). */
 static PyObject *S_dtype, *S_layout, *S_is_nested, *S_is_cpu, *S_is_neg, *S_is_contiguous, *S_numel,
     *S_data_ptr, *S_shape, *S_is_conj;
 
@@ -1015,6 +1016,27 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     return result_of(out, rc, f);
 }
 
+/* The product of shape[:at] into *before, and of shape[at:] returned; a failed conversion leaves
+   an exception set (the caller checks PyErr_Occurred). */
+static size_t split_shape(PyObject *shape, Py_ssize_t nd, Py_ssize_t at, size_t *before) {
+    size_t after = 1;
+    *before = 1;
+    for (Py_ssize_t i = 0; i < nd; i++) {
+        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
+        if (i < at) *before *= d;
+        else after *= d;
+    }
+    return after;
+}
+
+/* shape with entry `at` replaced by `size` (a new tuple), or NULL with an exception. */
+static PyObject *reshaped(PyObject *shape, Py_ssize_t nd, Py_ssize_t at, size_t size) {
+    PyObject *out = PyTuple_New(nd);
+    for (Py_ssize_t i = 0; out && i < nd; i++)
+        PyTuple_SET_ITEM(out, i, i == at ? PyLong_FromSize_t(size) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
+    return out;
+}
+
 /* The element size of x's dtype when the gathers' hot paths move it (hot_sizes); 0 when not. */
 static size_t gathered_itemsize(Segment *s, PyObject *x) {
     PyObject *dtype = PyObject_GetAttr(x, S_dtype);
@@ -1068,23 +1090,15 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
         Py_XDECREF(shape);
         Py_RETURN_NONE;
     }
-    size_t rows = 1, row_bytes = isz;
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
-        if (i < dim) rows *= d;
-        else row_bytes *= d;
-    }
-    size_t nbytes = rows * row_bytes, counts[MAXW];
+    size_t rows, row_bytes = isz * split_shape(shape, nd, dim, &rows), nbytes = rows * row_bytes;
+    size_t along = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, dim)), counts[MAXW];
     for (int r = 0; r < s->world; r++) counts[r] = nbytes;
     if (PyErr_Occurred() || !fits_gather(s, counts) ||
-        nbytes * (size_t)s->world >= (size_t)s->hot_large_from || !(bigger = PyTuple_New(nd))) {
+        nbytes * (size_t)s->world >= (size_t)s->hot_large_from ||
+        !(bigger = reshaped(shape, nd, dim, along * (size_t)s->world))) {
         PyErr_Clear();
         Py_DECREF(shape);
         Py_RETURN_NONE;
-    }
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        PyObject *d = PyTuple_GET_ITEM(shape, i);
-        PyTuple_SET_ITEM(bigger, i, i == dim ? PyLong_FromSsize_t(PyLong_AsSsize_t(d) * s->world) : Py_NewRef(d));
     }
     Py_DECREF(shape);
     return gather_posted(s, x, src, bigger, counts, rows, row_bytes * (size_t)s->world);
@@ -1121,14 +1135,10 @@ static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL;
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
     long dim = PyLong_AsLong(a[1]);
-    size_t isz = gathered_itemsize(s, x), row = isz, rows = 0, sizes[MAXW], counts[MAXW];
+    size_t isz = gathered_itemsize(s, x), rows, row = isz * split_shape(shape, nd, 1, &rows);
+    size_t sizes[MAXW], counts[MAXW];
     uintptr_t src;
     int me = s->rank, w = s->world;
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
-        if (i == 0) rows = d;
-        else row *= d;
-    }
     Py_ssize_t total_rows = -1;
     if (!PyErr_Occurred() && isz && nd > 0 && (dim == 0 || dim == -nd)) {
         if (a[2] == Py_None) {
@@ -1146,13 +1156,11 @@ static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     }
     for (int r = 0; r < w; r++) counts[r] = sizes[r] * row;
     if (!fits_gather(s, counts) || (size_t)total_rows * row >= (size_t)s->hot_large_from ||
-        !(bigger = PyTuple_New(nd))) {
+        !(bigger = reshaped(shape, nd, 0, (size_t)total_rows))) {
         PyErr_Clear();
         Py_DECREF(shape);
         Py_RETURN_NONE;
     }
-    for (Py_ssize_t i = 0; i < nd; i++)
-        PyTuple_SET_ITEM(bigger, i, i == 0 ? PyLong_FromSsize_t(total_rows) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
     Py_DECREF(shape);
     return gather_posted(s, x, src, bigger, counts, 1, 0);
 }
@@ -1182,13 +1190,8 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *smaller = NULL, *out = NULL;
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
     long dim = PyLong_AsLong(a[1]);
-    size_t rows_of[MAXW], counts[MAXW], rows = 0, inner = 1;
+    size_t rows_of[MAXW], counts[MAXW], rows, inner = split_shape(shape, nd, 1, &rows);
     uintptr_t src, dst;
-    for (Py_ssize_t i = 0; i < nd; i++) {
-        size_t d = PyLong_AsSize_t(PyTuple_GET_ITEM(shape, i));
-        if (i == 0) rows = d;
-        else inner *= d;
-    }
     int me = s->rank, w = s->world;
     if (PyErr_Occurred() || nd == 0 || (dim != 0 && dim != -nd) ||
         split_rows(s, a[2], rows, rows_of) || read_int(x, S_data_ptr, 1, &src)) {
@@ -1198,13 +1201,12 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     }
     for (int r = 0; r < w; r++) counts[r] = rows_of[r] * inner;
     if (!fits_scatter(s, counts, (int)kind) ||
-        counts[me] * kind_size[kind] >= (size_t)s->hot_large_from || !(smaller = PyTuple_New(nd))) {
+        counts[me] * kind_size[kind] >= (size_t)s->hot_large_from ||
+        !(smaller = reshaped(shape, nd, 0, rows_of[me]))) {
         PyErr_Clear();
         Py_DECREF(shape);
         Py_RETURN_NONE;
     }
-    for (Py_ssize_t i = 0; i < nd; i++)
-        PyTuple_SET_ITEM(smaller, i, i == 0 ? PyLong_FromSize_t(rows_of[me]) : Py_NewRef(PyTuple_GET_ITEM(shape, i)));
     Py_DECREF(shape);
     size_t displ[MAXW], most, per = scatter_part(s, (int)kind);
     offsets(counts, w, displ, &most);

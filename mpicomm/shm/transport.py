@@ -80,6 +80,8 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
 
 # The dtypes :meth:`Transport.sum_fresh` takes: real ones (one kind element per element).
 _REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
+# The dtypes the gathers' hot paths move (every one in the dtype table), with their sizes.
+_ITEMSIZES = {dtype: info.itemsize for dtype, info in DTYPES.items()}
 _NEVER = (1 << 63) - 1
 _counter = itertools.count()
 log = logging.getLogger("mpicomm")
@@ -166,16 +168,15 @@ class Transport:
 
     def _hot_config(self, small=torch.empty_like, new=torch.Tensor.new_empty) -> None:
         """Tell the compiled hot paths (:meth:`sum_fresh`, :meth:`gather_fresh`,
-        :meth:`gatherv_fresh`, :meth:`scatter_fresh`) what they take and where their results come from: below
-        ``SMALL_RESULT`` bytes ``small(x)`` for a sum and ``new(x, shape)`` for the others (what
-        ResultMemory would give, without that call); ResultMemory's ``empty_like`` for larger
-        sums (larger gathers and reduce-scatters take the general path). Tests pass other
-        allocators."""
-        sizes = {dtype: info.itemsize for dtype, info in DTYPES.items()}
+        :meth:`gatherv_fresh`, :meth:`scatter_fresh`) what they take and where their results
+        come from: below ``SMALL_RESULT`` bytes ``small(x)`` for a sum and ``new(x, shape)`` for
+        the others (what ResultMemory would give, without that call); ResultMemory's
+        ``empty_like`` for larger sums (larger gathers and reduce-scatters take the general
+        path). Tests pass other allocators."""
         self._seg.hot_config(
             torch.Tensor,
             _REAL,
-            sizes,
+            _ITEMSIZES,
             torch.strided,
             small,
             new,
