@@ -9,8 +9,8 @@ to doing nothing, as in vLLM.
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .validation import check_comm, check_rank, check_sizes, even_sizes, normalize_dim
 
 

@@ -16,8 +16,8 @@ import math
 import sys
 
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .dtypes import DTYPES
 
 try:
@@ -70,9 +70,6 @@ def mpi_spec(tensor: torch.Tensor, count: int | None = None) -> Spec:
     return _spec(tensor, (memory, info.mpi) if count is None else (memory, count, info.mpi))
 
 
-_from_address = MPI.buffer.fromaddress
-
-
 def _memory(tensor: torch.Tensor, carrier: torch.dtype):
     """What mpi4py is handed for a contiguous tensor's memory.
 
@@ -82,7 +79,7 @@ def _memory(tensor: torch.Tensor, carrier: torch.dtype):
     if not tensor.is_contiguous():
         raise RuntimeError("mpicomm internal error: a non-contiguous tensor reached MPI")
     if tensor.is_cpu:
-        return _from_address(tensor.data_ptr(), tensor.nbytes)
+        return MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes)
     return _device_memory(tensor, carrier)
 
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .errors import CollectiveTimeoutError, CommunicationError
 
 # Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .communicator import MPICommunicator
 from .dtypes import CHECKED, INEXACT_SUMS, dtype_info, short_name
 

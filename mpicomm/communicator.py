@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from . import consistency, hierarchical, launch, plan, reduction
+from ._mpi import MPI
 from .base import DeviceCommunicatorBase
 from .buffers import ResultMemory, Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from .calls import Caller, created

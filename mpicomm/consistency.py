@@ -13,8 +13,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .calls import Caller
 from .dtypes import DTYPES
 

@@ -11,8 +11,7 @@ import ctypes
 import functools
 import os
 
-from mpi4py import MPI
-
+from ._mpi import MPI
 from .config import settings
 
 

@@ -8,9 +8,11 @@ below instead of keeping its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
-from mpi4py import MPI
+
+from ._mpi import MPI
 
 
 @dataclass(frozen=True)
@@ -18,18 +20,28 @@ class DtypeInfo:
     """How one torch dtype travels through MPI.
 
     ``carrier`` is a dtype of the same size that numpy and MPI understand (16-bit and 8-bit floats
-    travel as integers: their bytes move unchanged). ``sum_op`` is the MPI op that sums the dtype
-    exactly as mpicomm promises, or ``None`` when the sum must be done by torch. ``accumulate`` is
-    the dtype sums are accumulated in (float32 for 16-bit and 8-bit floats). ``short`` is the name
-    used in tables and on command lines (``bf16``).
+    travel as integers: their bytes move unchanged). ``mpi_name`` names the MPI datatype and
+    ``sum_op_name`` the MPI op that sums the dtype exactly as mpicomm promises, or is ``None`` when
+    the sum must be done by torch; the table holds names so that reading it never starts MPI
+    (``mpi`` and ``sum_op`` look them up on first use). ``accumulate`` is the dtype sums are
+    accumulated in (float32 for 16-bit and 8-bit floats). ``short`` is the name used in tables and
+    on command lines (``bf16``).
     """
 
     dtype: torch.dtype
     short: str
     carrier: torch.dtype
-    mpi: MPI.Datatype
-    sum_op: MPI.Op | None
+    mpi_name: str
+    sum_op_name: str | None
     accumulate: torch.dtype
+
+    @cached_property
+    def mpi(self) -> MPI.Datatype:
+        return getattr(MPI, self.mpi_name)
+
+    @cached_property
+    def sum_op(self) -> MPI.Op | None:
+        return None if self.sum_op_name is None else getattr(MPI, self.sum_op_name)
 
     @property
     def itemsize(self) -> int:
@@ -48,26 +60,26 @@ class DtypeInfo:
 
 def _rows() -> list[tuple]:
     rows = [
-        (torch.bool, "bool", torch.bool, MPI.C_BOOL, MPI.LOR, torch.bool),
-        (torch.uint8, "u8", torch.uint8, MPI.UINT8_T, MPI.SUM, torch.uint8),
-        (torch.int8, "i8", torch.int8, MPI.INT8_T, MPI.SUM, torch.int8),
-        (torch.int16, "i16", torch.int16, MPI.INT16_T, MPI.SUM, torch.int16),
-        (torch.int32, "i32", torch.int32, MPI.INT32_T, MPI.SUM, torch.int32),
-        (torch.int64, "i64", torch.int64, MPI.INT64_T, MPI.SUM, torch.int64),
-        (torch.uint16, "u16", torch.uint16, MPI.UINT16_T, MPI.SUM, torch.uint16),
-        (torch.uint32, "u32", torch.uint32, MPI.UINT32_T, MPI.SUM, torch.uint32),
-        (torch.uint64, "u64", torch.uint64, MPI.UINT64_T, MPI.SUM, torch.uint64),
-        (torch.float16, "f16", torch.int16, MPI.INT16_T, None, torch.float32),
-        (torch.bfloat16, "bf16", torch.int16, MPI.INT16_T, None, torch.float32),
-        (torch.float32, "f32", torch.float32, MPI.FLOAT, MPI.SUM, torch.float32),
-        (torch.float64, "f64", torch.float64, MPI.DOUBLE, MPI.SUM, torch.float64),
-        (torch.complex64, "c64", torch.complex64, MPI.C_FLOAT_COMPLEX, MPI.SUM, torch.complex64),
+        (torch.bool, "bool", torch.bool, "C_BOOL", "LOR", torch.bool),
+        (torch.uint8, "u8", torch.uint8, "UINT8_T", "SUM", torch.uint8),
+        (torch.int8, "i8", torch.int8, "INT8_T", "SUM", torch.int8),
+        (torch.int16, "i16", torch.int16, "INT16_T", "SUM", torch.int16),
+        (torch.int32, "i32", torch.int32, "INT32_T", "SUM", torch.int32),
+        (torch.int64, "i64", torch.int64, "INT64_T", "SUM", torch.int64),
+        (torch.uint16, "u16", torch.uint16, "UINT16_T", "SUM", torch.uint16),
+        (torch.uint32, "u32", torch.uint32, "UINT32_T", "SUM", torch.uint32),
+        (torch.uint64, "u64", torch.uint64, "UINT64_T", "SUM", torch.uint64),
+        (torch.float16, "f16", torch.int16, "INT16_T", None, torch.float32),
+        (torch.bfloat16, "bf16", torch.int16, "INT16_T", None, torch.float32),
+        (torch.float32, "f32", torch.float32, "FLOAT", "SUM", torch.float32),
+        (torch.float64, "f64", torch.float64, "DOUBLE", "SUM", torch.float64),
+        (torch.complex64, "c64", torch.complex64, "C_FLOAT_COMPLEX", "SUM", torch.complex64),
         (
             torch.complex128,
             "c128",
             torch.complex128,
-            MPI.C_DOUBLE_COMPLEX,
-            MPI.SUM,
+            "C_DOUBLE_COMPLEX",
+            "SUM",
             torch.complex128,
         ),
     ]
@@ -81,9 +93,7 @@ def _rows() -> list[tuple]:
     }
     for name, short in eights.items():
         if hasattr(torch, name):
-            rows.append(
-                (getattr(torch, name), short, torch.uint8, MPI.UINT8_T, None, torch.float32)
-            )
+            rows.append((getattr(torch, name), short, torch.uint8, "UINT8_T", None, torch.float32))
     return rows
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .calls import created
 from .communicator import MPICommunicator
 from .topology import Topology, default_device, node_topology

@@ -18,8 +18,8 @@ the same rule. Which calls take this path is decided in :mod:`mpicomm.plan`.
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .buffers import Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .dtypes import DtypeInfo

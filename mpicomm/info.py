@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import mpi4py
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .buffers import HUGE_PAGES_FROM, RECYCLE_FROM, recycler, thp_mode
 from .config import huge_pages_on, recycle_on, shm_direct_on, shm_mode
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .shm import built as shm_built
 from .topology import default_device, node_topology
 
-_THREAD_LEVELS = {
-    MPI.THREAD_SINGLE: "single",
-    MPI.THREAD_FUNNELED: "funneled",
-    MPI.THREAD_SERIALIZED: "serialized",
-    MPI.THREAD_MULTIPLE: "multiple",
-}
+_THREAD_LEVELS = ("THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED", "THREAD_MULTIPLE")
+
+
+def _thread_level() -> str:
+    """``multiple`` (the thread level MPI gave this process), or its number if not a known one."""
+    level = MPI.Query_thread()
+    names = {getattr(MPI, name): name.removeprefix("THREAD_").lower() for name in _THREAD_LEVELS}
+    return names.get(level, str(level))
 
 
 def huge_pages_report() -> str:
@@ -108,7 +110,7 @@ def report(comm: MPI.Comm | None = None) -> str | None:
         f"libmpi           {loaded_libmpi() or 'unknown'}",
         f"MPI standard     {'.'.join(map(str, MPI.Get_version()))}",
         f"mpi4py           {mpi4py.__version__}",
-        f"thread level     {_THREAD_LEVELS.get(MPI.Query_thread(), MPI.Query_thread())}",
+        f"thread level     {_thread_level()}",
         f"torch            {torch.__version__} (CUDA available: {torch.cuda.is_available()})",
         f"CUDA-aware MPI   {_or_error(cuda_awareness_report)}",
         f"huge pages       {_or_error(huge_pages_report)}",

@@ -17,8 +17,8 @@ All functions take contiguous tensors on the work device (host memory when stagi
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .buffers import Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
 from .dtypes import DtypeInfo

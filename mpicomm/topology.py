@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from mpi4py import MPI
+
+from ._mpi import MPI
 
 
 def node_labels(comm: MPI.Comm, node_of: Callable[[int], int] | None = None) -> tuple[int, ...]:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
+from ._mpi import MPI
 from .dtypes import DtypeInfo, dtype_info
 
 

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from mpi4py import MPI
 
 from mpicomm.dtypes import dtype_info
+
+from .._mpi import MPI
 
 BACKENDS = ("mpicomm", "mpi4py", "gloo")
 

@@ -5,8 +5,8 @@ broadcast and send/recv, one class each, one method per backend (shared parts in
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from .._mpi import MPI
 from .cases import (
     GLOO_NO_V,
     Case,

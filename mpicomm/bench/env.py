@@ -12,9 +12,10 @@ import warnings
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 import mpicomm
+
+from .._mpi import MPI
 
 
 def make_communicator(device: torch.device, algo: str | None = None):

@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from mpicomm.dtypes import CHECKED, parse_dtype, short_name
 
+from .._mpi import MPI
 from . import env, plots, references, report, terminal
 from .collectives import BACKENDS, COLLECTIVES, ENTRIES, Ctx, Skip
 from .timing import Schedule, figures, time_loop

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from .._mpi import MPI
 from .cases import GLOO_NO_V, Case, Skip, pattern, result_case, same, summed, to_numpy, uneven
 from .dense import Gathers, Scatters
 

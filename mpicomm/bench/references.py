@@ -9,8 +9,8 @@ take at those bandwidths (input down, result up): a lower bound for the staged p
 from __future__ import annotations
 
 import torch
-from mpi4py import MPI
 
+from .._mpi import MPI
 from .timing import Schedule, figures, time_loop
 from .units import human
 

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from mpi4py import MPI
+
+from .._mpi import MPI
 
 
 @dataclass(frozen=True)

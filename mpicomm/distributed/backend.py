@@ -25,8 +25,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from mpi4py import MPI
 
+from .._mpi import MPI
 from ..buffers import byte_spec, mpi_spec, vector_spec
 from ..calls import Caller
 from ..communicator import MPICommunicator

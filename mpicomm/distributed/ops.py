@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from mpi4py import MPI
 
+from .._mpi import MPI
 from ..buffers import mpi_spec
 from ..dtypes import dtype_info
 
@@ -21,22 +21,23 @@ SUM, AVG = "SUM", "AVG"
 NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
 BITWISE = ("BAND", "BOR", "BXOR")
 
+# MPI op names (looked up on the lazy MPI module when used). bool has logical operations only;
+# torch's bool results are the logical ones.
 _MPI_OPS = {
-    "PRODUCT": MPI.PROD,
-    "MIN": MPI.MIN,
-    "MAX": MPI.MAX,
-    "BAND": MPI.BAND,
-    "BOR": MPI.BOR,
-    "BXOR": MPI.BXOR,
+    "PRODUCT": "PROD",
+    "MIN": "MIN",
+    "MAX": "MAX",
+    "BAND": "BAND",
+    "BOR": "BOR",
+    "BXOR": "BXOR",
 }
-# bool has logical operations only; torch's bool results are the logical ones.
 _BOOL_OPS = {
-    "PRODUCT": MPI.LAND,
-    "MIN": MPI.LAND,
-    "BAND": MPI.LAND,
-    "MAX": MPI.LOR,
-    "BOR": MPI.LOR,
-    "BXOR": MPI.LXOR,
+    "PRODUCT": "LAND",
+    "MIN": "LAND",
+    "BAND": "LAND",
+    "MAX": "LOR",
+    "BOR": "LOR",
+    "BXOR": "LXOR",
 }
 
 
@@ -80,7 +81,7 @@ def operand(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def mpi_op(name: str, dtype: torch.dtype) -> MPI.Op:
-    return (_BOOL_OPS if dtype == torch.bool else _MPI_OPS)[name]
+    return getattr(MPI, (_BOOL_OPS if dtype == torch.bool else _MPI_OPS)[name])
 
 
 def reduce(caller, operation: str, comm, tensor: torch.Tensor, name: str, root: int | None):

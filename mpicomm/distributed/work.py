@@ -19,9 +19,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from mpi4py import MPI
 from torch._C._distributed_c10d import _create_work_from_future
 
+from .._mpi import MPI
 from ..errors import CollectiveTimeoutError, CommunicationError
 
 

@@ -19,8 +19,8 @@ import os
 import uuid
 
 import torch
-from mpi4py import MPI
 
+from .._mpi import MPI
 from ..buffers import SMALL_RESULT, ResultMemory
 from ..calls import Caller
 from ..dtypes import DTYPES
