@@ -25,6 +25,9 @@
 ``MPICOMM_VLLM_EXPERT_MAP_FIX``     ``0``: leave vLLM CPU's MoE experts unpatched (default ``1``:
                                     map expert ids where vLLM ignores ``expert_map``; see
                                     docs/vllm.md)
+``MPICOMM_VLLM_PP_FIX``             ``0``: leave vLLM CPU's pipeline stages as they are (default
+                                    ``1``: allocate the receive buffer of later stages where the
+                                    installed vLLM skips that in eager mode; docs/vllm.md)
 ``MPICOMM_SHM``                     ``auto`` (default), ``0`` (never) or ``1`` (required): the
                                     intra-node shared-memory collectives of :mod:`mpicomm.shm`
 ``MPICOMM_SHM_DIRECT``              ``0``: large shared-memory collectives copy through the
@@ -193,3 +196,9 @@ def vllm_expert_map_fix() -> bool:
     """``MPICOMM_VLLM_EXPERT_MAP_FIX`` (default on): map expert ids for vLLM CPU's MoE experts
     where the installed vLLM ignores ``expert_map`` (:mod:`mpicomm.vllm.expert_map`)."""
     return bool(flag("MPICOMM_VLLM_EXPERT_MAP_FIX", True))
+
+
+def vllm_pp_fix() -> bool:
+    """``MPICOMM_VLLM_PP_FIX`` (default on): allocate the activations buffer of later pipeline
+    stages where vLLM CPU skips it in eager mode (:mod:`mpicomm.vllm.pipeline_fix`)."""
+    return bool(flag("MPICOMM_VLLM_PP_FIX", True))

@@ -47,3 +47,15 @@ def test_malformed_names_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name):
         settings()
+
+
+def test_vllm_pp_fix(monkeypatch):
+    from mpicomm import config
+
+    monkeypatch.delenv("MPICOMM_VLLM_PP_FIX", raising=False)
+    assert config.vllm_pp_fix() is True
+    monkeypatch.setenv("MPICOMM_VLLM_PP_FIX", "0")
+    assert config.vllm_pp_fix() is False
+    monkeypatch.setenv("MPICOMM_VLLM_PP_FIX", "maybe")
+    with pytest.raises(ValueError, match="MPICOMM_VLLM_PP_FIX"):
+        config.vllm_pp_fix()
