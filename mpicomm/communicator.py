@@ -91,6 +91,11 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``"auto"``, ``"0"`` or ``"1"`` (or a bool): host tensors of a group on one node go
         through shared memory (:mod:`mpicomm.shm`, :func:`mpicomm.plan.shm_wanted`). Default:
         ``MPICOMM_SHM``.
+    own_cpu_group:
+        ``cpu_group`` was made for this communicator alone (e.g. by ``MPI_Comm_create_group``)
+        and nothing else sends on it: with ``device_group=None`` it carries the payload itself
+        (no duplicate is made) and :meth:`destroy` frees it. A front end holding one
+        communicator per group (the torch.distributed backend) saves one MPI communicator so.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         all2all_backend: str = "allgather_reducescatter",
         node_of=None,
         shm: str | bool | None = None,
+        own_cpu_group: bool = False,
     ) -> None:
         super().__init__(cpu_group, device, device_group, unique_name)
         check_device_type(self.device)
@@ -144,7 +150,9 @@ class MPICommunicator(DeviceCommunicatorBase):
                     "device_group must have the members of cpu_group in the same order"
                 )
         self._control = created(label, self.cpu_group.Dup, "its control communicator")
-        if device_group is None:
+        if device_group is None and own_cpu_group:
+            self.device_group = self.cpu_group
+        elif device_group is None:
             try:
                 self.device_group = created(label, self.cpu_group.Dup, "its payload communicator")
             except CommunicationError:
@@ -282,10 +290,16 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``out`` (input's shape, dtype and device; ``input_`` itself for an in-place sum, as
         torch.distributed's all_reduce), written into ``out``, which is returned.
         """
-        if out is None and self._shm is not None and not self.validate:
-            result = self._shm.sum_fresh(input_)  # the hot path of a plain host tensor
-            if result is not None:
-                return result
+        if self._shm is not None and not self.validate:
+            if out is None:
+                result = self._shm.sum_fresh(input_)  # the hot path of a plain host tensor
+                if result is not None:
+                    return result
+            elif out is input_ and _plain_host(input_) and not input_.requires_grad:
+                # an in-place sum (torch.distributed's)
+                result = self._shm.all_reduce(input_, out)
+                if result is not None:
+                    return _into(out, result)
         info = check_tensor(input_)
         check_device(input_, self.device)
         if out is not None:
@@ -472,21 +486,49 @@ class MPICommunicator(DeviceCommunicatorBase):
             return result.reshape(())
         return result if dim == 0 else result.movedim(0, dim).contiguous()
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Rank ``src``'s tensor on every rank (all ranks pass the same shape and dtype)."""
+    def broadcast(
+        self, tensor: torch.Tensor, src: int = 0, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rank ``src``'s tensor on every rank (all ranks pass the same shape and dtype).
+
+        The result is a fresh tensor, or, with ``out`` (tensor's shape, dtype and device;
+        ``tensor`` itself for torch.distributed's in-place broadcast), written into ``out``,
+        which is returned.
+        """
         check_tensor(tensor, "tensor")
         src = check_rank(src, self.world_size, "src")
         check_device(tensor, self.device, "tensor")
+        if out is not None:
+            check_out(out, tensor)
         self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
         if self._shm is not None and tensor.is_cpu:
-            return self._shm.broadcast(tensor, src)
+            if out is not None and _plain_host(out) and writable_into(out, tensor):
+                return self._shm.broadcast(tensor, src, out)
+            return _into(out, self._shm.broadcast(tensor, src))
         route = self._route(tensor.device)
         buf = route.output(tuple(tensor.shape), tensor.dtype)
         if self.rank == src:
             buf.copy_(tensor.detach())
             sync_device(buf.device)
         self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)
-        return route.result(buf)
+        return _into(out, route.result(buf))
+
+    def barrier(self) -> None:
+        """Return once every rank of the group has entered it (no data): through the
+        shared-memory segment when the group has one, else ``MPI_Barrier`` on the payload
+        communicator; bounded by the timeout like any collective."""
+        self.agree("barrier", lambda: consistency.fingerprint("barrier", _NOTHING))
+        if self._shm is not None:
+            if self.broken is not None:
+                raise CommunicationError(
+                    f"barrier on group {self._call.group!r}: the communicator is unusable "
+                    f"after an earlier failure ({self.broken})",
+                    operation="barrier",
+                    group=self._call.group,
+                )
+            self._shm.barrier()
+            return
+        self._call("barrier", self.device_group, "Barrier")
 
     # ----------------------------------------------------------------- point-to-point
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
@@ -646,6 +688,14 @@ class MPICommunicator(DeviceCommunicatorBase):
             f"MPICommunicator({self._call.group!r}, rank={self.rank}/{self.world_size}, "
             f"device={self.device}, ranks={self.ranks})"
         )
+
+
+_NOTHING = torch.empty(0, dtype=torch.uint8)  # the fingerprinted tensor of a barrier
+
+
+def _plain_host(tensor: torch.Tensor) -> bool:
+    """A dense host tensor (what the shared-memory calls take without further checks)."""
+    return tensor.is_cpu and tensor.layout is torch.strided and not tensor.is_nested
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ OPERATIONS = (
     "dispatch",
     "combine",
     "all_to_allv",
+    "barrier",
 )
 _DTYPES = list(DTYPES)
 _OP_CODE = {name: i for i, name in enumerate(OPERATIONS)}
@@ -45,7 +46,7 @@ ANY = -2  # a shape entry that may differ between ranks (the rows of a v-collect
 
 
 # Operations without a ``dim`` argument: their dim is not shown in messages.
-_NO_DIM = {"all_reduce", "broadcast"}
+_NO_DIM = {"all_reduce", "broadcast", "barrier"}
 _FIELDS = ("operation", "dtype", "number of dimensions", "dim", "root", "sizes")
 
 
