@@ -19,12 +19,17 @@ so no agreement message is needed.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .dtypes import DtypeInfo
 from .topology import NodeSplit
 
 NATIVE, BYTES, HIERARCHICAL, SHM = "native", "bytes", "hierarchical", "shm"
+
+log = logging.getLogger(__name__)
+_told_not_built: list[bool] = []  # [True] once the missing compiled core has been logged
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
 # sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
@@ -105,7 +110,24 @@ def shm_wanted(mode: str, built: bool, world: int, one_node: bool, staging: bool
         if why is not None:
             raise ValueError(f"MPICOMM_SHM=1 (shm=1) asks for shared memory, but {why}")
         return True
-    return built and world >= 2 and one_node and not staging
+    wanted = world >= 2 and one_node and not staging
+    if wanted and not built:
+        warn_not_built()
+    return built and wanted
+
+
+def warn_not_built() -> None:
+    """Log once per process (WARNING) that a group that could use shared memory falls back to
+    MPI because the compiled core is not built (a source checkout without ``build_ext``)."""
+    if _told_not_built:
+        return
+    _told_not_built.append(True)
+    log.warning(
+        "mpicomm: the compiled shared-memory core (mpicomm.shm._core) is not built, so groups "
+        "on one node use MPI only, which is slower for small messages; build it with "
+        "`python setup.py build_ext --inplace` in a source checkout, or install mpicomm with pip "
+        "(MPICOMM_SHM=0 chooses MPI only and silences this)"
+    )
 
 
 def node_shm_wanted(mode: str, built: bool, local_size: int, staging: bool) -> bool:
@@ -113,4 +135,7 @@ def node_shm_wanted(mode: str, built: bool, local_size: int, staging: bool) -> b
     node-local steps of the hierarchical all_reduce (:mod:`mpicomm.hierarchical`): unless
     ``MPICOMM_SHM=0``, where the core is built, this node holds 2+ of the group's ranks and
     staging is not forced."""
-    return mode != "0" and built and local_size >= 2 and not staging
+    wanted = mode != "0" and local_size >= 2 and not staging
+    if wanted and not built:
+        warn_not_built()
+    return built and wanted

@@ -46,3 +46,25 @@ def test_all_reduce_algorithm(dtype, nbytes, mode, node_of, want):
 def test_no_split_means_flat():
     info = dtype_info(torch.bfloat16)
     assert plan.all_reduce_algorithm(info, 1 << 30, "auto", "1", None) == plan.BYTES
+
+
+def test_missing_compiled_core_is_logged_once(monkeypatch, caplog):
+    """A group that could use shared memory but finds no compiled core says so, once."""
+    monkeypatch.setattr(plan, "_told_not_built", [])
+    with caplog.at_level("WARNING", logger="mpicomm.plan"):
+        assert plan.shm_wanted("auto", False, 2, True, False) is False
+        assert plan.node_shm_wanted("auto", False, 2, False) is False
+        assert plan.shm_wanted("auto", False, 4, True, False) is False
+    said = [r for r in caplog.records if "not built" in r.getMessage()]
+    assert len(said) == 1 and "build_ext" in said[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("auto", True, 2, True, False), ("0", False, 2, True, False), ("auto", False, 1, True, False)],
+)
+def test_no_missing_core_warning_where_shm_is_not_wanted_or_built(monkeypatch, caplog, args):
+    monkeypatch.setattr(plan, "_told_not_built", [])
+    with caplog.at_level("WARNING", logger="mpicomm.plan"):
+        plan.shm_wanted(*args)
+    assert not [r for r in caplog.records if "not built" in r.getMessage()]
