@@ -8,6 +8,7 @@ every rank of the replica with the same pipeline stage (DP x TP ranks).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,8 @@ from .calls import created
 from .communicator import MPICommunicator
 from .topology import Topology, default_device, node_topology
 from .validation import as_int, check_comm
+
+_TAG_UB = 32767  # the smallest MPI_TAG_UB the MPI standard allows
 
 
 @dataclass
@@ -156,3 +159,30 @@ def initialize_model_parallel(
         data_parallel_size=dp_size,
         _cpu_groups=cpu_groups,
     )
+
+
+def ranks_communicator(ranks: list[int], name: str = "") -> MPI.Comm:
+    """A new MPI communicator of the ``COMM_WORLD`` ranks ``ranks``, in that order (the one home
+    of making a group's communicator from a list of ranks, as torch.distributed and vLLM name
+    their groups).
+
+    Collective over the members only (``MPI_Comm_create_group``, its tag derived from ``name``);
+    the caller frees it. Ranks that are not distinct world ranks, or a calling rank not among
+    them, raise ``ValueError`` before any MPI call.
+    """
+    world = MPI.COMM_WORLD
+    ranks = [as_int(r, "ranks") for r in ranks]
+    if len(set(ranks)) != len(ranks) or not all(0 <= r < world.Get_size() for r in ranks):
+        raise ValueError(f"ranks {ranks} of group {name!r} are not distinct MPI world ranks")
+    if world.Get_rank() not in ranks:
+        raise ValueError(f"MPI rank {world.Get_rank()} is not a member of group {name!r} {ranks}")
+    everyone = world.Get_group()
+    try:
+        members = everyone.Incl(ranks)
+    finally:
+        everyone.Free()
+    try:
+        tag = zlib.crc32(name.encode()) % (_TAG_UB + 1)
+        return created(name, lambda: world.Create_group(members, tag), "the group's communicator")
+    finally:
+        members.Free()

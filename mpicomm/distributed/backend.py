@@ -1,25 +1,27 @@
-"""The ``"mpicomm"`` torch.distributed process group: every collective on MPI.
+"""The ``"mpicomm"`` torch.distributed process group: an adapter over one MPICommunicator.
 
-One :class:`MPIProcessGroup` per torch group, over its own MPI communicator (a duplicate of
-``COMM_WORLD`` for the default group, ``MPI_Comm_create_group`` of the members for
-``dist.new_group``). Sums (``SUM``/``AVG``) go through an :class:`mpicomm.MPICommunicator` on that
-communicator (its numerics and staging); data movement (broadcast, gathers, scatters,
-all-to-all) and the other reduce operations are MPI calls made through :class:`mpicomm.calls.Caller`
-(errors as :class:`~mpicomm.CommunicationError`, waits bounded by the group's ``timeout=`` as
-:class:`~mpicomm.CollectiveTimeoutError`). Point-to-point traffic uses a second duplicate, so a
-message never matches a collective's.
+One :class:`MPIProcessGroup` per torch group holds one :class:`mpicomm.MPICommunicator` over the
+group's ranks, and every collective goes through it: on one node that is the shared-memory
+segment, elsewhere MPI, with the communicator's numerics, staging, argument checks, consistency
+mode (``MPICOMM_VALIDATE``), timeouts (the group's ``timeout=``) and broken state. The group holds
+at most three MPI communicators (the communicator adopts the group's own as its payload
+communicator) and at most one shared-memory segment. Point-to-point messages travel on the
+payload communicator (MPI never matches them with collectives' traffic) as non-blocking requests
+that the group keeps alive until they complete.
 
 torch calls these methods with its own argument layout (lists of tensors, ``*Options``); the
-in-place semantics are torch's: results are written into the tensors the caller passed. Which
-names torch calls for which public function: docs/distributed.md ("How it hooks into torch").
+in-place semantics are torch's: results are written into the tensors the caller passed. Arguments
+are checked here, before the communicator's first call, as gloo checks them. Which names torch
+calls for which public function: docs/distributed.md ("How it hooks into torch").
 
 Longer than ~400 lines on purpose: torch looks every hook up on this one class (one short method
-per hook, plus the aliases older torch releases call); the reduce ops, memory, work objects and
-monitored_barrier live in their own modules.
+per hook, plus the aliases older torch releases call); the reduce ops, tensor copies, work objects
+and monitored_barrier live in their own modules.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from datetime import timedelta
 
@@ -27,18 +29,20 @@ import torch
 import torch.distributed as dist
 
 from .._mpi import MPI
-from ..buffers import byte_spec, mpi_spec, vector_spec
-from ..calls import Caller
+from ..buffers import byte_spec
 from ..communicator import MPICommunicator
 from ..cuda import cuda_aware
+from ..errors import CommunicationError
+from ..groups import ranks_communicator
 from ..validation import check_rank
 from . import ops
 from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_barrier
-from .tensors import host_stack, readable, split_into, writable, write_back
+from .tensors import flat_cat, plain, receive_buffer, send_buffer, split_into, write_back
 from .work import PendingWork, completed
 
 NAME = "mpicomm"
-_MAX_TAG = MONITOR_TAG
+# Requests MPI may still use when their group is shut down (never freed).
+_ORPHANED: list = []
 
 
 def _seconds(timeout) -> float | None:
@@ -55,27 +59,28 @@ def _device() -> torch.device:
 
 
 class MPIProcessGroup(dist.ProcessGroup):
-    """A torch process group whose collectives run on the MPI communicator ``comm`` (owned: freed
-    by :meth:`shutdown`). ``timeout`` (seconds or ``None``) bounds every wait."""
+    """A torch process group of the ``COMM_WORLD`` ranks ``ranks`` (in group order) whose
+    collectives run on one :class:`mpicomm.MPICommunicator` (destroyed by :meth:`shutdown`).
+    ``timeout`` (seconds or ``None``) bounds every wait."""
 
-    def __init__(self, comm: MPI.Comm, timeout: float | None, name: str) -> None:
+    def __init__(self, ranks: list[int], timeout: float | None, name: str) -> None:
+        comm = ranks_communicator(ranks, name)
         super().__init__(comm.Get_rank(), comm.Get_size())
-        self.comm = comm
-        self.timeout = timeout
-        self.label = name
-        self.cuda_aware = cuda_aware()
-        self.caller = Caller(name, timeout)
-        self.caller.prepare(comm)
-        self.sums = MPICommunicator(
+        self.communicator = MPICommunicator(
             cpu_group=comm,
             device=_device(),
             unique_name=name,
             timeout=0 if timeout is None else timeout,
+            own_cpu_group=True,
         )
-        self.p2p = comm.Dup()
+        self.timeout = timeout
+        self.label = name
+        self.cuda_aware = cuda_aware()
+        self._world = comm.Get_size()
         self._shut = False
         self._group_name = name
         self._group_desc = ""
+        self._pending: list[PendingWork] = []  # point-to-point works, alive until complete
         self._abandoned: list[tuple] = []
         self._finished = completed([])
 
@@ -85,7 +90,12 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     @property
     def world(self) -> int:
-        return self.size()
+        return self._world
+
+    @property
+    def comm(self) -> MPI.Comm:
+        """The MPI communicator carrying the group's payload and point-to-point messages."""
+        return self.communicator.device_group
 
     @property
     def group_name(self) -> str:
@@ -104,27 +114,6 @@ class MPIProcessGroup(dist.ProcessGroup):
     def __repr__(self) -> str:
         return f"MPIProcessGroup({self.label!r}, rank={self.rank()}/{self.world})"
 
-    def _run(self, operation: str, method: str, *args) -> None:
-        self.caller(operation, self.comm, method, *args)
-
-    # ----------------------------------------------------------------- reductions
-    def _reduce_into(self, operation: str, tensor: torch.Tensor, reduce_op, root=None) -> None:
-        name = ops.op_name(reduce_op, operation)
-        ops.check(name, tensor.dtype, operation)
-        if name in (ops.SUM, ops.AVG):
-            # an all_reduce sums in place (no fresh result, no copy back); a reduce leaves
-            # the other ranks' tensors as they were
-            target = tensor.detach() if root is None else None
-            summed = self.sums.all_reduce(tensor, out=target)
-            if name == ops.AVG:
-                ops.average(summed, self.world)
-            if summed is not target and (root is None or self.rank() == root):
-                write_back(tensor, summed)
-            return
-        out = ops.reduce(self.caller, operation, self.comm, tensor, name, root)
-        if out is not None:
-            write_back(tensor, out.to(tensor.dtype))
-
     def _done(self, result, opts):
         """The work to return: a shared finished one for a synchronous call (torch only waits on
         it), else a fresh one whose future holds ``result``."""
@@ -132,11 +121,20 @@ class MPIProcessGroup(dist.ProcessGroup):
             return self._finished
         return completed(result)
 
+    # ----------------------------------------------------------------- reductions
     def allreduce(self, tensors, opts=None):
         """``tensors[i]`` <- the reduction of ``tensors[i]`` over the group, on every rank."""
-        op = dist.ReduceOp.SUM if opts is None else opts.reduceOp
+        name = ops.op_name(dist.ReduceOp.SUM if opts is None else opts.reduceOp, "all_reduce")
         for t in tensors:
-            self._reduce_into("all_reduce", t, op)
+            ops.check(name, t.dtype, "all_reduce")
+        for t in tensors:
+            x = plain(t)
+            if name in (ops.SUM, ops.AVG):
+                self.communicator.all_reduce(x, out=x)  # in place
+                if name == ops.AVG:
+                    ops.average(x, self.world)
+            else:
+                write_back(x, ops.all_reduce(self.communicator, x, name))
         return self._done(list(tensors), opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
@@ -145,88 +143,118 @@ class MPIProcessGroup(dist.ProcessGroup):
     def reduce(self, tensors, opts):
         """``tensors[0]`` on ``opts.rootRank`` <- the reduction; other ranks' tensors unchanged."""
         root = check_rank(opts.rootRank, self.world, "dst")
-        self._reduce_into("reduce", tensors[0], opts.reduceOp, root)
+        name = ops.op_name(opts.reduceOp, "reduce")
+        x = plain(tensors[0])
+        ops.check(name, x.dtype, "reduce")
+        if name in (ops.SUM, ops.AVG):
+            summed = self.communicator.all_reduce(x)
+            if self.rank() == root:
+                write_back(x, ops.average(summed, self.world) if name == ops.AVG else summed)
+        else:
+            out = ops.reduce(self.communicator, x, name, root)
+            if out is not None:
+                write_back(x, out)
         return completed(list(tensors))
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         """``outputs[0]`` <- the reduction over ranks of ``input_lists[0][rank]``."""
-        stacked = host_stack(input_lists[0])
-        self._reduce_scatter_into("reduce_scatter", outputs[0], stacked, opts)
+        inputs, out = input_lists[0], outputs[0]
+        _one_list("reduce_scatter", "input_list", inputs, self.world)
+        _same_dtype("reduce_scatter", [out, *inputs])
+        if any(t.numel() != out.numel() for t in inputs):
+            raise ValueError(
+                f"reduce_scatter: every tensor of input_list must have the output's "
+                f"{out.numel()} elements, got {[t.numel() for t in inputs]}"
+            )
+        self._reduce_scatter_into("reduce_scatter", out, flat_cat(inputs), opts)
         return completed(list(outputs))
 
     def reduce_scatter_single(self, output, input_, opts=None):
         """``output`` <- this rank's W-th (dim 0) of the reduction of ``input_``."""
-        self._reduce_scatter_into("reduce_scatter_tensor", output, input_, opts)
-        return completed([output])
+        _same_dtype("reduce_scatter_tensor", [input_, output])
+        if input_.numel() != output.numel() * self.world:
+            raise ValueError(
+                f"reduce_scatter_tensor: input has {input_.numel()} elements, expected "
+                f"{self.world} x output's {output.numel()}"
+            )
+        self._reduce_scatter_into("reduce_scatter_tensor", output, plain(input_), opts)
+        return self._done([output], opts)
 
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         for out, inp in zip(outputs, inputs, strict=True):
-            self._reduce_scatter_into("reduce_scatter_tensor", out, inp, opts)
+            self.reduce_scatter_single(out, inp, opts)
         return completed(list(outputs))
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
     def _reduce_scatter_into(self, operation, output, input_, opts) -> None:
+        """``output`` <- this rank's W-th of the reduction of every rank's ``input_`` (checked:
+        W x output's elements, output's dtype)."""
         reduce_op = dist.ReduceOp.SUM if opts is None else opts.reduceOp
         name = ops.op_name(reduce_op, operation)
         ops.check(name, input_.dtype, operation)
-        if input_.numel() != output.numel() * self.world:
-            raise ValueError(
-                f"{operation}: input has {input_.numel()} elements, expected "
-                f"{self.world} x output's {output.numel()}"
-            )
+        flat = input_.reshape(-1)
         if name in (ops.SUM, ops.AVG):
-            rows = input_.detach().reshape(self.world, -1)
-            mine = self.sums.reduce_scatter(rows, dim=0)
+            mine = self.communicator.reduce_scatter(flat, dim=0)
             if name == ops.AVG:
                 ops.average(mine, self.world)
         else:
-            flat = input_.detach().reshape(-1)
-            mine = ops.reduce_scatter(self.caller, operation, self.comm, flat, name)
-        write_back(output, mine.to(output.dtype))
+            mine = ops.reduce_scatter(self.communicator, flat, name)
+        write_back(output, mine)
 
     # ----------------------------------------------------------------- data movement
     def broadcast(self, tensors, opts=None):
         """``tensors[i]`` <- rank ``opts.rootRank``'s ``tensors[i]`` on every rank."""
         root = check_rank(0 if opts is None else opts.rootRank, self.world, "src")
         for t in tensors:
-            buf = (
-                readable(t, self.cuda_aware)
-                if self.rank() == root
-                else writable(t, self.cuda_aware)
-            )
-            self._run("broadcast", "Bcast", mpi_spec(buf), root)
-            write_back(t, buf)
+            x = plain(t)
+            self.communicator.broadcast(x, root, out=x)
         return self._done(list(tensors), opts)
-
-    def _gather_flat(self, operation: str, input_: torch.Tensor, counts: list[int], into):
-        """All-gather ``input_`` (``counts[r]`` elements from rank r) into the flat tensor
-        ``into`` (``sum(counts)`` elements, of ``input_``'s dtype)."""
-        if input_.numel() != counts[self.rank()]:
-            raise ValueError(
-                f"{operation}: input has {input_.numel()} elements, the outputs expect "
-                f"{counts[self.rank()]} from rank {self.rank()}"
-            )
-        x = readable(input_, self.cuda_aware)
-        if len(set(counts)) == 1:
-            self._run(operation, "Allgather", mpi_spec(x), mpi_spec(into, counts[0]))
-        else:
-            self._run(operation, "Allgatherv", mpi_spec(x), vector_spec(into, counts))
 
     def allgather(self, output_lists, inputs, opts=None):
         """``output_lists[0][r]`` <- rank r's ``inputs[0]`` (sizes may differ between ranks)."""
         for outs, inp in zip(output_lists, inputs, strict=True):
-            _same_dtype("all_gather", [inp, *outs])
+            self._check_gather_list(outs, inp)
+        for outs, inp in zip(output_lists, inputs, strict=True):
+            flat = plain(inp).reshape(-1)
             counts = [o.numel() for o in outs]
-            buf = torch.empty(sum(counts), dtype=inp.dtype)
-            self._gather_flat("all_gather", inp, counts, buf)
-            split_into(buf, outs)
-        return completed(list(output_lists))
+            if len(set(counts)) == 1:
+                split_into(self.communicator.all_gather(flat, dim=0), outs)
+            else:
+                self._agree_on_sizes(counts)
+                split_into(self.communicator.all_gatherv(flat, dim=0, sizes=counts), outs)
+        return self._done(list(output_lists), opts)
+
+    def _check_gather_list(self, outs, inp) -> None:
+        """All-gather's output list: one tensor per rank of ``inp``'s dtype; this rank's of
+        ``inp``'s size, and every one of that size unless the sizes differ (checked locally, as
+        gloo checks, before any MPI call)."""
+        _one_list("all_gather", "tensor_list", outs, self.world)
+        _same_dtype("all_gather", [inp, *outs])
+        counts = [o.numel() for o in outs]
+        mine = counts[self.rank()]
+        if mine != inp.numel():
+            raise ValueError(
+                f"all_gather: tensor_list[{self.rank()}] (this rank's) has {mine} elements, "
+                f"the input has {inp.numel()}"
+            )
+
+    def _agree_on_sizes(self, counts: list[int]) -> None:
+        """An all-gather of unequal sizes: ``ValueError`` on every rank unless every rank's
+        output list has the same sizes (one exchange on the control communicator)."""
+        key = zlib.crc32(str(counts).encode())
+        every = self.communicator.exchange_rows(key)
+        if len(set(every)) > 1:
+            raise ValueError(
+                f"all_gather on group {self.label!r}: the ranks' tensor_list sizes differ "
+                f"(this rank's: {counts}); every rank must pass the same sizes"
+            )
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
         """``output_lists[r][i]`` <- rank r's ``inputs[i]``."""
+        _one_list("all_gather_coalesced", "output_tensor_lists", output_lists, self.world)
         for i, inp in enumerate(inputs):
             self.allgather([[outs[i] for outs in output_lists]], [inp], opts)
         return completed(list(output_lists))
@@ -239,9 +267,7 @@ class MPIProcessGroup(dist.ProcessGroup):
                 f"all_gather_into_tensor: output has {output.numel()} elements, expected "
                 f"{self.world} x input's {input_.numel()}"
             )
-        buf = writable(output, self.cuda_aware)
-        self._gather_flat("all_gather_into_tensor", input_, [input_.numel()] * self.world, buf)
-        write_back(output, buf)
+        write_back(output, self.communicator.all_gather(plain(input_).reshape(-1), dim=0))
         return self._done([output], opts)
 
     _allgather_base = all_gather_single
@@ -256,74 +282,72 @@ class MPIProcessGroup(dist.ProcessGroup):
     def gather(self, output_lists, inputs, opts):
         """On ``opts.rootRank``: ``output_lists[0][r]`` <- rank r's ``inputs[0]``."""
         root = check_rank(opts.rootRank, self.world, "dst")
-        x = readable(inputs[0], self.cuda_aware)
+        x = plain(inputs[0])
         if self.rank() == root:
-            outs = output_lists[0]
+            outs = output_lists[0] if output_lists else []
+            _one_list("gather", "gather_list", outs, self.world)
             _same_dtype("gather", [x, *outs])
-            if any(o.numel() != x.numel() for o in outs) or len(outs) != self.world:
+            if any(o.numel() != x.numel() for o in outs):
                 raise ValueError(f"gather: expected {self.world} outputs of {x.numel()} elements")
-            buf = torch.empty(x.numel() * self.world, dtype=x.dtype)
-            self._run("gather", "Gather", mpi_spec(x), mpi_spec(buf, x.numel()), root)
-            split_into(buf, outs)
-        else:
-            self._run("gather", "Gather", mpi_spec(x), None, root)
+        out = self.communicator.gather(x.reshape(-1), dst=root, dim=0)
+        if out is not None:
+            split_into(out, output_lists[0])
         return completed(list(output_lists))
 
     def scatter(self, outputs, input_lists, opts):
-        """``outputs[0]`` <- rank ``opts.rootRank``'s ``input_lists[0][rank]``."""
+        """``outputs[0]`` <- rank ``opts.rootRank``'s ``input_lists[0][rank]``: the root sends
+        piece d to rank d, the others nothing (an all-to-all of the communicator)."""
         root = check_rank(opts.rootRank, self.world, "src")
         out = outputs[0]
-        buf = writable(out, self.cuda_aware)
+        n = out.numel()
         if self.rank() == root:
-            ins = input_lists[0]
+            ins = input_lists[0] if input_lists else []
+            _one_list("scatter", "scatter_list", ins, self.world)
             _same_dtype("scatter", [out, *ins])
-            if any(t.numel() != out.numel() for t in ins) or len(ins) != self.world:
-                raise ValueError(f"scatter: expected {self.world} inputs of {out.numel()} elements")
-            send = host_stack(ins)
-            self._run("scatter", "Scatter", mpi_spec(send, out.numel()), mpi_spec(buf), root)
+            if any(t.numel() != n for t in ins):
+                raise ValueError(f"scatter: expected {self.world} inputs of {n} elements")
+            send, send_rows = flat_cat(ins).reshape(self.world, n), [1] * self.world
         else:
-            self._run("scatter", "Scatter", None, mpi_spec(buf), root)
-        write_back(out, buf)
+            send, send_rows = torch.empty(0, n, dtype=out.dtype), [0] * self.world
+        # one row of n elements per piece: the consistency mode compares n across ranks
+        recv_rows = [int(s == root) for s in range(self.world)]
+        write_back(out, self.communicator.all_to_allv(send, send_rows, recv_rows))
         return completed(list(outputs))
 
     def alltoall(self, outputs, inputs, opts=None):
         """``outputs[s]`` <- rank s's ``inputs[rank]`` (sizes may differ)."""
+        _one_list("all_to_all", "input_tensor_list", inputs, self.world)
+        _one_list("all_to_all", "output_tensor_list", outputs, self.world)
         _same_dtype("all_to_all", [*inputs, *outputs])
-        send = host_stack(inputs)
-        recv = torch.empty(sum(o.numel() for o in outputs), dtype=send.dtype)
-        self._run(
-            "all_to_all",
-            "Alltoallv",
-            vector_spec(send, [t.numel() for t in inputs]),
-            vector_spec(recv, [o.numel() for o in outputs]),
+        got = self.communicator.all_to_allv(
+            flat_cat(inputs), [t.numel() for t in inputs], [o.numel() for o in outputs]
         )
-        split_into(recv, outputs)
+        split_into(got, outputs)
         return completed(list(outputs))
 
     def all_to_all_single(self, output, input_, output_split_sizes, input_split_sizes, opts=None):
         """Rows (dim 0) of ``input_`` to every rank, ``input_split_sizes[d]`` to rank d (an even
         split when empty); ``output`` <- ``output_split_sizes[s]`` rows from rank s, in order."""
         _same_dtype("all_to_all_single", [input_, output])
-        send_rows = _splits("input_split_sizes", input_split_sizes, input_, self.world)
-        recv_rows = _splits("output_split_sizes", output_split_sizes, output, self.world)
-        row_in = input_[0].numel() if input_.dim() and input_.shape[0] else 1
-        row_out = output[0].numel() if output.dim() and output.shape[0] else 1
-        x = readable(input_, self.cuda_aware)
-        buf = writable(output, self.cuda_aware)
-        self._run(
-            "all_to_all_single",
-            "Alltoallv",
-            vector_spec(x.reshape(-1), [r * row_in for r in send_rows]),
-            vector_spec(buf.reshape(-1), [r * row_out for r in recv_rows]),
-        )
-        write_back(output, buf)
-        return completed([output])
+        x = plain(input_)
+        x = x.reshape(1) if x.dim() == 0 else x
+        y = output.reshape(1) if output.dim() == 0 else output
+        send_rows = _splits("input_split_sizes", input_split_sizes, x, self.world)
+        recv_rows = _splits("output_split_sizes", output_split_sizes, y, self.world)
+        row_in, row_out = math.prod(x.shape[1:]), math.prod(y.shape[1:])
+        if row_in != row_out:
+            raise ValueError(
+                f"all_to_all_single: output rows of {row_out} elements, input rows of "
+                f"{row_in}: they must match"
+            )
+        write_back(output, self.communicator.all_to_allv(x, send_rows, recv_rows))
+        return self._done([output], opts)
 
     alltoall_base = all_to_all_single
 
     def barrier(self, opts=None):
         """Returns once every rank of the group has entered it."""
-        self._run("barrier", "Barrier")
+        self.communicator.barrier()
         return completed([])
 
     def monitored_barrier(self, timeout=None, wait_all_ranks: bool = False) -> None:
@@ -338,24 +362,37 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     # ----------------------------------------------------------------- point-to-point
     def _p2p(self, operation, tensor, peer: int | None, tag: int, receive: bool) -> PendingWork:
-        """Start an ``Irecv`` (``peer=None``: from any rank) or ``Isend`` of ``tensor``."""
+        """Start an ``Irecv`` (``peer=None``: from any rank) or ``Isend`` of ``tensor``.
+
+        The group keeps the work (its request and buffers) until the request completes, whether
+        or not the caller waits on it: MPI may read or write the buffers until then.
+        """
         if peer is not None:
             peer = check_rank(peer, self.world, "src" if receive else "dst")
         if not 0 <= tag < MONITOR_TAG:
             raise ValueError(f"{operation}: tag must be in [0, {MONITOR_TAG}), got {tag}")
+        broken = self.communicator.broken
+        if broken is not None:
+            raise CommunicationError(
+                f"{operation} on group {self.label!r}: the group is unusable after an earlier "
+                f"failure ({broken})",
+                operation=operation,
+                group=self.label,
+            )
+        self._pending = [w for w in self._pending if not w.is_completed()]
         finish = None
         if receive:
-            buf = writable(tensor, self.cuda_aware)
+            buf = receive_buffer(tensor, self.cuda_aware)
             source = MPI.ANY_SOURCE if peer is None else peer
-            request = self.p2p.Irecv(byte_spec(buf), source, tag)
+            request = self.comm.Irecv(byte_spec(buf), source, tag)
 
             def finish(status, tensor=tensor, buf=buf):
                 write_back(tensor, buf)
 
         else:
-            buf = readable(tensor, self.cuda_aware)
-            request = self.p2p.Isend(byte_spec(buf), peer, tag)
-        return PendingWork(
+            buf = send_buffer(tensor, self.cuda_aware)
+            request = self.comm.Isend(byte_spec(buf), peer, tag)
+        work = PendingWork(
             request,
             (buf, tensor),
             finish,
@@ -365,6 +402,8 @@ class MPIProcessGroup(dist.ProcessGroup):
             timeout=self.timeout,
             result=[tensor],
         )
+        self._pending.append(work)
+        return work
 
     def send(self, tensors, dst: int, tag: int = 0):
         """Start sending ``tensors[0]`` to group rank ``dst``; the work completes the send."""
@@ -380,35 +419,29 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     # ----------------------------------------------------------------- groups and lifetime
     def new_group(self, ranks, timeout=None, pg_options=None, group_name=None, group_desc=None):
-        """The group of ``ranks`` (ranks of this group), on an MPI sub-communicator made by the
+        """The group of ``ranks`` (ranks of this group), on an MPI communicator made by the
         members only (``MPI_Comm_create_group``); ``None`` on the other ranks."""
         ranks = list(range(self.world)) if ranks is None else [int(r) for r in ranks]
         if self.rank() not in ranks:
             return None
         name = str(group_name or f"{self.label}:{ranks}")
-        members = self.comm.Get_group().Incl(ranks)
-        try:
-            tag = zlib.crc32(name.encode()) % _MAX_TAG
-            sub = self.comm.Create_group(members, tag)
-        finally:
-            members.Free()
+        members = [self.communicator.ranks[r] for r in ranks]
         seconds = _seconds(timeout) if timeout is not None else self.timeout
-        pg = MPIProcessGroup(sub, seconds, name)
+        pg = MPIProcessGroup(members, seconds, name)
         pg._set_group_name(name)
         if group_desc:
             pg._set_group_desc(group_desc)
         return pg
 
     def shutdown(self) -> None:
-        """Free the communicators (collective over the group; idempotent)."""
+        """Destroy the communicator (collective over the group; idempotent). Point-to-point
+        requests still in flight keep their buffers for the rest of the process."""
         if self._shut:
             return
         self._shut = True
-        self.sums.destroy()
-        self.caller.close()
-        for c in (self.p2p, self.comm):
-            if c != MPI.COMM_NULL:
-                c.Free()
+        _ORPHANED.extend(w for w in self._pending if not w.is_completed())
+        self._pending.clear()
+        self.communicator.destroy()
 
     def keep_alive(self, *objects) -> None:
         """Hold requests and buffers MPI may still use after a timeout (never freed)."""
@@ -416,6 +449,14 @@ class MPIProcessGroup(dist.ProcessGroup):
 
     def abort(self) -> None:
         self.shutdown()
+
+
+def _one_list(operation: str, argument: str, tensors, world: int) -> None:
+    """``tensors`` must hold one tensor per rank of the group."""
+    if len(tensors) != world:
+        raise ValueError(
+            f"{operation}: {argument} has {len(tensors)} tensors, the group has {world} ranks"
+        )
 
 
 def _same_dtype(operation: str, tensors) -> None:
@@ -426,7 +467,7 @@ def _same_dtype(operation: str, tensors) -> None:
 
 
 def _splits(argument: str, sizes, tensor: torch.Tensor, world: int) -> list[int]:
-    rows = tensor.shape[0] if tensor.dim() else 1
+    rows = tensor.shape[0]
     if not sizes:
         if rows % world:
             raise ValueError(f"all_to_all_single: {rows} rows do not split evenly over {world}")
@@ -449,21 +490,15 @@ def create(options, backend_options=None) -> MPIProcessGroup:
     """
     world = MPI.COMM_WORLD
     ranks = list(options.global_ranks_in_group) or list(range(world.Get_size()))
-    if ranks == list(range(world.Get_size())):
-        if options.group_rank != world.Get_rank() or options.group_size != world.Get_size():
-            raise ValueError(
-                f"the mpicomm backend takes rank and world size from MPI: torch's rendezvous "
-                f"gave rank {options.group_rank} of {options.group_size}, MPI.COMM_WORLD says "
-                f"{world.Get_rank()} of {world.Get_size()} (use init_method='mpi://', or "
-                f"RANK/WORLD_SIZE equal to MPI's)"
-            )
-        comm = world.Dup()
-    else:
-        members = world.Get_group().Incl(ranks)
-        try:
-            comm = world.Create_group(members, zlib.crc32(str(ranks).encode()) % _MAX_TAG)
-        finally:
-            members.Free()
-    pg = MPIProcessGroup(comm, _seconds(options.timeout), str(options.group_id))
+    if ranks == list(range(world.Get_size())) and (
+        options.group_rank != world.Get_rank() or options.group_size != world.Get_size()
+    ):
+        raise ValueError(
+            f"the mpicomm backend takes rank and world size from MPI: torch's rendezvous "
+            f"gave rank {options.group_rank} of {options.group_size}, MPI.COMM_WORLD says "
+            f"{world.Get_rank()} of {world.Get_size()} (use init_method='mpi://', or "
+            f"RANK/WORLD_SIZE equal to MPI's)"
+        )
+    pg = MPIProcessGroup(ranks, _seconds(options.timeout), str(options.group_id))
     install_torch_monitored_barrier(MPIProcessGroup)
     return pg

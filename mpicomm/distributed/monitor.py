@@ -42,7 +42,7 @@ def _wait_all(requests, deadline: float | None) -> list[int]:
 def monitored_barrier(pg, seconds: float | None, wait_all_ranks: bool) -> None:
     """Rank 0 of ``pg`` hears from every rank, then releases them; see
     :meth:`MPIProcessGroup.monitored_barrier`."""
-    comm, rank, size = pg.p2p, pg.rank(), pg.size()
+    comm, rank, size = pg.comm, pg.rank(), pg.size()
     deadline = None if seconds is None else time.monotonic() + seconds
     token = np.zeros(1, dtype=np.int8)
     boxes = [np.zeros(1, dtype=np.int8) for _ in range(size)]

@@ -1,11 +1,14 @@
-"""torch.distributed reduce operations, mapped to mpicomm's sum or to MPI's own operations.
+"""torch.distributed reduce operations on the group's :class:`mpicomm.MPICommunicator`.
 
-``SUM`` (and ``AVG``, a sum divided by the group size) goes through
-:meth:`mpicomm.MPICommunicator.all_reduce` / ``reduce_scatter``: mpicomm's numerics (16-bit floats
-accumulated in float32 in rank order, rounded once, identical bits on every rank; docs/contract.md,
-"Sums"). ``PRODUCT``, ``MIN``, ``MAX``, ``BAND``, ``BOR`` and ``BXOR`` are MPI's operations on the
-tensor's own type; 16-bit and 8-bit floats (no MPI type) are widened to float32 and rounded back
-once. ``PREMUL_SUM`` and anything else raise ``ValueError`` naming the operation.
+``SUM`` (and ``AVG``, a sum divided by the group size) is the communicator's sum: mpicomm's
+numerics (16-bit floats accumulated in float32 in rank order, rounded once, identical bits on every
+rank; docs/contract.md, "Sums"). ``PRODUCT``, ``MIN``, ``MAX``, ``BAND``, ``BOR`` and ``BXOR`` have
+no sum of their own in the communicator: this module is their one path. The communicator moves every
+rank's operand to the ranks that need it (an all-gather, a gather to the root, or an all-to-all of
+the pieces for a reduce-scatter), and each of those ranks reduces the W rows in rank order with
+torch's elementwise operation: identical bits on every rank, 16-bit and 8-bit floats widened to
+float32 and rounded back once, bool with the logical operations. ``PREMUL_SUM`` and anything else
+raise ``ValueError`` naming the operation.
 """
 
 from __future__ import annotations
@@ -13,31 +16,28 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .._mpi import MPI
-from ..buffers import mpi_spec
 from ..dtypes import dtype_info
 
 SUM, AVG = "SUM", "AVG"
 NAMES = ("SUM", "AVG", "PRODUCT", "MIN", "MAX", "BAND", "BOR", "BXOR")
 BITWISE = ("BAND", "BOR", "BXOR")
 
-# MPI op names (looked up on the lazy MPI module when used). bool has logical operations only;
-# torch's bool results are the logical ones.
-_MPI_OPS = {
-    "PRODUCT": "PROD",
-    "MIN": "MIN",
-    "MAX": "MAX",
-    "BAND": "BAND",
-    "BOR": "BOR",
-    "BXOR": "BXOR",
+_TORCH_OPS = {
+    "PRODUCT": torch.mul,
+    "MIN": torch.minimum,
+    "MAX": torch.maximum,
+    "BAND": torch.bitwise_and,
+    "BOR": torch.bitwise_or,
+    "BXOR": torch.bitwise_xor,
 }
+# bool has logical operations only; torch's bool results are the logical ones.
 _BOOL_OPS = {
-    "PRODUCT": "LAND",
-    "MIN": "LAND",
-    "BAND": "LAND",
-    "MAX": "LOR",
-    "BOR": "LOR",
-    "BXOR": "LXOR",
+    "PRODUCT": torch.logical_and,
+    "MIN": torch.logical_and,
+    "BAND": torch.logical_and,
+    "MAX": torch.logical_or,
+    "BOR": torch.logical_or,
+    "BXOR": torch.logical_xor,
 }
 
 
@@ -66,42 +66,41 @@ def check(name: str, dtype: torch.dtype, operation: str) -> None:
 
 
 def average(summed: torch.Tensor, world_size: int) -> torch.Tensor:
-    """``AVG`` from ``SUM``: floats divided by W (rounded once more), integers truncated."""
+    """``AVG`` from ``SUM`` in place: floats divided by W (rounded once more), integers truncated."""
     if summed.dtype.is_floating_point or summed.dtype.is_complex:
         return summed.div_(world_size)
     return summed.div_(world_size, rounding_mode="trunc")
 
 
-def operand(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous host tensor in a type MPI can reduce: 16/8-bit floats as float32."""
-    host = tensor.detach().to("cpu")
-    if host.dtype.is_floating_point and dtype_info(host.dtype).narrow_float:
-        host = host.float()
-    return host.contiguous()
+def reduce_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
+    """``rows`` (W x n, row r from group rank r) reduced with ``name`` in rank order: a fresh
+    tensor of n elements of ``rows``' dtype."""
+    dtype = rows.dtype
+    fn = _BOOL_OPS[name] if dtype == torch.bool else _TORCH_OPS[name]
+    wide = rows.float() if dtype.is_floating_point and dtype_info(dtype).narrow_float else rows
+    acc = wide[0].clone()
+    for row in wide[1:]:
+        acc = fn(acc, row)
+    return acc.to(dtype)
 
 
-def mpi_op(name: str, dtype: torch.dtype) -> MPI.Op:
-    return getattr(MPI, (_BOOL_OPS if dtype == torch.bool else _MPI_OPS)[name])
+def all_reduce(communicator, tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """The ``name`` reduction of every rank's ``tensor``, on every rank (flat, fresh)."""
+    rows = communicator.all_gather(tensor.reshape(1, -1), dim=0)
+    return reduce_rows(rows, name)
 
 
-def reduce(caller, operation: str, comm, tensor: torch.Tensor, name: str, root: int | None):
-    """MPI's ``name`` over the group of ``tensor``: a fresh host tensor (of the operand's type) on
-    every rank (``root=None``) or on ``root`` only (``None`` elsewhere)."""
-    x = operand(tensor)
-    out = torch.empty_like(x)
-    op = mpi_op(name, x.dtype)
-    if root is None:
-        caller(operation, comm, "Allreduce", mpi_spec(x), mpi_spec(out), op)
-        return out
-    mine = comm.Get_rank() == root
-    caller(operation, comm, "Reduce", mpi_spec(x), mpi_spec(out) if mine else None, op, root)
-    return out if mine else None
+def reduce(communicator, tensor: torch.Tensor, name: str, root: int) -> torch.Tensor | None:
+    """The ``name`` reduction of every rank's ``tensor`` on ``root`` (flat, fresh); ``None``
+    elsewhere."""
+    rows = communicator.gather(tensor.reshape(1, -1), dst=root, dim=0)
+    return None if rows is None else reduce_rows(rows, name)
 
 
-def reduce_scatter(caller, operation: str, comm, stacked: torch.Tensor, name: str):
-    """MPI's ``name`` over the group of the flat ``stacked`` (W equal pieces); this rank's piece."""
-    x = operand(stacked)
-    out = torch.empty(x.numel() // comm.Get_size(), dtype=x.dtype)
-    op = mpi_op(name, x.dtype)
-    caller(operation, comm, "Reduce_scatter_block", mpi_spec(x), mpi_spec(out), op)
-    return out
+def reduce_scatter(communicator, flat: torch.Tensor, name: str) -> torch.Tensor:
+    """This rank's W-th of the ``name`` reduction of every rank's ``flat`` (W equal pieces):
+    each rank receives its piece from every rank (an all-to-all) and reduces them."""
+    world = communicator.world_size
+    piece = flat.numel() // world
+    pieces = communicator.all_to_allv(flat.reshape(-1), [piece] * world, [piece] * world)
+    return reduce_rows(pieces.reshape(world, piece), name)

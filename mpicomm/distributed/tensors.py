@@ -1,9 +1,12 @@
-"""The memory MPI reads and writes for the torch.distributed backend's in-place collectives.
+"""Moving results into the caller's tensors, and the memory of point-to-point messages.
 
-torch.distributed collectives write into the caller's tensors. Where MPI can touch a tensor's
-memory directly (a contiguous host tensor, or a contiguous CUDA tensor with a CUDA-aware MPI) it
-does; otherwise the call goes through a host copy that is written back afterwards (the staging
-rule of docs/architecture.md, "Who owns which decision": :meth:`mpicomm.staging.Route.needs_staging`).
+torch.distributed collectives write into the tensors their caller passed; the group's
+:class:`mpicomm.MPICommunicator` returns fresh results (or writes into ``out=``), which
+:func:`write_back` and :func:`split_into` copy into place. Point-to-point messages are the one
+traffic the backend hands to MPI itself (the communicator has no non-blocking send): where MPI can
+touch a tensor's memory directly (a contiguous host tensor, or a contiguous CUDA tensor with a
+CUDA-aware MPI) it does; otherwise a host copy is sent, or received into and written back (the
+staging rule of docs/architecture.md: :meth:`mpicomm.staging.Route.needs_staging`).
 """
 
 from __future__ import annotations
@@ -11,28 +14,39 @@ from __future__ import annotations
 import torch
 
 from ..buffers import sync_device
-from ..staging import Route
+from ..staging import Route, readable
 
 _HOST = torch.device("cpu")
 
 
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without autograd (collectives are not recorded): itself when it needs none."""
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
 def direct(tensor: torch.Tensor, cuda_aware: bool) -> bool:
-    """Whether MPI may use ``tensor``'s own memory (contiguous and not staged)."""
-    return tensor.is_contiguous() and not Route.needs_staging(tensor.device, cuda_aware, False)
+    """Whether MPI may use ``tensor``'s own memory (contiguous, not lazily negated or
+    conjugated, and not staged)."""
+    return (
+        tensor.is_contiguous()
+        and not tensor.is_neg()
+        and not tensor.is_conj()
+        and not Route.needs_staging(tensor.device, cuda_aware, False)
+    )
 
 
-def readable(tensor: torch.Tensor, cuda_aware: bool) -> torch.Tensor:
+def send_buffer(tensor: torch.Tensor, cuda_aware: bool) -> torch.Tensor:
     """``tensor`` (detached) if MPI can read it in place, else a contiguous host copy."""
     tensor = tensor.detach()
     if direct(tensor, cuda_aware):
         if tensor.device != _HOST:
             sync_device(tensor.device)
         return tensor
-    return tensor.to(_HOST).contiguous()
+    return readable(tensor).to(_HOST).contiguous()
 
 
-def writable(tensor: torch.Tensor, cuda_aware: bool) -> torch.Tensor:
-    """Memory MPI may write the result for ``tensor`` into: the tensor itself where direct, else
+def receive_buffer(tensor: torch.Tensor, cuda_aware: bool) -> torch.Tensor:
+    """Memory MPI may write a message for ``tensor`` into: the tensor itself where direct, else
     an empty host tensor of its shape and dtype (hand it to :func:`write_back`)."""
     tensor = tensor.detach()
     if direct(tensor, cuda_aware):
@@ -50,11 +64,9 @@ def write_back(tensor: torch.Tensor, result: torch.Tensor) -> None:
     target.copy_(result.reshape(target.shape))
 
 
-def host_stack(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The tensors flattened and concatenated into one contiguous host tensor (dim 0 = rank)."""
-    dtype = dtype or tensors[0].dtype
-    flat = [t.detach().reshape(-1).to(_HOST, dtype) for t in tensors]
-    return torch.cat(flat) if flat else torch.empty(0, dtype=dtype)
+def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors flattened and concatenated, in order, into one fresh 1-d tensor."""
+    return torch.cat([plain(t).reshape(-1) for t in tensors])
 
 
 def split_into(buf: torch.Tensor, outputs: list[torch.Tensor]) -> None:

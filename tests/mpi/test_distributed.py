@@ -5,6 +5,7 @@ compares the same operations with gloo run on the same inputs)."""
 from __future__ import annotations
 
 import functools
+import gc
 from datetime import timedelta
 
 import pytest
@@ -396,3 +397,178 @@ def test_ddp_matches_single_process_training_on_the_union_of_batches():
     assert everywhere(ok)
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     assert same_bits_everywhere(params)
+
+
+# ----------------------------------------------------------------- refusals (as gloo refuses)
+def test_all_gather_output_list_of_the_wrong_length_is_refused_on_every_rank():
+    for length in (SIZE + 1, SIZE - 1):
+        if length < 1:
+            continue
+        outs = [torch.empty(3) for _ in range(length)]
+        with pytest.raises(ValueError, match=f"tensor_list has {length} tensors"):
+            dist.all_gather(outs, torch.ones(3))
+    outs = [torch.empty(4) for _ in range(SIZE)]  # every entry, this rank's too, of another size
+    with pytest.raises(ValueError, match="tensor_list.*has 4 elements, the input has 3"):
+        dist.all_gather(outs, torch.ones(3))
+    outs = [torch.empty(3) for _ in range(SIZE)]
+    dist.all_gather(outs, torch.full((3,), float(RANK)))  # the group still works
+    assert everywhere(all(torch.equal(o, torch.full((3,), float(r))) for r, o in enumerate(outs)))
+
+
+def test_all_gather_lists_that_differ_between_ranks_raise_on_every_rank():
+    if SIZE < 2:
+        pytest.skip("needs two ranks")
+    sizes = [r + 1 for r in range(SIZE)]  # rank r gathers r + 1 elements
+    if RANK == 0:
+        sizes[-1] += 1000  # rank 0 expects more from the last rank than it sends
+    outs = [torch.empty(n) for n in sizes]
+    with pytest.raises(ValueError, match="tensor_list sizes differ"):
+        dist.all_gather(outs, torch.ones(RANK + 1))
+
+
+def test_other_lists_of_the_wrong_length_are_refused():
+    with pytest.raises(ValueError, match=f"input_list has {SIZE + 1} tensors"):
+        dist.reduce_scatter(torch.empty(2), [torch.ones(2)] * (SIZE + 1))
+    with pytest.raises(ValueError, match=f"input_tensor_list has {SIZE + 1} tensors"):
+        dist.all_to_all([torch.empty(1)] * SIZE, [torch.ones(1)] * (SIZE + 1))
+    with pytest.raises(ValueError, match="all_gather_into_tensor: output has"):
+        dist.all_gather_into_tensor(torch.empty(SIZE * 3 + 1), torch.ones(3))
+    with pytest.raises(ValueError, match="reduce_scatter_tensor: input has"):
+        dist.reduce_scatter_tensor(torch.empty(2), torch.ones(SIZE * 2 + 1))
+    with pytest.raises(ValueError, match="all_to_all_single: output rows"):
+        dist.all_to_all_single(torch.empty(SIZE, 3), torch.ones(SIZE, 2))
+
+
+# ----------------------------------------------------------------- MPICOMM_VALIDATE=1
+def _mismatched_calls():
+    """Calls whose arguments differ between ranks (rank 0 against the others) in a way no rank
+    can see alone: each must raise the consistency mode's ValueError on every rank."""
+    n = 2 if RANK == 0 else 3
+    yield (
+        "all_gather_into_tensor",
+        lambda g: dist.all_gather_into_tensor(torch.empty(SIZE * n), torch.ones(n), group=g),
+    )
+    yield (
+        "all_gather",
+        lambda g: dist.all_gather([torch.empty(n) for _ in range(SIZE)], torch.ones(n), group=g),
+    )
+    yield (
+        "reduce_scatter_tensor",
+        lambda g: dist.reduce_scatter_tensor(torch.empty(n), torch.ones(SIZE * n), group=g),
+    )
+    yield (
+        "reduce_scatter",
+        lambda g: dist.reduce_scatter(torch.empty(n), [torch.ones(n)] * SIZE, group=g),
+    )
+    yield "all_reduce", lambda g: dist.all_reduce(torch.ones(n), group=g)
+    yield "all_reduce MAX", lambda g: dist.all_reduce(torch.ones(n), op=dist.ReduceOp.MAX, group=g)
+    yield "broadcast", lambda g: dist.broadcast(torch.ones(n), group_src=0, group=g)
+    yield (
+        "gather",
+        lambda g: dist.gather(
+            torch.ones(n), [torch.empty(n) for _ in range(SIZE)] if RANK == 0 else None, group=g
+        ),
+    )
+    yield (
+        "scatter",
+        lambda g: dist.scatter(
+            torch.empty(n), [torch.ones(n)] * SIZE if RANK == 0 else None, group=g
+        ),
+    )
+    yield (
+        "all_to_all_single",
+        lambda g: dist.all_to_all_single(torch.empty(SIZE, n), torch.ones(SIZE, n), group=g),
+    )
+    yield (
+        "barrier against all_reduce",
+        lambda g: dist.barrier(group=g) if RANK == 0 else dist.all_reduce(torch.ones(1), group=g),
+    )
+
+
+@pytest.mark.parametrize("case", [name for name, _ in _mismatched_calls()])
+def test_validate_mode_catches_mismatched_calls_on_every_rank(case, monkeypatch):
+    if SIZE < 2:
+        pytest.skip("needs two ranks")
+    monkeypatch.setenv("MPICOMM_VALIDATE", "1")
+    group = dist.new_group(list(range(SIZE)), timeout=timedelta(seconds=30))
+    call = dict(_mismatched_calls())[case]
+    with pytest.raises(ValueError, match="the ranks disagree on"):
+        call(group)
+    x = torch.ones(2)
+    dist.all_reduce(x, group=group)  # the ranks are still in step
+    assert everywhere(torch.equal(x, torch.full((2,), float(SIZE))))
+    dist.destroy_process_group(group)
+
+
+# ----------------------------------------------------------------- point-to-point buffers
+def test_a_dropped_isend_of_a_view_still_sends_the_view():
+    """The work of a non-contiguous isend is dropped at once: the host copy MPI sends from must
+    stay alive until the send completes (the group holds it), whatever reuses freed memory."""
+    if SIZE < 2:
+        pytest.skip("needs two ranks")
+    n = 1 << 18  # 1 MiB of float32: beyond the eager limit, read when the receiver is ready
+    want = torch.arange(2 * n, dtype=torch.float32)[::2].clone()
+    ok = True
+    if RANK == 0:
+        base = torch.arange(2 * n, dtype=torch.float32)
+        dist.isend(base[::2], dst=1)  # work dropped, never waited on
+        gc.collect()
+        junk = [torch.full((n,), -1.0) for _ in range(8)]  # reuse what was freed
+        WORLD.Barrier()
+        WORLD.Barrier()  # progresses the send while rank 1 receives
+        del junk
+    elif RANK == 1:
+        WORLD.Barrier()
+        got = torch.empty(n)
+        dist.irecv(got, src=0).wait()
+        ok = torch.equal(got, want)
+        WORLD.Barrier()
+    else:
+        WORLD.Barrier()
+        WORLD.Barrier()
+    assert everywhere(ok)
+
+
+# ----------------------------------------------------------------- resources
+def _free_context_ids() -> int:
+    """How many more communicators MPI could make now (each holds one context id)."""
+    made = []
+    try:
+        while True:
+            made.append(MPI.COMM_SELF.Dup())
+    except MPI.Exception:
+        pass
+    for c in made:
+        c.Free()
+    return len(made)
+
+
+def _mapped_segments() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("/mpicomm-" in line for line in f)
+
+
+def test_a_group_holds_one_segment_and_at_most_three_communicators():
+    """Counted as MPI's context ids (one per communicator). mpi4py keeps a hidden duplicate of a
+    communicator the first time a pickled reduction (``comm.allreduce(obj, op)``) runs on it, as
+    the shared-memory setup does on the control communicator: measured here and allowed for,
+    so only the communicators mpicomm makes are counted."""
+    before = _free_context_ids()
+    bare = WORLD.Dup()
+    bare.allreduce(0, op=MPI.MIN)
+    hidden = before - _free_context_ids() - 1
+    bare.Free()
+    before, segments = _free_context_ids(), _mapped_segments()
+    group = dist.new_group(list(range(SIZE)), timeout=timedelta(seconds=30))
+    x = torch.ones(8)
+    dist.all_reduce(x, group=group)
+    dist.broadcast(x, group_src=0, group=group)
+    dist.barrier(group=group)
+    held = before - _free_context_ids()
+    mapped = _mapped_segments() - segments
+    shm = group.communicator.transport is not None
+    dist.destroy_process_group(group)
+    after = _free_context_ids()
+    assert everywhere(held - (hidden if shm else 0) <= 3), (held, hidden, shm)
+    assert everywhere(mapped == int(shm) and mapped <= 1), (mapped, shm)
+    assert everywhere(after == before and _mapped_segments() == segments)

@@ -1,5 +1,6 @@
 """The mpicomm torch backend's waits are bounded by the group's ``timeout=`` and name the absent
-rank (tests/programs/dist_timeout.py at 3 ranks)."""
+rank, and a group refuses every call after its timeout (tests/programs/dist_timeout.py at 3
+ranks)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,7 @@ def test_absent_rank_times_out_and_is_named(tmp_path):
         # rank 0 collects the arrivals and names rank 1; rank 2 waits for rank 0's release
         assert missing == ([1] if rank == 0 else [0]), records[rank]
         assert seconds < SECONDS + SLACK, records[rank]
+        for then in ("broadcast", "barrier", "all_gather", "isend"):
+            error, says_unusable, seconds = records[rank][f"then {then}"]
+            assert (error, says_unusable) == ("CommunicationError", True), (then, records[rank])
+            assert seconds < 1.0, (then, records[rank])  # refused at once, not timed out again
