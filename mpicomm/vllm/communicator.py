@@ -107,6 +107,10 @@ class VllmMPICommunicator(_VllmBase):
     fp32 and rounded once, identical bits on every rank).
     """
 
+    supports_tensor_dict = True
+    """vLLM's CPU platform then sends pipeline activations (``GroupCoordinator.send_tensor_dict``
+    / ``recv_tensor_dict``) through :meth:`send_tensor_dict`, not through the torch group."""
+
     def __init__(
         self,
         cpu_group,

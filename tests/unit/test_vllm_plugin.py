@@ -264,3 +264,170 @@ def test_every_counted_method_has_a_count():
     counted |= set(re.findall(r'self\._dispatch\(\s*"(\w+)"', text))
     assert {"all_reduce", "dispatch", "dispatch_router_logits", "combine"} <= counted
     assert counted <= served
+
+
+# --- the launcher around vLLM: MPICOMM_VLLM, the platform choice, the groups at exit ----------
+
+
+def test_export_torch_env_asks_for_mpicomm_unless_told_otherwise(monkeypatch):
+    import os
+
+    from mpi4py import MPI
+
+    monkeypatch.delenv("MPICOMM_VLLM", raising=False)
+    launch.export_torch_env(MPI.COMM_SELF)
+    assert os.environ["MPICOMM_VLLM"] == "1"
+    monkeypatch.setenv("MPICOMM_VLLM", "0")
+    launch.export_torch_env(MPI.COMM_SELF)
+    assert os.environ["MPICOMM_VLLM"] == "0"
+
+
+class _VllmPlatform:  # stands for a platform vLLM chose itself (not mpicomm's)
+    pass
+
+
+def _fake_vllm_module(monkeypatch, name: str, **attrs):
+    import sys
+    import types
+
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+
+def test_export_warns_when_vllm_chose_its_platform_already(monkeypatch):
+    from mpi4py import MPI
+
+    from mpicomm.launch import LaunchWarning
+
+    monkeypatch.delenv("MPICOMM_VLLM", raising=False)
+    _fake_vllm_module(monkeypatch, "vllm.platforms", _current_platform=_VllmPlatform())
+    with pytest.warns(LaunchWarning, match=r"already chose its platform \(_VllmPlatform\)"):
+        launch.export_torch_env(MPI.COMM_SELF)
+
+
+def test_no_platform_warning_before_vllm_chooses_or_when_mpicomm_is_off(monkeypatch, recwarn):
+    _fake_vllm_module(monkeypatch, "vllm.platforms", _current_platform=None)
+    monkeypatch.setenv("MPICOMM_VLLM", "1")
+    assert launch.platform_chosen_without_mpicomm() is None
+    _fake_vllm_module(monkeypatch, "vllm.platforms", _current_platform=_VllmPlatform())
+    assert launch.platform_chosen_without_mpicomm() == "_VllmPlatform"
+    monkeypatch.setenv("MPICOMM_VLLM", "0")
+    assert launch.platform_chosen_without_mpicomm() is None
+
+
+@pytest.mark.parametrize("body", ["pass", "raise SystemExit(0)"])
+def test_launcher_destroys_vllm_groups_after_a_clean_run(tmp_path, monkeypatch, body):
+    calls = []
+    _fake_vllm_module(
+        monkeypatch,
+        "vllm.distributed.parallel_state",
+        _WORLD=object(),
+        destroy_model_parallel=lambda: calls.append("model_parallel"),
+        destroy_distributed_environment=lambda: calls.append("distributed_environment"),
+    )
+    script = tmp_path / "app.py"
+    script.write_text(body + "\n")
+    if body == "pass":
+        assert launch.main([str(script)]) == 0
+    else:
+        with pytest.raises(SystemExit):
+            launch.main([str(script)])
+    assert calls == ["model_parallel", "distributed_environment"]
+
+
+def test_launcher_leaves_vllm_groups_after_a_failed_run(tmp_path, monkeypatch):
+    calls = []
+    _fake_vllm_module(
+        monkeypatch,
+        "vllm.distributed.parallel_state",
+        _WORLD=object(),
+        destroy_model_parallel=lambda: calls.append("model_parallel"),
+        destroy_distributed_environment=lambda: calls.append("distributed_environment"),
+    )
+    script = tmp_path / "app.py"
+    script.write_text("raise SystemExit(3)\n")
+    with pytest.raises(SystemExit):
+        launch.main([str(script)])
+    assert calls == []  # a rank that failed must not enter collectives the others may skip
+    assert launch.destroy_vllm_groups() is True and len(calls) == 2
+    _fake_vllm_module(monkeypatch, "vllm.distributed.parallel_state", _WORLD=None)
+    assert launch.destroy_vllm_groups() is False
+
+
+# --- the eager-mode pipeline buffer for vLLM CPU (mpicomm.vllm.pipeline_fix) --------------------
+
+
+class _Intermediate(dict):
+    pass
+
+
+class _Model:
+    def make_empty_intermediate_tensors(self, batch_size, dtype, device):
+        return _Intermediate(hidden_states=torch.zeros(batch_size, 4, dtype=dtype, device=device))
+
+
+class _AssertsBuffer:
+    """Stand-in for vLLM's model runner: the method asserts on a buffer it never allocates."""
+
+    def __init__(self):
+        self.intermediate_tensors = None
+        self.model = _Model()
+        self.max_num_tokens = 8
+        self.device = torch.device("cpu")
+        self.model_config = type("C", (), {"dtype": torch.float32})()
+
+    def sync_and_gather_intermediate_tensors(self, num_tokens, intermediate_tensors, sync_self):
+        assert self.intermediate_tensors is not None
+        return {k: v[:num_tokens] for k, v in self.intermediate_tensors.items()}
+
+
+class _AllocatesBuffer(_AssertsBuffer):
+    def sync_and_gather_intermediate_tensors(self, num_tokens, intermediate_tensors, sync_self):
+        if self.intermediate_tensors is None:
+            self.intermediate_tensors = {"hidden_states": torch.zeros(8, 4)}
+        assert self.intermediate_tensors is not None
+        return {k: v[:num_tokens] for k, v in self.intermediate_tensors.items()}
+
+
+def test_pipeline_fix_allocates_a_missing_buffer_once(monkeypatch, caplog):
+    from mpicomm.vllm import pipeline_fix as pf
+
+    monkeypatch.delenv("MPICOMM_VLLM_PP_FIX", raising=False)
+    cls = type("Runner", (_AssertsBuffer,), {})
+    cls.sync_and_gather_intermediate_tensors = _AssertsBuffer.sync_and_gather_intermediate_tensors
+    with pytest.raises(AssertionError):  # the bug, as vLLM CPU 0.32 has it in eager mode
+        cls().sync_and_gather_intermediate_tensors(3, None, False)
+    assert pf.asserts_without_allocating(cls.sync_and_gather_intermediate_tensors)
+    with caplog.at_level("WARNING", logger="mpicomm.vllm.pipeline_fix"):
+        assert pf.install(cls) is True
+        assert pf.install(cls) is True  # idempotent: patched once, logged once
+    assert sum("warm-up" in r.getMessage() for r in caplog.records) == 1
+    runner = cls()
+    out = runner.sync_and_gather_intermediate_tensors(3, None, False)
+    assert out["hidden_states"].shape == (3, 4) and out["hidden_states"].dtype == torch.float32
+    buffer = runner.intermediate_tensors
+    runner.sync_and_gather_intermediate_tensors(5, None, False)
+    assert runner.intermediate_tensors is buffer  # allocated once, then reused
+
+
+def test_pipeline_fix_leaves_a_runner_that_allocates(monkeypatch):
+    from mpicomm.vllm import pipeline_fix as pf
+
+    monkeypatch.delenv("MPICOMM_VLLM_PP_FIX", raising=False)
+    cls = type("Runner", (_AllocatesBuffer,), {})
+    original = cls.sync_and_gather_intermediate_tensors
+    assert not pf.asserts_without_allocating(original)
+    assert pf.install(cls) is False
+    assert cls.sync_and_gather_intermediate_tensors is original
+
+
+def test_pipeline_fix_is_turned_off_by_the_setting(monkeypatch):
+    from mpicomm.vllm import pipeline_fix as pf
+
+    monkeypatch.setenv("MPICOMM_VLLM_PP_FIX", "0")
+    cls = type("Runner", (_AssertsBuffer,), {})
+    assert pf.install(cls) is False
+    with pytest.raises(AssertionError):
+        cls().sync_and_gather_intermediate_tensors(3, None, False)

@@ -161,7 +161,10 @@ check_vllm() {  # examples/vllm_generate.py, TP over every rank, under mpiexec a
     local PER_HOST=${MCMN_PER_HOST:-1} MPIEXEC LAUNCH_TIMEOUT=${MCMN_LAUNCH_TIMEOUT:-900} out rc
     MPIEXEC=$(dirname "$MCMN_VLLM_PYTHON")/mpiexec
     out=$VLLM_DIR/mpiexec.out
-    mpi -genv MPICOMM_VLLM 1 -genv VLLM_CPU_KVCACHE_SPACE 1 "$MCMN_VLLM_PYTHON" -m mpicomm.vllm.launch \
+    # an empty vLLM cache: vLLM inspects the model in a child of the ranks, as on a first run
+    rm -rf "$VLLM_DIR/vllm-cache-mpiexec"
+    mpi -genv MPICOMM_VLLM 1 -genv VLLM_CPU_KVCACHE_SPACE 1 -genv VLLM_CACHE_ROOT "$VLLM_DIR/vllm-cache-mpiexec" \
+        "$MCMN_VLLM_PYTHON" -m mpicomm.vllm.launch \
         "$ROOT/examples/vllm_generate.py" --tp "$(( ${#HOSTS[@]} * PER_HOST ))" --workdir "$VLLM_DIR" \
         > "$out" 2>&1
     rc=$?
@@ -176,7 +179,8 @@ check_vllm_slurm() {  # the same under sbatch slurm/vllm.sbatch (srun --mpi=pmi2
     SLURM_UP=1
     bash "$HERE/slurm.sh" up || return 1
     out=$VLLM_DIR/sbatch.out
-    MCMN_PER_HOST=$PER_HOST MCMN_JOB_SCRIPT=$ROOT/slurm/vllm.sbatch \
+    rm -rf "$VLLM_DIR/vllm-cache-sbatch"
+    VLLM_CACHE_ROOT=$VLLM_DIR/vllm-cache-sbatch MCMN_PER_HOST=$PER_HOST MCMN_JOB_SCRIPT=$ROOT/slurm/vllm.sbatch \
         MCMN_JOB_TIMEOUT=${MCMN_JOB_TIMEOUT:-900} MPICOMM_VENV=$(dirname "$(dirname "$MCMN_VLLM_PYTHON")") \
         MPICOMM_TIMEOUT=840 VLLM_CPU_KVCACHE_SPACE=1 \
         bash "$HERE/slurm.sh" job examples/vllm_generate.py --tp "$(( ${#HOSTS[@]} * PER_HOST ))" \
