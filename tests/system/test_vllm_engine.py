@@ -60,11 +60,10 @@ def engine_env(**extra: str) -> dict[str, str | None]:
 
 
 def fresh_vllm_cache() -> str:
-    """A new, empty folder for ``VLLM_CACHE_ROOT`` (under :data:`WORKDIR`, earlier ones removed):
-    vLLM then inspects the model in a child process of the ranks, as on a user's first run."""
+    """A new, empty folder for ``VLLM_CACHE_ROOT`` (under :data:`WORKDIR`): vLLM then inspects
+    the model in a child process of the ranks, as on a user's first run."""
     caches = WORKDIR / "vllm-caches"
-    shutil.rmtree(caches, ignore_errors=True)
-    caches.mkdir(parents=True)
+    caches.mkdir(parents=True, exist_ok=True)
     return tempfile.mkdtemp(dir=caches)
 
 
@@ -82,17 +81,21 @@ def minilm_dir() -> str:
 def launch(n: int, script: Path, *args: str, **env: str) -> tuple[str, list[dict]]:
     """``mpiexec -n N python -m mpicomm.vllm.launch SCRIPT ARGS``; output and per-rank results."""
     WORKDIR.mkdir(parents=True, exist_ok=True)
-    proc = run_mpi(
-        n,
-        "-m",
-        "mpicomm.vllm.launch",
-        str(script),
-        "--workdir",
-        str(WORKDIR),
-        *args,
-        timeout=TIMEOUT,
-        env=engine_env(**env),
-    )
+    environ = engine_env(**env)
+    try:
+        proc = run_mpi(
+            n,
+            "-m",
+            "mpicomm.vllm.launch",
+            str(script),
+            "--workdir",
+            str(WORKDIR),
+            *args,
+            timeout=TIMEOUT,
+            env=environ,
+        )
+    finally:
+        shutil.rmtree(str(environ["VLLM_CACHE_ROOT"]), ignore_errors=True)
     out = proc.stdout + proc.stderr
     tail = "\n".join(line for line in out.splitlines() if " INFO " not in line)[-6000:]
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{tail}"
