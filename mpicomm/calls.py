@@ -21,6 +21,7 @@ import numpy as np
 
 from ._mpi import MPI
 from .errors import CollectiveTimeoutError, CommunicationError
+from .tracking import live_count
 
 # Blocking calls that the MPICH wheel runs far slower than their non-blocking twin plus a wait
 # (Allgatherv of 16 MiB on 2 ranks: 75 ms blocking, 14 ms as Iallgatherv + Wait).
@@ -43,21 +44,131 @@ def nonblocking(method: str) -> str:
 
 
 def created(group: str, make: Callable[[], _T], what: str) -> _T:
-    """``make()`` (an ``MPI_Comm_dup`` or ``MPI_Comm_split``) with its failure as a
-    :class:`CommunicationError` naming the likely cause: MPI runs out of communicators (MPICH:
-    2048 per process) when communicators are made and never destroyed."""
+    """``make()`` (an ``MPI_Comm_dup``, ``MPI_Comm_split`` or ``MPI_Comm_create_group``) with
+    its failure as a :class:`CommunicationError` (:func:`creation_error`)."""
     try:
         return make()
     except MPI.Exception as exc:
-        lines = [line.strip() for line in exc.Get_error_string().splitlines() if line.strip()]
-        error = lines[-1] if lines else str(exc)  # MPICH: the last line of its stack says why
-        raise CommunicationError(
-            f"group {group!r}: MPI could not create {what} ({error}). MPI has a limited number "
-            f"of communicators per process (MPICH: 2048); an MPICommunicator holds 2 or 3 and "
-            f"frees them in destroy(): destroy the communicators you no longer use",
-            operation="create",
-            group=group,
-        ) from exc
+        raise creation_error(group, what, exc) from exc
+
+
+# MPICH's limit on communicators per process (context ids), docs/reliability.md.
+COMMUNICATOR_LIMIT = 2048
+
+
+def creation_error(group: str, what: str, exc: MPI.Exception) -> CommunicationError:
+    """The error of a communicator MPI could not make, naming the cause. The usual one: MPI
+    runs out of communicators (MPICH: 2048 per process, each MPICommunicator holding 2 to 4)
+    when communicators are made and never destroyed."""
+    lines = [line.strip() for line in exc.Get_error_string().splitlines() if line.strip()]
+    error = lines[-1] if lines else str(exc)  # MPICH: the last line of its stack says why
+    text = f"group {group!r}: MPI could not create {what} ({error})."
+    if "too many communicators" in error.lower() or exc.Get_error_class() == MPI.ERR_OTHER:
+        text += (
+            f" MPI has a limited number of communicators per process (MPICH: "
+            f"{COMMUNICATOR_LIMIT}); an MPICommunicator holds 2 to 4 of them (about 500 to 1,000 "
+            f"MPICommunicators in all) and frees them in destroy(). This process holds "
+            f"{live_count()} MPICommunicator(s) not destroyed: destroy the communicators you no "
+            f"longer use"
+        )
+    return CommunicationError(text, operation="create", group=group)
+
+
+def poll(test: Callable[[], _T], timeout: float | None) -> _T | None:
+    """Call ``test`` until it returns something true, and return that; ``None`` once ``timeout``
+    seconds have passed (``timeout=None``: wait as long as it takes). The one wait loop of the
+    package: waits on MPI requests (collectives, receives, duplicates) all go through it.
+
+    Non-blocking operations progress only while their ranks call ``Test``, so the wait starts like
+    a blocking call (a tight loop for ``_SPIN`` s), then yields the core between tests
+    (``sched_yield``) until ``_YIELD`` s, and only then sleeps, backing off to 1 ms. Exceptions
+    (Ctrl-C, a signal handler's ``SystemExit``) propagate: the caller decides what the abandoned
+    request means.
+    """
+    start = time.monotonic()
+    deadline = None if timeout is None else start + timeout
+    pause = 0.0
+    while True:
+        result = test()
+        if result:
+            return result
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            return None
+        if now - start < _SPIN:
+            continue
+        if now - start < _YIELD:
+            os.sched_yield()
+            continue
+        pause = min(max(pause * 2, 2e-5), 1e-3)
+        time.sleep(pause)
+
+
+def timed_out(
+    operation: str,
+    group: str,
+    seconds: float,
+    detail: str = "",
+    missing: list[int] | None = None,
+) -> CollectiveTimeoutError:
+    """The error of a wait that outlived its timeout (the one wording of it in the package).
+
+    ``detail``: one or more sentences saying who had not arrived (e.g. ``" Group rank 1 had not
+    entered it."``, with its leading space); ``missing``: those group ranks, when known.
+    """
+    return CollectiveTimeoutError(
+        f"{operation} on group {group!r} did not complete within {seconds:g} s "
+        f"(MPICOMM_TIMEOUT).{detail} A rank may have failed, be stuck, or never have called it. "
+        f"End the job: leave this error uncaught (mpicomm's abort hook then calls MPI_Abort) or "
+        f"call MPI.COMM_WORLD.Abort().",
+        operation=operation,
+        group=group,
+        timeout=seconds,
+        missing=missing,
+    )
+
+
+# Requests (with their buffers) abandoned by a wait outside any Caller (construction): MPI may
+# still use them, so they are never freed.
+_abandoned: list[tuple] = []
+
+
+def wait_for(
+    operation: str, group: str, request: MPI.Request, keepalive: tuple, timeout: float | None
+) -> None:
+    """Complete ``request`` (part of ``operation`` on ``group``) within ``timeout`` seconds.
+
+    For the waits of construction, where no :class:`Caller` exists yet. At the timeout (or an
+    exception while waiting) the request and ``keepalive`` are kept alive for good and
+    :class:`CollectiveTimeoutError` is raised: some rank of the group never took part. An MPI
+    error propagates as ``MPI.Exception`` (the caller knows what was being made).
+    """
+    try:
+        done = poll(request.Test, timeout)
+    except BaseException:
+        _abandoned.append((request, keepalive))
+        raise
+    if not done:
+        _abandoned.append((request, keepalive))
+        raise timed_out(
+            operation,
+            group,
+            timeout,
+            " Some rank of the group had not reached it (a rank that failed before it, or "
+            "never called it).",
+        )
+
+
+def duplicate(comm: MPI.Comm, group: str, what: str, timeout: float | None) -> MPI.Comm:
+    """A duplicate of ``comm`` (collective, ``MPI_Comm_idup``) within ``timeout`` seconds: running
+    out of communicators raises :class:`CommunicationError` (:func:`created`), a rank that never
+    arrives :class:`CollectiveTimeoutError`."""
+    dup, request = created(group, comm.Idup, what)
+    try:
+        wait_for("create", group, request, (dup,), timeout)
+    except MPI.Exception as exc:  # a non-blocking creation reports its failure in the wait
+        raise creation_error(group, what, exc) from exc
+    return dup
 
 
 class Arrivals:
@@ -239,9 +350,7 @@ class Caller:
 
     def _duplicate(self, operation: str, comm: MPI.Comm) -> MPI.Comm:
         """The private notice communicator: a duplicate of ``comm``, itself bounded by the timeout."""
-        dup, request = created(self.group, comm.Idup, "its arrival-notice communicator")
-        self._poll(operation, request.Test, (request, dup), lambda: "")
-        return dup
+        return duplicate(comm, self.group, "its arrival-notice communicator", self.timeout)
 
     def _ranks_text(self, comm, ranks: list[int], verb: str) -> str:
         self._last_missing = list(ranks)
@@ -262,50 +371,25 @@ class Caller:
         keepalive: tuple,
         who: Callable[[], str],
     ):
-        """Call ``test`` until it returns something true; raise at the deadline.
+        """:func:`poll` ``test`` under this caller's timeout; raise at the deadline.
 
-        Non-blocking collectives progress only while their ranks call ``Test``, so the wait starts
-        like a blocking call (a tight loop for ``_SPIN`` s), then yields the core between tests
-        (``sched_yield``) until ``_YIELD`` s, and only then sleeps, backing off to 1 ms.
+        After a timeout, or any exception raised while polling (Ctrl-C, a signal handler's
+        ``SystemExit``, an MPI error), the request may still be live: ``keepalive`` (the request
+        and its buffers) stays owned here and the caller refuses further calls.
         """
-        start = time.monotonic()
-        deadline = start + self.timeout
-        pause = 0.0
         try:
-            while True:
-                result = test()
-                if result:
-                    return result
-                now = time.monotonic()
-                if now - start < _SPIN:
-                    continue
-                if now - start < _YIELD:
-                    os.sched_yield()
-                    continue
-                if now > deadline:
-                    break
-                pause = min(max(pause * 2, 2e-5), 1e-3)
-                time.sleep(pause)
+            result = poll(test, self.timeout)
         except BaseException as exc:
-            # Ctrl-C, a signal handler's SystemExit, an MPI error: the request may still be live,
-            # so its buffers stay owned here and the caller refuses further calls.
             self._abandoned.append(keepalive)
             self.broken = f"{operation} was interrupted by {type(exc).__name__} while waiting"
             raise
+        if result is not None:
+            return result
         self._abandoned.append(keepalive)
         self.broken = f"{operation} timed out after {self.timeout:g} s"
         self._last_missing = None
-        detail = who()
-        raise CollectiveTimeoutError(
-            f"{operation} on group {self.group!r} did not complete within "
-            f"{self.timeout:g} s (MPICOMM_TIMEOUT).{detail} A rank may have failed, "
-            f"be stuck, or never have called it. End the job: leave this error uncaught "
-            f"(mpicomm's abort hook then calls MPI_Abort) or call MPI.COMM_WORLD.Abort().",
-            operation=operation,
-            group=self.group,
-            timeout=self.timeout,
-            missing=self._last_missing,
-        )
+        detail = who()  # sets _last_missing where the ranks are known
+        raise timed_out(operation, self.group, self.timeout, detail, self._last_missing)
 
     def probe(self, operation: str, comm: MPI.Comm, source: int, tag: int):
         """Matched probe (bounded like any call): ``(message, status)`` of the next message."""

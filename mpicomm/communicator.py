@@ -15,28 +15,31 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import numpy as np
 import torch
 
-from . import consistency, hierarchical, launch, plan, reduction
+from . import aborts, consistency, hierarchical, logs, plan, reduction, tracking
 from ._mpi import MPI
 from .base import DeviceCommunicatorBase
 from .buffers import ResultMemory, Workspace, byte_spec, mpi_spec, sync_device, vector_spec
-from .calls import Caller, created
+from .calls import Caller, created, duplicate
 from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
 from .dtypes import dtype_info
 from .errors import CommunicationError
-from .moe import make_manager, make_router
+from .moe import MANAGERS, make_manager, make_router
 from .shm import Transport, open_transport
 from .shm import built as shm_built
 from .staging import Route, stacked_shape, staging_needs, writable_into
 from .topology import NodeSplit, node_labels
 from .validation import (
     check_choice,
+    check_comm,
     check_device,
     check_device_type,
+    check_flag,
     check_out,
     check_peer,
     check_rank,
@@ -114,23 +117,35 @@ class MPICommunicator(DeviceCommunicatorBase):
         shm: str | bool | None = None,
         own_cpu_group: bool = False,
     ) -> None:
-        super().__init__(cpu_group, device, device_group, unique_name)
-        check_device_type(self.device)
-        env = settings()
-        seconds = env.timeout if timeout is None else check_seconds(timeout, "timeout")
-        algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
-        self.allreduce_algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
-        self.validate = env.validate if validate is None else bool(validate)
-        self.staging = env.staging if staging is None else bool(staging)
-        self._results = ResultMemory(env.huge_pages, env.recycle)
-        self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
-        shm = env.shm if shm is None else shm
-        self.shm = check_choice(
-            str(int(shm)) if isinstance(shm, bool) else shm, HIERARCHICAL_MODES, "shm"
-        )  # MPICOMM_SHM: auto, 0 or 1
+        # The constructor is collective. Each rank first checks what it can alone, then all
+        # ranks agree on the outcome and on the settings that must match (a bounded exchange in
+        # which a rank that failed still takes part), so every rank raises alike instead of
+        # some waiting forever for a rank that gave up (docs/reliability.md).
+        aborts.install_abort_on_exception()  # an uncaught exception on any rank ends the job
+        cpu_group = MPI.COMM_WORLD if cpu_group is None else cpu_group
+        check_comm(cpu_group, "cpu_group")  # no group, no one to agree with
+        label = unique_name if isinstance(unique_name, str) and unique_name else None
+        seconds = None
+        try:
+            env = settings()
+            seconds = env.timeout if timeout is None else check_seconds(timeout, "timeout")
+            super().__init__(cpu_group, device, device_group, unique_name)
+            label = label or f"comm{self.ranks}"
+            self._check_arguments(env, allreduce_algo, validate, staging, shm, all2all_backend)
+            error = None
+        except (TypeError, ValueError) as exc:
+            error = exc
+        consistency.agree_construction(
+            cpu_group,
+            label or "?",
+            seconds,
+            error,
+            None if error is not None else self._must_match(seconds),
+        )
+        self._pid = os.getpid()
         self.cuda_aware = cuda_aware()
-        label = unique_name or f"comm{self.ranks}"
-        launch.apply_log_level(env.log_level)
+        logs.apply_log_level(env.log_level)
+        self._results = ResultMemory(env.huge_pages, env.recycle)
         self._call = Caller(label, seconds)
         self._call.validating = self.validate
         self._workspace = Workspace()
@@ -138,37 +153,27 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._destroyed = False
         self._nodes: NodeSplit | None = None
         self._owns_device_group = device_group is None
-        if device_group is not None:
-            relation = MPI.Comm.Compare(self.cpu_group, device_group)
-            if relation == MPI.IDENT:
-                raise ValueError(
-                    "device_group must be a communicator of its own (e.g. cpu_group.Dup()): "
-                    "control and payload traffic never share one"
-                )
-            if relation != MPI.CONGRUENT:
-                raise ValueError(
-                    "device_group must have the members of cpu_group in the same order"
-                )
-        self._control = created(label, self.cpu_group.Dup, "its control communicator")
+        self._control = duplicate(self.cpu_group, label, "its control communicator", seconds)
         if device_group is None and own_cpu_group:
             self.device_group = self.cpu_group
         elif device_group is None:
             try:
-                self.device_group = created(label, self.cpu_group.Dup, "its payload communicator")
+                self.device_group = duplicate(
+                    self.cpu_group, label, "its payload communicator", seconds
+                )
             except CommunicationError:
                 self._control.Free()
                 raise
-        try:
-            consistency.agree_settings(self._control, label, self._must_match(seconds))
-        except ValueError:
-            self._free_groups()
-            raise
         self._call.prepare(self._control)
         self.all2all_manager = make_manager(all2all_backend, self)
         # The node split is made here, where every rank is already in a collective: a data call
         # never runs an untimed one. Node and leader communicators exist only for groups that
         # span nodes and may use the hierarchical all_reduce.
-        self.node_of = node_labels(self.device_group, node_of) if self.world_size > 1 else (0,)
+        self.node_of = (0,)
+        if self.world_size > 1:
+            self.node_of = created(
+                label, lambda: node_labels(self.device_group, node_of), "the node split"
+            )
         if max(self.node_of) > 0 and self.hierarchical != "0":
             self._nodes = created(
                 label, lambda: NodeSplit.create(self.device_group, self.node_of), "node groups"
@@ -195,8 +200,38 @@ class MPICommunicator(DeviceCommunicatorBase):
             self.device,
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
-        launch.install_abort_on_exception()  # an uncaught exception on any rank ends the job
-        launch.track(self, label)  # warned about at exit unless destroyed
+        tracking.track(self, label)  # warned about at exit unless destroyed
+
+    def _check_arguments(self, env, allreduce_algo, validate, staging, shm, all2all_backend):
+        """The checks each rank makes alone at construction (``TypeError``/``ValueError``)."""
+        check_device_type(self.device)
+        algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
+        self.allreduce_algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
+        self.validate = env.validate if validate is None else check_flag(validate, "validate")
+        self.staging = env.staging if staging is None else check_flag(staging, "staging")
+        self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
+        shm = env.shm if shm is None else shm
+        if isinstance(shm, str) and shm.strip().lower() != "auto":
+            shm = check_flag(shm, "shm")
+        self.shm = check_choice(
+            str(int(shm)) if isinstance(shm, bool) else shm, HIERARCHICAL_MODES, "shm"
+        )  # MPICOMM_SHM: auto, 0 or 1
+        if all2all_backend not in MANAGERS:
+            raise ValueError(
+                f"all2all_backend must be one of {', '.join(MANAGERS)}, got {all2all_backend!r}"
+            )
+        self.all2all_backend = all2all_backend
+        if self.device_group is not None:
+            relation = MPI.Comm.Compare(self.cpu_group, self.device_group)
+            if relation == MPI.IDENT:
+                raise ValueError(
+                    "device_group must be a communicator of its own (e.g. cpu_group.Dup()): "
+                    "control and payload traffic never share one"
+                )
+            if relation != MPI.CONGRUENT:
+                raise ValueError(
+                    "device_group must have the members of cpu_group in the same order"
+                )
 
     def _must_match(self, seconds: float | None) -> dict[str, tuple[object, str]]:
         """Settings every rank of the group must share (compared once, at construction)."""
@@ -207,6 +242,8 @@ class MPICommunicator(DeviceCommunicatorBase):
             "allreduce_algo (MPICOMM_ALLREDUCE_ALGO)": (self.allreduce_algo, self.allreduce_algo),
             "MPICOMM_HIERARCHICAL": (self.hierarchical, self.hierarchical),
             "shm (MPICOMM_SHM)": (self.shm, self.shm),
+            "staging (MPICOMM_STAGING)": (self.staging, str(int(self.staging))),
+            "all2all_backend": (self.all2all_backend, self.all2all_backend),
         }
 
     def _free_groups(self) -> None:
@@ -681,7 +718,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._shm = self._node_shm = None
         self._call.close()
         self._free_groups()
-        launch.untrack(self)
+        tracking.untrack(self)
 
     def __repr__(self) -> str:
         return (

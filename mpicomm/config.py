@@ -52,16 +52,29 @@ VLLM_DEVICES = ("", "cpu", "cuda")
 VLLM_TORCH_BACKENDS = ("gloo", "mpicomm")
 
 
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+def parse_flag(raw: str, name: str) -> bool:
+    """``raw`` (a variable's or an argument's text) as a bool: one of :data:`TRUE` or
+    :data:`FALSE`, any case; anything else raises ``ValueError`` naming ``name``."""
+    text = raw.strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise ValueError(
+        f"{name} must be 0 or 1 (or {'/'.join(TRUE[1:])}, {'/'.join(FALSE[1:])}), got {raw!r}"
+    )
+
+
 def flag(name: str, default: bool | None) -> bool | None:
     """The boolean variable ``name``; ``default`` when unset or empty."""
-    raw = os.environ.get(name, "").strip().lower()
-    if raw == "":
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
         return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return parse_flag(raw, name)
 
 
 def _seconds(name: str) -> float | None:
@@ -115,6 +128,7 @@ class Settings:
     shm: str = "auto"
     shm_direct: bool = True
     recycle: bool = True
+    abort_on_exception: bool = True
 
 
 def settings() -> Settings:
@@ -131,6 +145,7 @@ def settings() -> Settings:
         shm=shm_mode(),
         shm_direct=shm_direct_on(),
         recycle=recycle_on(),
+        abort_on_exception=bool(flag("MPICOMM_ABORT_ON_EXCEPTION", True)),
     )
 
 
@@ -169,7 +184,8 @@ def auto_flag(name: str) -> str:
 
 def abort_on_exception() -> bool:
     """``MPICOMM_ABORT_ON_EXCEPTION`` (default on). Read on its own: it is consulted inside an
-    exception hook, where a malformed unrelated variable must not matter."""
+    exception hook, where a malformed unrelated variable must not matter (and a malformed value
+    of its own means on; :func:`settings`, read when a communicator is built, refuses it)."""
     try:
         return bool(flag("MPICOMM_ABORT_ON_EXCEPTION", True))
     except ValueError:

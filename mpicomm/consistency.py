@@ -8,6 +8,7 @@ so any disagreement raises the same ``ValueError`` on every rank.
 
 from __future__ import annotations
 
+import pickle
 import zlib
 from typing import NamedTuple
 
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from ._mpi import MPI
-from .calls import Caller
+from .calls import Caller, wait_for
 from .dtypes import DTYPES
+from .errors import CommunicationError
 
 # The tensor collectives of docs/contract.md (tests and the fuzzer draw from this list too).
 COLLECTIVES = (
@@ -161,15 +163,58 @@ def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> No
     )
 
 
-def agree_settings(comm: MPI.Comm, group: str, values: dict[str, tuple[object, str]]) -> None:
-    """Once, when a communicator is built (collective on ``comm``, untimed like the rest of
-    construction): raise the same ``ValueError`` on every rank if a setting that must match
-    differs. ``values``: setting name -> (what is compared, how it is shown)."""
-    every = comm.allgather(values)
-    differ = [name for name in values if any(e[name][0] != every[0][name][0] for e in every)]
+def agree_construction(
+    comm: MPI.Comm,
+    group: str,
+    timeout: float | None,
+    error: BaseException | None,
+    values: dict[str, tuple[object, str]] | None,
+) -> None:
+    """The ranks of ``comm`` agree that a communicator can be built (collective on ``comm``).
+
+    Each rank brings the outcome of its own checks: ``error`` (what it would raise) or ``values``
+    (setting name -> (what is compared, how it is shown): the settings that must match). One
+    bounded exchange (non-blocking, polled for ``timeout`` seconds; ``None``: unbounded) in which
+    a rank that failed takes part too. Then every rank raises alike: a failed rank its own error,
+    the others ``ValueError`` naming it; ranks that differ on a setting all raise ``ValueError``.
+    A rank that never arrives ends the wait in :class:`~mpicomm.CollectiveTimeoutError`.
+    """
+    mine = pickle.dumps(
+        ("error", f"{type(error).__name__}: {error}") if error is not None else ("ok", values)
+    )
+    size = comm.Get_size()
+    lengths = np.empty(size, dtype=np.int64)
+    sent = np.array([len(mine)], dtype=np.int64)
+    try:
+        wait_for("create", group, comm.Iallgather(sent, lengths), (sent, lengths), timeout)
+        every = np.empty(int(lengths.sum()), dtype=np.uint8)
+        spec = [every, lengths.tolist(), MPI.BYTE]
+        own = np.frombuffer(mine, dtype=np.uint8)
+        wait_for("create", group, comm.Iallgatherv(own, spec), (own, every), timeout)
+    except MPI.Exception as exc:
+        raise CommunicationError(
+            f"create on group {group!r}: the ranks could not exchange their checks "
+            f"({exc.Get_error_string()})",
+            operation="create",
+            group=group,
+        ) from exc
+    ends = np.cumsum(lengths)
+    outcomes = [
+        pickle.loads(every[e - n : e].tobytes()) for n, e in zip(lengths, ends, strict=True)
+    ]
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {text}" for r, (kind, text) in enumerate(outcomes) if kind == "error"]
+    if failed:
+        raise ValueError(
+            f"group {group!r}: the communicator could not be built on every rank "
+            f"({'; '.join(failed)}); no rank built it"
+        )
+    settings = [v for _, v in outcomes]
+    differ = [name for name in values if any(e[name][0] != settings[0][name][0] for e in settings)]
     if differ:
         detail = "; ".join(
-            f"{name}: " + ", ".join(f"rank {i} {e[name][1]}" for i, e in enumerate(every))
+            f"{name}: " + ", ".join(f"rank {i} {e[name][1]}" for i, e in enumerate(settings))
             for name in differ
         )
         raise ValueError(

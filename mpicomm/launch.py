@@ -1,8 +1,5 @@
 """Launch helpers: rank/device mapping, torch launcher variables, abort on uncaught exceptions.
 
-Longer than ~400 lines on purpose: each helper is short, and they share the launcher variables,
-the world lookup and the rank-tagged output to stderr.
-
 These work the same under ``mpiexec``/``mpirun``, ``srun`` and plain ``python`` (one rank).
 
 * :func:`env_ranks` reads what the launcher put in the environment (no MPI call): Open MPI
@@ -15,30 +12,22 @@ These work the same under ``mpiexec``/``mpirun``, ``srun`` and plain ``python`` 
 * :func:`export_torch_env` sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
   ``GROUP_RANK``/``NODE_RANK`` and, when absent, ``MASTER_ADDR``/``MASTER_PORT`` (chosen on rank 0
   and broadcast) for libraries that follow torch's launcher conventions.
-* :func:`install_abort_on_exception` makes an uncaught exception on any rank (main thread or any
-  other thread) print its traceback tagged with the rank and call ``MPI.COMM_WORLD.Abort(1)``, so
-  the whole job ends with a non-zero status instead of the other ranks waiting forever.
-  ``MPICOMM_ABORT_ON_EXCEPTION=0`` disables it.
-* :func:`track` / :func:`untrack`: communicators of more than one rank that were never destroyed
-  are named on stderr when the process exits (a rank leaving early, e.g. ``sys.exit(0)``, leaves
-  its peers waiting in their next collective on that group).
-* :func:`apply_log_level`: ``MPICOMM_LOG_LEVEL`` on the ``mpicomm`` logger.
+* :func:`install_abort_on_exception` (from :mod:`mpicomm.aborts`, where the abort hooks live):
+  an uncaught exception on any rank ends the whole job.
+
+Communicators never destroyed are tracked in :mod:`mpicomm.tracking`; ``MPICOMM_LOG_LEVEL`` is
+applied by :mod:`mpicomm.logs`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import logging
 import os
 import socket
-import sys
-import threading
-import time
-import traceback
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .aborts import install_abort_on_exception, uninstall_abort_on_exception
 
 __all__ = [
     "EnvRanks",
@@ -48,9 +37,7 @@ __all__ = [
     "export_torch_env",
     "install_abort_on_exception",
     "launch_info",
-    "track",
     "uninstall_abort_on_exception",
-    "untrack",
 ]
 
 
@@ -267,178 +254,3 @@ def export_torch_env(comm=None, *, env: dict | None = None) -> dict[str, str]:
     out["MASTER_ADDR"], out["MASTER_PORT"] = master
     target.update(out)
     return out
-
-
-# --- abort on uncaught exceptions -------------------------------------------------------------
-
-_lock = threading.Lock()
-_installed: dict[str, object] = {}  # "sys" / "threading" -> the hook we replaced
-
-
-def _abort_enabled() -> bool:
-    from .config import abort_on_exception
-
-    return abort_on_exception()
-
-
-def _world():
-    """(MPI module, world) when MPI is initialised and not finalised, else (None, None)."""
-    mpi = sys.modules.get("mpi4py.MPI")  # never import (and so initialise) MPI from a hook
-    if mpi is None:
-        return None, None
-    try:
-        if not mpi.Is_initialized() or mpi.Is_finalized():
-            return None, None
-        return mpi, mpi.COMM_WORLD
-    except Exception:
-        return None, None
-
-
-def _report_and_abort(exc_type, exc, tb, where: str) -> bool:
-    """Print the tagged traceback and abort when there are other ranks; False if MPI is absent."""
-    mpi, world = _world()
-    if world is None or world.Get_size() == 1:
-        return False
-    rank, size = world.Get_rank(), world.Get_size()
-    tag = f"[rank {rank}] "
-    lines = [
-        f"mpicomm: uncaught {exc_type.__name__} in {where} on rank {rank} of {size} "
-        f"(host {socket.gethostname()}, pid {os.getpid()}); aborting the MPI job.\n"
-    ]
-    lines += traceback.format_exception(exc_type, exc, tb)
-    text = "".join(tag + line + "\n" for chunk in lines for line in chunk.rstrip("\n").split("\n"))
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    try:
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    except Exception:
-        os.write(2, text.encode(errors="replace"))
-    return True
-
-
-def _call_abort() -> None:
-    mpi, world = _world()
-    if world is not None:
-        # Give the launcher's output forwarding a moment: hydra can tear the job down before the
-        # traceback just written reaches mpiexec's stderr (seen in CI as an empty job output).
-        time.sleep(0.5)
-        world.Abort(1)
-    os._exit(1)  # Abort does not return; if it somehow did, still do not hang
-
-
-def _sys_hook(exc_type, exc, tb):
-    previous = _installed.get("sys") or sys.__excepthook__
-    if not _abort_enabled() or not _report_and_abort(exc_type, exc, tb, "the main thread"):
-        previous(exc_type, exc, tb)
-        return
-    if previous is not sys.__excepthook__:  # a user's hook: let it run too (ours printed already)
-        with contextlib.suppress(Exception):
-            previous(exc_type, exc, tb)
-    _call_abort()
-
-
-def _thread_hook(args):
-    previous = _installed.get("threading") or threading.__excepthook__
-    if (
-        args.exc_type is SystemExit
-        or not _abort_enabled()
-        or not _report_and_abort(
-            args.exc_type,
-            args.exc_value,
-            args.exc_traceback,
-            f"thread {getattr(args.thread, 'name', '?')!r}",
-        )
-    ):
-        previous(args)
-        return
-    if previous is not threading.__excepthook__:
-        with contextlib.suppress(Exception):
-            previous(args)
-    _call_abort()
-
-
-def install_abort_on_exception() -> bool:
-    """Abort the whole MPI job when any rank has an uncaught exception. Idempotent.
-
-    Replaces ``sys.excepthook`` and ``threading.excepthook`` with hooks that print the traceback
-    with every line tagged ``[rank R]``, run the previous hook if it was a custom one, and call
-    ``MPI.COMM_WORLD.Abort(1)``. Without this an uncaught exception on one rank leaves the others
-    blocked in their next collective (and the dying rank in ``MPI_Finalize``) until the job is
-    killed. Nothing happens in a one-rank job or when MPI was never initialised (the previous
-    hook runs as usual), and ``SystemExit`` (``sys.exit``) is not an uncaught exception.
-
-    Returns True when the hooks are installed, False when disabled by
-    ``MPICOMM_ABORT_ON_EXCEPTION=0`` (also read when an exception arrives).
-    """
-    if not _abort_enabled():
-        return False
-    with _lock:
-        if sys.excepthook is not _sys_hook:
-            _installed["sys"] = sys.excepthook
-            sys.excepthook = _sys_hook
-        if threading.excepthook is not _thread_hook:
-            _installed["threading"] = threading.excepthook
-            threading.excepthook = _thread_hook
-    return True
-
-
-def uninstall_abort_on_exception() -> None:
-    """Put back the hooks that :func:`install_abort_on_exception` replaced (if still ours)."""
-    with _lock:
-        if sys.excepthook is _sys_hook:
-            sys.excepthook = _installed.get("sys") or sys.__excepthook__
-        if threading.excepthook is _thread_hook:
-            threading.excepthook = _installed.get("threading") or threading.__excepthook__
-        _installed.clear()
-
-
-_live: dict[int, tuple[str, int]] = {}  # id(communicator) -> (name, group size), until destroyed
-_at_exit: list[bool] = []  # [True] once warn_undestroyed is registered with atexit
-
-
-def track(comm, name: str) -> None:
-    """Remember ``comm`` (an object with ``world_size``) until :func:`untrack`; at exit, any
-    still remembered with more than one rank is named on stderr."""
-    with _lock:
-        if not _at_exit:
-            atexit.register(warn_undestroyed)
-            _at_exit.append(True)
-        _live[id(comm)] = (name, comm.world_size)
-
-
-def untrack(comm) -> None:
-    """Forget ``comm`` (it was destroyed)."""
-    with _lock:
-        _live.pop(id(comm), None)
-
-
-def warn_undestroyed() -> list[str]:
-    """Name on stderr the multi-rank communicators never destroyed (run at exit); returns them."""
-    with _lock:
-        names = [name for name, size in _live.values() if size > 1]
-    if names:
-        _, world = _world()
-        rank = world.Get_rank() if world is not None else env_ranks().rank
-        with contextlib.suppress(Exception):
-            sys.stderr.write(
-                f"[rank {rank}] mpicomm: exiting with communicator(s) {', '.join(names)} never "
-                f"destroyed. If the other ranks are still in a collective on them they wait until "
-                f"their MPICOMM_TIMEOUT, or forever without one: call destroy() on every rank "
-                f"before leaving, or MPI.COMM_WORLD.Abort() to end the job.\n"
-            )
-            sys.stderr.flush()
-    return names
-
-
-def apply_log_level(level: str | None) -> None:
-    """Set the ``mpicomm`` logger to ``level`` (a :mod:`logging` level name, from
-    ``MPICOMM_LOG_LEVEL``) and, when nothing handles its records, print them on stderr."""
-    if level is None:
-        return
-    logger = logging.getLogger("mpicomm")
-    logger.setLevel(level)
-    if not logger.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("mpicomm %(levelname)s: %(message)s"))
-        logger.addHandler(handler)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ._mpi import MPI
+from .config import parse_flag
 from .dtypes import DtypeInfo, dtype_info
 
 
@@ -167,6 +168,19 @@ def check_seconds(value: object, argument: str) -> float | None:
             f"{argument} must be a finite number of seconds >= 0 (0: no bound), got {value!r}"
         )
     return float(value) or None
+
+
+def check_flag(value: object, argument: str) -> bool:
+    """A yes/no argument: a bool (numpy's too), the ints 0 and 1, or a string spelled as the
+    ``MPICOMM_*`` flags are (``"1"``, ``"no"``, ``"off"``, ...; :func:`mpicomm.config.parse_flag`).
+    Anything else raises: ``bool("no")`` would be True."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        return parse_flag(value, argument)
+    raise TypeError(f"{argument} must be a bool (or 0/1), got {value!r}")
 
 
 def check_choice(value: object, choices: tuple[str, ...], argument: str) -> str:

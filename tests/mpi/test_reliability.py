@@ -114,16 +114,51 @@ def test_send_to_itself_is_rejected(comm):
         (lambda r: {"timeout": 30 if r == 0 else None}, "timeout (MPICOMM_TIMEOUT)"),
         (lambda r: {"validate": r == W - 1}, "validate (MPICOMM_VALIDATE)"),
         (lambda r: {"allreduce_algo": "bytes" if r else "native"}, "allreduce_algo"),
+        (lambda r: {"staging": r == W - 1}, "staging (MPICOMM_STAGING)"),
+        (lambda r: {"all2all_backend": "sparse_alltoallv" if r else None}, "all2all_backend"),
     ],
 )
 def test_settings_that_differ_between_ranks_raise_everywhere(options, named):
+    given = {k: v for k, v in options(RANK).items() if v is not None or k == "timeout"}
     with pytest.raises(ValueError, match="disagree on settings that must match") as info:
-        mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="differ", **options(RANK))
+        mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="differ", **given)
     assert named in str(info.value)
     # nothing was left behind: a communicator with matching settings still works
     c = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="same", timeout=30)
     assert everywhere(torch.equal(c.all_reduce(torch.ones(2)), torch.full((2,), float(W))))
     c.destroy()
+
+
+@pytest.mark.skipif(W < 2, reason="needs a rank that fails alone")
+@pytest.mark.parametrize(
+    ("bad", "own_error"),
+    [
+        ({"allreduce_algo": "bogus"}, ValueError),
+        ({"device": "meta"}, ValueError),
+        ({"timeout": -1}, ValueError),
+        ({"validate": "maybe"}, ValueError),
+        ({"shm": 2.5}, ValueError),
+        ({"unique_name": 3}, TypeError),
+        ({"all2all_backend": "pigeons"}, ValueError),
+    ],
+)
+def test_a_rank_that_fails_a_check_at_construction_fails_it_everywhere(bad, own_error):
+    """The last rank's first communicator fails a local check: every rank raises (before, the
+    others waited in the constructor forever, timeout or not)."""
+    sub = MPI.COMM_WORLD.Dup()  # a group whose first communicator this is
+    try:
+        options = bad if RANK == W - 1 else {}
+        if RANK == W - 1:
+            with pytest.raises(own_error):
+                mpicomm.MPICommunicator(sub, **{"unique_name": "first", **options})
+        else:
+            with pytest.raises(ValueError, match=f"could not be built on every rank.*rank {W - 1}"):
+                mpicomm.MPICommunicator(sub, unique_name="first", timeout=60)
+        c = mpicomm.MPICommunicator(sub, unique_name="then")  # nothing was left behind
+        assert everywhere(torch.equal(c.all_reduce(torch.ones(2)), torch.full((2,), float(W))))
+        c.destroy()
+    finally:
+        sub.Free()
 
 
 @pytest.mark.skipif(W < 2, reason="needs ranks whose sizes differ")

@@ -7,6 +7,7 @@ docs/reliability.md."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 import mpicomm
-from mpicomm import consistency, launch, ops
+from mpicomm import consistency, ops, tracking
 from mpicomm.calls import Caller
 from mpicomm.config import settings
 from mpicomm.errors import CollectiveTimeoutError, CommunicationError
@@ -220,20 +221,20 @@ def test_exit_warning_names_communicators_never_destroyed(capsys):
         world_size = 2
 
     pair, single = Two(), type("One", (), {"world_size": 1})()
-    launch.track(pair, "tp:0")
-    launch.track(single, "self")
+    tracking.track(pair, "tp:0")
+    tracking.track(single, "self")
     try:
-        assert launch.warn_undestroyed() == ["tp:0"]
+        assert tracking.warn_undestroyed() == ["tp:0"]
         assert "communicator(s) tp:0 never destroyed" in capsys.readouterr().err
-        launch.untrack(pair)
-        assert launch.warn_undestroyed() == []
+        tracking.untrack(pair)
+        assert tracking.warn_undestroyed() == []
     finally:
-        launch.untrack(pair)
-        launch.untrack(single)
+        tracking.untrack(pair)
+        tracking.untrack(single)
     c = mpicomm.MPICommunicator(MPI.COMM_SELF)
-    assert id(c) in launch._live
+    assert id(c) in tracking._live
     c.destroy()
-    assert id(c) not in launch._live
+    assert id(c) not in tracking._live
 
 
 def test_cli_reports_a_bad_variable_in_one_line():
@@ -282,11 +283,34 @@ def test_a_rank_that_leaves_early_is_named_and_its_peer_times_out():
     assert time.monotonic() - start < 140
 
 
-@pytest.mark.timeout(200)
-def test_communicator_exhaustion_is_a_communication_error():
-    proc = run_mpi(1, str(PROGRAMS / "faults" / "reliability.py"), "exhaust", timeout=150)
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(("ranks", "timeout"), [(1, None), (2, None), (2, "30")])
+def test_communicator_exhaustion_is_a_communication_error(ranks, timeout):
+    """Before: on 2 ranks a raw mpi4py exception from the node split (and, with a timeout, from
+    the wait of a non-blocking duplicate), at 681 (511) communicators."""
+    proc = run_mpi(
+        ranks,
+        str(PROGRAMS / "faults" / "reliability.py"),
+        "exhaust",
+        timeout=300,
+        env={"MPICOMM_TIMEOUT": timeout},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "EXHAUSTED CommunicationError" in out, out[-3000:]
-    assert "Too many communicators" in out and "destroy the communicators" in out, out[-3000:]
-    assert "USABLE AGAIN" in out, out[-3000:]
+    assert out.count("EXHAUSTED CommunicationError") == ranks, out[-3000:]
+    assert "communicators per process (MPICH: 2048)" in out, out[-3000:]
+    made = int(re.search(r"EXHAUSTED CommunicationError after (\d+)", out).group(1))
+    assert f"This process holds {made} MPICommunicator(s) not destroyed" in out, out[-3000:]
+    assert "destroy the communicators you no" in out, out[-3000:]
+    assert out.count("USABLE AGAIN") == ranks, out[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_that_never_builds_its_communicator_times_the_others_out():
+    """Construction is bounded by the timeout: before, rank 0 waited in MPI_Comm_dup forever."""
+    proc = run_mpi(2, str(PROGRAMS / "faults" / "reliability.py"), "late", timeout=120)
+    out = proc.stdout + proc.stderr
+    found = re.search(r"rank 0: CollectiveTimeoutError after ([\d.]+) s: (.*)", out)
+    assert found, out[-3000:]
+    assert 1.9 < float(found.group(1)) < 30, out[-3000:]
+    assert "create on group 'late' did not complete within 2 s" in found.group(2), out[-3000:]

@@ -5,15 +5,19 @@
   all_reduce of 128 KiB of floats must end in ``CollectiveTimeoutError`` (no untimed collective
   inside a data call), printed as ``rank 0: <type>: <message>``; rank 0 then leaves with
   ``os._exit(0)`` (a pending request must not reach ``MPI_Finalize``).
-* ``exhaust`` (1 rank): communicators are built and never destroyed until MPI runs out; the
-  failure must be a ``CommunicationError`` naming the cause, and after destroying them all a new
-  communicator works.
+* ``exhaust`` (any ranks; ``MPICOMM_TIMEOUT`` may be set): communicators of the world are built
+  and never destroyed until MPI runs out; the failure must be a ``CommunicationError`` naming the
+  cause and the limit, and after destroying them all a new communicator works.
+* ``late`` (2 ranks): rank 0 builds a communicator with ``timeout=2``; rank 1 never does. Rank 0
+  must get ``CollectiveTimeoutError`` from the constructor within the timeout, printed as
+  ``rank 0: <type> after <s> s: <message>``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 from mpi4py import MPI
@@ -41,18 +45,33 @@ def exhaust() -> int:
     made = []
     try:
         while len(made) < 5000:
-            made.append(mpicomm.MPICommunicator(MPI.COMM_SELF, unique_name=f"c{len(made)}"))
+            made.append(mpicomm.MPICommunicator(WORLD, unique_name=f"c{len(made)}"))
         print("never exhausted", flush=True)
-    except mpicomm.CommunicationError as exc:
+    except Exception as exc:  # noqa: BLE001 - the outcome is printed
         print(f"EXHAUSTED {type(exc).__name__} after {len(made)}: {exc}", flush=True)
     for comm in made:
         comm.destroy()
-    comm = mpicomm.MPICommunicator(MPI.COMM_SELF, unique_name="after")
-    ok = torch.equal(comm.all_reduce(torch.ones(3)), torch.ones(3))
+    comm = mpicomm.MPICommunicator(WORLD, unique_name="after")
+    size = WORLD.Get_size()
+    ok = torch.equal(comm.all_reduce(torch.ones(3)), torch.full((3,), float(size)))
     comm.destroy()
     print("USABLE AGAIN" if ok else "WRONG RESULT", flush=True)
     return 0
 
 
+def late() -> int:
+    if RANK == 1:
+        time.sleep(8)  # never builds it; outlives rank 0's wait
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        mpicomm.MPICommunicator(WORLD, unique_name="late", timeout=2)
+        print("rank 0: built without rank 1", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the outcome is printed
+        seconds = time.monotonic() - start
+        print(f"rank 0: {type(exc).__name__} after {seconds:.1f} s: {exc}", flush=True)
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit({"leave": leave, "exhaust": exhaust}[sys.argv[1]]())
+    sys.exit({"leave": leave, "exhaust": exhaust, "late": late}[sys.argv[1]]())
