@@ -1,33 +1,52 @@
-"""torch.distributed on the mpicomm backend vs gloo: all_reduce, all_gather, broadcast, 8 B-64 MiB.
+"""torch.distributed on the mpicomm backend beside gloo, the MPICommunicator it adapts, and raw MPI.
 
     mpiexec -n 2 python benchmarks/distributed_vs_gloo.py [--json out.json] [--quick]
+        [--sizes 4096,262144] [--ops all_reduce,broadcast]
 
-One job, both backends: the default group is gloo (TCP rendezvous on 127.0.0.1), and
-``dist.new_group(backend="mpicomm")`` adds an mpicomm group over the same ranks; every call goes
-through the public ``torch.distributed`` functions. For each operation and size the two backends
-are timed in alternating rounds (gloo first in even rounds, mpicomm first in odd ones); a round is
-``iters`` calls between barriers and its time is the slowest rank's. The table gives the median
-round per call and the ratio gloo / mpicomm (above 1: mpicomm is faster). float32 tensors; the
-size is the tensor each rank passes (all_gather: each rank's input).
+One job, four columns: the default group is gloo (TCP rendezvous on 127.0.0.1);
+``dist.new_group(backend="mpicomm")`` adds an mpicomm group over the same ranks (every call through
+the public ``torch.distributed`` functions); ``MPICommunicator`` is the same call on an
+:class:`mpicomm.MPICommunicator` of the same ranks with the same timeout (what the backend adapts:
+the adapter's cost is the ratio ``mpicomm / MPICommunicator``); ``mpi`` is the plain mpi4py call on
+a duplicate of ``COMM_WORLD`` (no shared memory, no checks). For each operation and size the
+columns are timed in rotating order, round after round; a round is ``iters`` calls between
+barriers and its time is the slowest rank's. The table gives the median round per call (and the
+JSON the best round too: on a loaded machine the fastest round shows the code's own cost). float32
+tensors; the size is the tensor each rank passes (all_gather, gather: each rank's input;
+reduce_scatter, all_to_all: the whole input).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import time
+import warnings
 from datetime import datetime, timedelta, timezone
 
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
 
-import mpicomm  # noqa: F401  (registers the backend)
+import mpicomm
 
 WORLD = MPI.COMM_WORLD
 SIZES = [8, 64, 512, 4096, 32768, 262144, 2 << 20, 16 << 20, 64 << 20]
+OPS = (
+    "all_reduce",
+    "all_gather_into_tensor",
+    "all_gather",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "all_to_all_single",
+    "gather",
+    "barrier",
+)
+COLUMNS = ("gloo", "mpicomm", "MPICommunicator", "mpi")
+TIMEOUT = timedelta(seconds=300)
 
 
 def setup():
@@ -42,27 +61,122 @@ def setup():
         init_method=f"tcp://127.0.0.1:{port}",
         rank=WORLD.Get_rank(),
         world_size=WORLD.Get_size(),
-        timeout=timedelta(seconds=300),
+        timeout=TIMEOUT,
     )
-    return {"gloo": dist.group.WORLD, "mpicomm": dist.new_group(backend="mpicomm")}
+    group = dist.new_group(backend="mpicomm", timeout=TIMEOUT)
+    comm = mpicomm.MPICommunicator(WORLD, unique_name="bench", timeout=TIMEOUT.total_seconds())
+    return dist.group.WORLD, group, comm, WORLD.Dup()
 
 
-def operation(name: str, nbytes: int):
-    n = max(1, nbytes // 4)
+def calls(name: str, nbytes: int, gloo, group, comm, raw):
+    """``{column: fn()}``: one call of ``name`` on ``nbytes`` per column (``None``: not timed)."""
+    world, rank = WORLD.Get_size(), WORLD.Get_rank()
+    n = max(world, nbytes // 4 // world * world)  # divisible by the group size
     x = torch.ones(n)
+    a = x.numpy()
+    out = torch.empty(n * world)
+    o = out.numpy()
+    part = torch.empty(n // world)
+    p = part.numpy()
     if name == "all_reduce":
-        return lambda g: dist.all_reduce(x, group=g)
+
+        def on(g):
+            return lambda: dist.all_reduce(x, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.all_reduce(x),
+            "mpi": lambda: raw.Allreduce(MPI.IN_PLACE, a),
+        }
+    if name == "all_gather_into_tensor":
+
+        def on(g):
+            return lambda: dist.all_gather_into_tensor(out, x, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.all_gather(x, 0),
+            "mpi": lambda: raw.Allgather(a, o),
+        }
     if name == "all_gather":
-        out = torch.empty(n * WORLD.Get_size())
-        return lambda g: dist.all_gather_into_tensor(out, x, group=g)
-    return lambda g: dist.broadcast(x, src=0, group=g)
+        outs = list(out.chunk(world))
+
+        def on(g):
+            return lambda: dist.all_gather(outs, x, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.all_gather(x, 0),
+            "mpi": lambda: raw.Allgather(a, o),
+        }
+    if name == "reduce_scatter_tensor":
+
+        def on(g):
+            return lambda: dist.reduce_scatter_tensor(part, x, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.reduce_scatter(x, 0),
+            "mpi": lambda: raw.Reduce_scatter_block(a, p),
+        }
+    if name == "broadcast":
+
+        def on(g):
+            return lambda: dist.broadcast(x, src=0, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.broadcast(x, 0),
+            "mpi": lambda: raw.Bcast(a, 0),
+        }
+    if name == "all_to_all_single":
+        y = torch.empty(n)
+        b = y.numpy()
+        rows = [n // world] * world
+
+        def on(g):
+            return lambda: dist.all_to_all_single(y, x, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.all_to_allv(x, rows, rows),
+            "mpi": lambda: raw.Alltoall(a, b),
+        }
+    if name == "gather":
+        outs = list(out.chunk(world)) if rank == 0 else None
+
+        def on(g):
+            return lambda: dist.gather(x, outs, dst=0, group=g)
+
+        return {
+            "gloo": on(gloo),
+            "mpicomm": on(group),
+            "MPICommunicator": lambda: comm.gather(x, 0, 0),
+            "mpi": lambda: raw.Gather(a, o if rank == 0 else None, 0),
+        }
+
+    def barrier_on(g):
+        return lambda: dist.barrier(group=g)
+
+    return {
+        "gloo": barrier_on(gloo),
+        "mpicomm": barrier_on(group),
+        "MPICommunicator": comm.barrier,
+        "mpi": raw.Barrier,
+    }
 
 
-def round_time(fn, group, iters: int) -> float:
+def round_time(fn, iters: int) -> float:
     WORLD.Barrier()
     start = time.perf_counter()
     for _ in range(iters):
-        fn(group)
+        fn()
     mine = (time.perf_counter() - start) / iters
     return WORLD.allreduce(mine, op=MPI.MAX)
 
@@ -71,37 +185,43 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
+    ap.add_argument("--sizes", help="comma-separated bytes (default: 8 B to 64 MiB)")
+    ap.add_argument("--ops", help=f"comma-separated, from {','.join(OPS)}")
+    ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    groups = setup()
-    rounds = 3 if args.quick else 7
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
+    gloo, group, comm, raw = setup()
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
+    ops = args.ops.split(",") if args.ops else OPS
+    rounds = 3 if args.quick else args.rounds
     rows = []
-    for name in ("all_reduce", "all_gather", "broadcast"):
-        for nbytes in SIZES:
-            fn = operation(name, nbytes)
+    for name in ops:
+        for nbytes in [0] if name == "barrier" else sizes:
+            fns = calls(name, nbytes, gloo, group, comm, raw)
             iters = max(2, min(200, (8 << 20) // max(nbytes, 1) // 4))
-            for g in groups.values():  # warm-up: buffers, first-call costs
-                fn(g)
-            times = {b: [] for b in groups}
+            for fn in fns.values():  # warm-up: buffers, first-call costs
+                for _ in range(3):
+                    fn()
+            times = {c: [] for c in COLUMNS}
             for r in range(rounds):
-                order = list(groups) if r % 2 == 0 else list(groups)[::-1]
-                for backend in order:
-                    times[backend].append(round_time(fn, groups[backend], iters))
-            med = {b: statistics.median(t) for b, t in times.items()}
-            rows.append(
-                {
-                    "op": name,
-                    "bytes": nbytes,
-                    "gloo_us": med["gloo"] * 1e6,
-                    "mpicomm_us": med["mpicomm"] * 1e6,
-                    "speedup": med["gloo"] / med["mpicomm"],
-                }
-            )
+                order = COLUMNS[r % 4 :] + COLUMNS[: r % 4]
+                for column in order:
+                    times[column].append(round_time(fns[column], iters))
+            us = {c: statistics.median(t) * 1e6 for c, t in times.items()}
+            best = {c: min(t) * 1e6 for c, t in times.items()}
+            row = {"op": name, "bytes": nbytes, **{f"{c}_us": v for c, v in us.items()}}
+            row.update({f"{c}_best_us": v for c, v in best.items()})
+            row["adapter_ratio"] = us["mpicomm"] / us["MPICommunicator"]
+            row["adapter_ratio_best"] = best["mpicomm"] / best["MPICommunicator"]
+            row["gloo_over_mpicomm"] = us["gloo"] / us["mpicomm"]
+            rows.append(row)
             if WORLD.Get_rank() == 0:
-                r_ = rows[-1]
                 print(
-                    f"{name:11s} {nbytes:>10d} B  gloo {r_['gloo_us']:12.1f} us  "
-                    f"mpicomm {r_['mpicomm_us']:12.1f} us  x{r_['speedup']:.1f}",
+                    f"{name:22s} {nbytes:>9d} B  "
+                    + "  ".join(f"{c} {us[c]:9.1f}" for c in COLUMNS)
+                    + f"  us  adapter x{row['adapter_ratio']:.2f} (best rounds "
+                    + f"{best['mpicomm']:.1f} / {best['MPICommunicator']:.1f} us)",
                     flush=True,
                 )
     if WORLD.Get_rank() == 0 and args.json:
@@ -110,11 +230,27 @@ def main() -> None:
             "ranks": WORLD.Get_size(),
             "torch": torch.__version__,
             "mpi": MPI.Get_library_version().splitlines()[0],
+            "cpu": _cpu(),
+            "load": os.getloadavg()[0],
             "rounds": rounds,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    comm.destroy()
+    raw.Free()
     dist.destroy_process_group()
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
+    )
+    return f"{model} ({'AVX-512' if 'avx512f' in text else 'no AVX-512'})"
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class MPIProcessGroup(dist.ProcessGroup):
             out = ops.reduce(self.communicator, x, name, root)
             if out is not None:
                 write_back(x, out)
-        return completed(list(tensors))
+        return self._done(list(tensors), opts)
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         """``outputs[0]`` <- the reduction over ranks of ``input_lists[0][rank]``."""
@@ -167,7 +167,7 @@ class MPIProcessGroup(dist.ProcessGroup):
                 f"{out.numel()} elements, got {[t.numel() for t in inputs]}"
             )
         self._reduce_scatter_into("reduce_scatter", out, flat_cat(inputs), opts)
-        return completed(list(outputs))
+        return self._done(list(outputs), opts)
 
     def reduce_scatter_single(self, output, input_, opts=None):
         """``output`` <- this rank's W-th (dim 0) of the reduction of ``input_``."""
@@ -292,7 +292,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         out = self.communicator.gather(x.reshape(-1), dst=root, dim=0)
         if out is not None:
             split_into(out, output_lists[0])
-        return completed(list(output_lists))
+        return self._done(list(output_lists), opts)
 
     def scatter(self, outputs, input_lists, opts):
         """``outputs[0]`` <- rank ``opts.rootRank``'s ``input_lists[0][rank]``: the root sends
@@ -312,7 +312,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         # one row of n elements per piece: the consistency mode compares n across ranks
         recv_rows = [int(s == root) for s in range(self.world)]
         write_back(out, self.communicator.all_to_allv(send, send_rows, recv_rows))
-        return completed(list(outputs))
+        return self._done(list(outputs), opts)
 
     def alltoall(self, outputs, inputs, opts=None):
         """``outputs[s]`` <- rank s's ``inputs[rank]`` (sizes may differ)."""
@@ -323,7 +323,7 @@ class MPIProcessGroup(dist.ProcessGroup):
             flat_cat(inputs), [t.numel() for t in inputs], [o.numel() for o in outputs]
         )
         split_into(got, outputs)
-        return completed(list(outputs))
+        return self._done(list(outputs), opts)
 
     def all_to_all_single(self, output, input_, output_split_sizes, input_split_sizes, opts=None):
         """Rows (dim 0) of ``input_`` to every rank, ``input_split_sizes[d]`` to rank d (an even
@@ -348,7 +348,7 @@ class MPIProcessGroup(dist.ProcessGroup):
     def barrier(self, opts=None):
         """Returns once every rank of the group has entered it."""
         self.communicator.barrier()
-        return completed([])
+        return self._done([], opts)
 
     def monitored_barrier(self, timeout=None, wait_all_ranks: bool = False) -> None:
         """A barrier whose failure names the ranks that did not arrive within ``timeout``.
