@@ -49,6 +49,10 @@
 #define BLK 256  /* elements summed per block (the accumulator stays in L1) */
 #define ALIGN 64
 #define SPIN 256 /* busy polls of a late peer before yielding the core between polls */
+#define YIELD_FOR 1e-3 /* seconds of yielding between polls before sleeping between them ... */
+#define NAP_FIRST 20000L /* ... first for this many nanoseconds, doubling up to NAP_MOST */
+#define NAP_MOST 1000000L
+#define SIGNALS_EVERY 0.01 /* seconds between checks for a signal Python must handle */
 #define CHUNK (128 << 10) /* bytes a direct sum reads from one peer at a time (stays in L2) */
 #define PROBE 0x6d7069636f6d6d31ull /* the word peers read to test direct reads */
 #define STREAM_FROM ((size_t)1 << 20) /* bytes from which a direct gather streams its own part */
@@ -284,17 +288,29 @@ typedef struct {
        more. NULL until configured. */
     PyObject *hot_type, *hot_kinds, *hot_sizes, *hot_strided, *hot_empty, *hot_new, *hot_empty_large;
     Py_ssize_t hot_large_from;
+    uint64_t desc;       /* what this call's first stage must carry on every rank (begin) ... */
+    uint64_t check;      /* ... checked at the wait for this stage (0: none pending) */
     int holds_gil;       /* this call runs with the GIL held (a small message) ... */
     PyThreadState *released; /* ... and released it once a wait grew long (restored by RUN) */
 } Segment;
 
-static PyObject *WaitError; /* args: (what: "timeout" | "died" | "broken", ranks: tuple, seconds) */
+static PyObject *WaitError; /* args: (what: "timeout" | "died" | "mismatch" | "broken", ranks: tuple,
+                               seconds) */
 
+/* Rank r's control line: its stage (bytes 0-7), its pid (8-11), the call headers of its even and
+   odd stages (16-31, 32-47: the stage and the call's description, see begin), the addresses of
+   its input and output (48-63), all in the cache line its peers poll; its probe word's address
+   (64-71). */
 static inline uint64_t *stage_of(Segment *s, int r) { return (uint64_t *)(s->base + (size_t)r * CTRL); }
 static inline int *pid_of(Segment *s, int r) { return (int *)(s->base + (size_t)r * CTRL + 8); }
-/* Rank r's published addresses: [0] input, [1] output, [2] its probe word. */
+static inline uint64_t *header_of(Segment *s, int r, uint64_t stage) {
+    return (uint64_t *)(s->base + (size_t)r * CTRL + 16 + (size_t)(stage & 1) * 16);
+}
 static inline uint64_t *addr_of(Segment *s, int r) {
-    return (uint64_t *)(s->base + (size_t)r * CTRL + 16);
+    return (uint64_t *)(s->base + (size_t)r * CTRL + 48);
+}
+static inline uint64_t *probe_of(Segment *s, int r) {
+    return (uint64_t *)(s->base + (size_t)r * CTRL + 64);
 }
 static inline char *slot_of(Segment *s, int r, uint64_t round) {
     return s->data + ((size_t)r * 2 + (size_t)(round & 1)) * s->slot;
@@ -337,10 +353,74 @@ typedef struct {
     double seconds;
 } Failure;
 
+/* What a collective's first stage carries (docs/shm.md, "Calls that disagree"): its operation,
+   a kind or root, and its counts as this rank sees them, mixed into one word. Every rank computes
+   it from its own arguments before its first post, so ranks that agree publish the same word. */
+enum { OP_SUM = 1, OP_GATHER, OP_SCATTER, OP_BCAST, OP_BARRIER, OP_PROBE };
+
+static uint64_t describe(int op, long extra, const size_t *counts, int n) {
+    uint64_t h = 0xcbf29ce484222325ull ^ ((uint64_t)op << 56) ^ (uint64_t)(extra + 1);
+    for (int i = 0; i < n; i++) h = (h ^ (uint64_t)counts[i]) * 0x100000001b3ull + (h >> 29);
+    return h;
+}
+
+/* Start a collective described by desc: the header of the stage its first post publishes (a
+   plain store, published by that post's release store), checked against every peer's at the
+   wait for that stage (await_peers), before anything of theirs is read. */
+static inline void begin(Segment *s, uint64_t desc) {
+    uint64_t *h = header_of(s, s->rank, s->stage + 1);
+    h[0] = s->stage + 1;
+    h[1] = desc;
+    s->desc = desc;
+    s->check = s->stage + 1;
+}
+
+/* After the wait for a collective's first stage: the peers whose header differs from this rank's
+   (another call, or other sizes or kind). Every rank finds at least one when any two differ, so
+   every rank fails at this same stage, having read nothing of its peers; then no peer reads any
+   slot before the next call's first stage, so both buffers are free and every rank restarts
+   the rounds at 0: the segment stays in step. 0, or -1 with *fail set. */
+static int check_headers(Segment *s, uint64_t target, Failure *fail) {
+    s->check = 0;
+    fail->count = 0;
+    for (int q = 0; q < s->world; q++) {
+        if (q == s->rank) continue;
+        uint64_t *h = header_of(s, q, target);
+        if (h[0] != target || h[1] != s->desc) fail->ranks[fail->count++] = q;
+    }
+    if (!fail->count) return 0;
+    fail->what = "mismatch";
+    fail->seconds = 0;
+    s->round = 0;
+    return -1;
+}
+
 /* Publish the next stage (a release store: what this rank wrote before is visible to a peer that
    sees the stage). */
 static inline void announce(Segment *s) {
     __atomic_store_n(stage_of(s, s->rank), ++s->stage, __ATOMIC_RELEASE);
+}
+
+/* Run the Python handlers of signals that arrived during a wait (Ctrl-C, a SIGTERM handler), with
+   the GIL taken back for the purpose; a collective on this segment from a handler is refused
+   (busy). 0, or -1 with the handler's exception set and *fail "interrupted": the rank leaves its
+   peers mid-call, so the segment is broken. A handler that closed the segment ends the wait too. */
+static unsigned long main_thread; /* Python runs signal handlers in this thread only */
+
+static int interrupted(Segment *s, Failure *fail) {
+    if (!s->released || PyThread_get_thread_ident() != main_thread) return 0;
+    int busy = s->busy;
+    PyEval_RestoreThread(s->released);
+    s->busy = 1;
+    int rc = PyErr_CheckSignals();
+    s->busy = busy;
+    s->released = PyEval_SaveThread();
+    if (rc == 0 && !s->broken) return 0;
+    fail->what = rc ? "interrupted" : "broken";
+    fail->count = 0;
+    fail->seconds = 0;
+    s->broken = 1;
+    return -1;
 }
 
 /* Wait until every peer has published this rank's stage. 0, or -1 with *fail set. */
@@ -351,10 +431,11 @@ static int await_peers(Segment *s, Failure *fail) {
         if (r == s->rank) continue;
         uint64_t *peer = stage_of(s, r);
         if (__atomic_load_n(peer, __ATOMIC_ACQUIRE) >= target) continue;
-        /* The slow path: spin, then yield the core; check the clock and the peers' pids now and
-           then. */
-        double start = now_s(), next_check = start + 0.05;
-        long spins = 0;
+        /* The slow path: spin, then yield the core, then sleep between polls (an oversubscribed
+           or idle rank leaves the core to others, docs/shm.md "Waiting"); check the clock, the
+           peers' pids and pending signals now and then. */
+        double start = now_s(), next_check = start + 0.05, next_signals = start + SIGNALS_EVERY;
+        long spins = 0, nap = 0;
         while (__atomic_load_n(peer, __ATOMIC_ACQUIRE) < target) {
             if (++spins < SPIN) {
                 cpu_relax();
@@ -365,9 +446,20 @@ static int await_peers(Segment *s, Failure *fail) {
                    peer another rank waits for, in another communicator). */
                 s->released = PyEval_SaveThread();
             }
-            sched_yield();
-            if ((spins & 63) != 0) continue;
+            if (nap) {
+                struct timespec ts = {0, nap};
+                nanosleep(&ts, NULL);
+                nap = nap * 2 < NAP_MOST ? nap * 2 : NAP_MOST;
+            } else {
+                sched_yield();
+                if ((spins & 63) != 0) continue;
+            }
             double t = now_s();
+            if (!nap && t - start > YIELD_FOR) nap = NAP_FIRST;
+            if (t >= next_signals) {
+                next_signals = t + SIGNALS_EVERY;
+                if (interrupted(s, fail)) return -1;
+            }
             int timed_out = s->timeout > 0 && t - start > s->timeout;
             if (!timed_out && t < next_check) continue;
             next_check = t + 0.05;
@@ -394,7 +486,7 @@ static int await_peers(Segment *s, Failure *fail) {
             }
         }
     }
-    return 0;
+    return s->check == target ? check_headers(s, target, fail) : 0;
 }
 
 /* Publish the next stage and wait until every peer has published it. 0, or -1 with *fail set. */
@@ -542,12 +634,13 @@ static int broadcast_direct(Segment *s, char *buf, size_t nbytes, int root, Fail
 
 /* Whether this rank can read every peer's probe word directly (collective: one wait). */
 static int probe_direct(Segment *s, Failure *f) {
+    begin(s, describe(OP_PROBE, 0, NULL, 0));
     if (step(s, f)) return -1; /* every rank has published its probe address (at start) */
     for (int q = 0; q < s->world; q++) {
         if (q == s->rank) continue;
         uint64_t word = 0;
         struct iovec local = {&word, sizeof word};
-        struct iovec remote = {(void *)(uintptr_t)addr_of(s, q)[2], sizeof word};
+        struct iovec remote = {(void *)(uintptr_t)*probe_of(s, q), sizeof word};
         if (process_vm_readv(s->pids[q], &local, 1, &remote, 1, 0) != (ssize_t)sizeof word ||
             word != PROBE)
             return 0;
@@ -615,6 +708,8 @@ static int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int k
     int w = s->world, me = s->rank;
     sum_fn sum = sum_of[kind];
     const void *parts[MAXW];
+    begin(s, describe(OP_SUM, kind, &n, 1));
+    if (total == 0) return step(s, f);
     if (w > 1 && total >= (size_t)s->direct_from) return all_reduce_direct(s, src, dst, n, kind, f);
     if (total <= one_shot_max(s, kind)) { /* one-shot: every rank sums every slot */
         size_t per = align_down(s->slot, isz);
@@ -738,6 +833,8 @@ static int do_reduce_scatter(Segment *s, const char *src, char *dst, const size_
     size_t isz = kind_size[kind];
     int w = s->world, me = s->rank;
     size_t displ[MAXW], most, total = offsets(counts, w, displ, &most);
+    begin(s, describe(OP_SCATTER, kind, counts, w));
+    if (most == 0) return step(s, f);
     if (w > 1 && total * isz >= (size_t)s->direct_from)
         return reduce_scatter_direct(s, src, dst, displ[me], counts[me], kind, f);
     size_t per = scatter_part(s, kind);
@@ -753,6 +850,8 @@ static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *coun
                       Failure *f) {
     int w = s->world, me = s->rank;
     size_t displ[MAXW], most, total = offsets(counts, w, displ, &most);
+    begin(s, describe(OP_GATHER, root, counts, w));
+    if (most == 0) return step(s, f);
     if (w > 1 && total >= (size_t)s->direct_from)
         return gatherv_direct(s, src, dst, counts, displ, root, f);
     size_t per = s->slot;
@@ -778,6 +877,8 @@ static int do_gatherv(Segment *s, const char *src, char *dst, const size_t *coun
 /* root's nbytes of buf to buf on every other rank. */
 static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure *f) {
     int me = s->rank;
+    begin(s, describe(OP_BCAST, root, &nbytes, 1));
+    if (nbytes == 0) return step(s, f);
     if (s->world > 1 && nbytes >= (size_t)s->direct_from) return broadcast_direct(s, buf, nbytes, root, f);
     for (size_t k = 0; k < nbytes; k += s->slot) {
         size_t m = nbytes - k < s->slot ? nbytes - k : s->slot;
@@ -793,6 +894,7 @@ static int do_broadcast(Segment *s, char *buf, size_t nbytes, int root, Failure 
 /* ------------------------------------------------------------------ Python glue */
 
 static PyObject *raise_failure(Failure *f) {
+    if (strcmp(f->what, "interrupted") == 0) return NULL; /* the signal handler's exception */
     PyObject *ranks = PyTuple_New(f->count);
     if (!ranks) return NULL;
     for (int i = 0; i < f->count; i++) PyTuple_SET_ITEM(ranks, i, PyLong_FromLong(f->ranks[i]));
@@ -822,19 +924,17 @@ static int usable(Segment *s) {
     return 1;
 }
 
-/* RC = CALL, without the GIL from gil_free_from bytes; below, with it (released by a long wait). */
+/* RC = CALL, without the GIL from gil_free_from bytes; below, with it (released by a long wait).
+   The released thread state is kept in the segment, where a wait takes it back to run signal
+   handlers (interrupted). */
 #define CALL_GIL(S, BYTES, RC, CALL)                                                            \
     do {                                                                                        \
-        if ((BYTES) >= (size_t)(S)->gil_free_from) {                                            \
-            Py_BEGIN_ALLOW_THREADS RC = (CALL);                                                 \
-            Py_END_ALLOW_THREADS                                                                \
-        } else {                                                                                \
-            (S)->holds_gil = 1;                                                                 \
-            (S)->released = NULL;                                                               \
-            RC = (CALL);                                                                        \
-            (S)->holds_gil = 0;                                                                 \
-            if ((S)->released) PyEval_RestoreThread((S)->released);                             \
-        }                                                                                       \
+        (S)->holds_gil = (BYTES) < (size_t)(S)->gil_free_from;                                  \
+        (S)->released = (S)->holds_gil ? NULL : PyEval_SaveThread();                            \
+        RC = (CALL);                                                                            \
+        (S)->holds_gil = 0;                                                                     \
+        if ((S)->released) PyEval_RestoreThread((S)->released);                                 \
+        (S)->released = NULL;                                                                   \
     } while (0)
 
 #define RUN(S, BYTES, CALL)                                                                     \
@@ -964,7 +1064,14 @@ static void finish_after_error(Segment *s) {
     int rc;
     PyErr_Fetch(&type, &value, &tb);
     CALL_GIL(s, 0, rc, await_peers(s, f));
-    (void)rc; /* a failed wait has marked the segment broken: the next call reports it */
+    /* a failed wait has marked the segment broken: the next call reports it; a signal handler's
+       exception replaces the allocation's */
+    if (rc && strcmp(f->what, "interrupted") == 0) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+        return;
+    }
     PyErr_Restore(type, value, tb);
 }
 
@@ -1003,7 +1110,11 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     size_t total = n * kind_size[kind];
     int large = total >= (size_t)s->hot_large_from;
     int posted = !large && fits_one_shot(s, total, (int)kind);
-    if (posted) post_one_shot(s, (const char *)src, total);
+    if (posted) {
+        size_t count = n;
+        begin(s, describe(OP_SUM, kind, &count, 1));
+        post_one_shot(s, (const char *)src, total);
+    }
     PyObject *out = allocate(s, large ? s->hot_empty_large : s->hot_empty, x, NULL, posted, &dst);
     if (!out) return NULL;
     Failure fail_;
@@ -1057,6 +1168,7 @@ static PyObject *gather_posted(Segment *s, PyObject *x, uintptr_t src, PyObject 
                                const size_t *counts, size_t rows, size_t stride) {
     size_t displ[MAXW], most, total = offsets(counts, s->world, displ, &most);
     uintptr_t dst;
+    begin(s, describe(OP_GATHER, -1, counts, s->world));
     post_one_shot(s, (const char *)src, counts[s->rank]);
     PyObject *out = allocate(s, s->hot_new, x, shape, 1, &dst);
     Py_DECREF(shape);
@@ -1210,6 +1322,7 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     Py_DECREF(shape);
     size_t displ[MAXW], most, per = scatter_part(s, (int)kind);
     offsets(counts, w, displ, &most);
+    begin(s, describe(OP_SCATTER, kind, counts, w));
     post_scatter_round(s, (const char *)src, counts, displ, 0, per, kind_size[kind]);
     out = allocate(s, s->hot_new, x, smaller, 1, &dst);
     Py_DECREF(smaller);
@@ -1269,6 +1382,7 @@ static PyObject *seg_broadcast(Segment *s, PyObject *const *a, Py_ssize_t nargs)
 static PyObject *seg_barrier(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     ARGS(0);
     (void)a;
+    begin(s, describe(OP_BARRIER, 0, NULL, 0));
     RUN(s, 0, step(s, f));
 }
 
@@ -1278,8 +1392,7 @@ static PyObject *seg_probe_direct(Segment *s, PyObject *const *a, Py_ssize_t nar
     (void)a;
     Failure fail_;
     int ok;
-    Py_BEGIN_ALLOW_THREADS ok = probe_direct(s, &fail_);
-    Py_END_ALLOW_THREADS
+    CALL_GIL(s, (size_t)-1, ok, probe_direct(s, &fail_));
     if (ok < 0) return raise_failure(&fail_);
     return PyBool_FromLong(ok);
 }
@@ -1293,6 +1406,10 @@ static PyObject *seg_start(Segment *s, PyObject *unused) {
 
 static PyObject *seg_close(Segment *s, PyObject *unused) {
     (void)unused;
+    if (s->busy) { /* from a signal handler or finalizer inside a call: unmapped at dealloc */
+        s->broken = 1;
+        Py_RETURN_NONE;
+    }
     if (s->base) munmap(s->base, s->length);
     s->base = NULL;
     Py_RETURN_NONE;
@@ -1377,7 +1494,7 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
         return -1;
     }
     memset(s->pids, 0, sizeof s->pids);
-    addr_of(s, rank)[2] = (uint64_t)(uintptr_t)&s->probe;
+    *probe_of(s, rank) = (uint64_t)(uintptr_t)&s->probe;
     __atomic_store_n(pid_of(s, rank), (int)getpid(), __ATOMIC_RELEASE);
     return 0;
 }
@@ -1469,6 +1586,15 @@ static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core", NULL, -
 
 PyMODINIT_FUNC PyInit__core(void) {
     if (PyType_Ready(&SegmentType) < 0) return NULL;
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *thread = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
+    PyObject *ident = thread ? PyObject_GetAttrString(thread, "ident") : NULL;
+    Py_XDECREF(threading);
+    Py_XDECREF(thread);
+    if (!ident) return NULL;
+    main_thread = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (PyErr_Occurred()) return NULL;
 #if defined(__x86_64__)
     unsigned eax, ebx, ecx, edx;
     fast_strings = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ebx & (1u << 9)); /* ERMS */

@@ -223,7 +223,8 @@ class Transport:
 
     def _failed(self, operation: str, exc: Exception) -> CommunicationError:
         """The error of a wait that failed (``exc``: the core's WaitError); marks the
-        communicator broken."""
+        communicator broken, except when the ranks disagreed on the call (every rank then fails
+        at the same stage, having read nothing, and the segment stays in step)."""
         what, ranks, seconds = exc.args
         ranks = list(ranks)
         listed = ", ".join(map(str, ranks))
@@ -250,8 +251,26 @@ class Transport:
                 operation=operation,
                 group=group,
             )
+        if what == "mismatch":
+            return CommunicationError(
+                f"{operation} on group {group!r}: group rank(s) {listed} passed a different call "
+                "(another operation, or other sizes or dtype) than this rank. Nothing was read "
+                "from any rank and the group stays usable; MPICOMM_VALIDATE=1 names the "
+                "difference (docs/reliability.md).",
+                operation=operation,
+                group=group,
+            )
         caller.broken = caller.broken or f"the shared memory is {what}"
         return self._refused(operation)
+
+    def _interrupted(self, operation: str, exc: BaseException) -> None:
+        """After ``exc`` left a call: when a signal handler raised it during a wait (the core
+        then marks the segment broken: the peers are mid-call), mark the communicator broken, as
+        the MPI paths do (docs/reliability.md); an allocation's error leaves the ranks in step."""
+        if self._seg.broken and self._caller.broken is None:
+            self._caller.broken = (
+                f"{operation} was interrupted by {type(exc).__name__} while waiting"
+            )
 
     # ------------------------------------------------------------------ collectives
     def sum_fresh(self, x) -> torch.Tensor | None:
@@ -269,6 +288,9 @@ class Transport:
             return self._seg.sum_fresh(x)
         except _core.WaitError as exc:
             raise self._failed("all_reduce", exc) from None
+        except BaseException as exc:
+            self._interrupted("all_reduce", exc)
+            raise
 
     def gather_fresh(self, x, dim) -> torch.Tensor | None:
         """The hot path of an all_gather (docs/shm.md, "Per call"): ``torch.cat`` of every rank's
@@ -282,6 +304,9 @@ class Transport:
             return self._seg.gather_fresh(x, dim)
         except _core.WaitError as exc:
             raise self._failed("all_gather", exc) from None
+        except BaseException as exc:
+            self._interrupted("all_gather", exc)
+            raise
 
     def gatherv_fresh(self, x, dim, sizes) -> torch.Tensor | None:
         """The hot path of an all_gatherv along dim 0 (docs/shm.md, "Per call"): every rank's
@@ -296,6 +321,9 @@ class Transport:
             return self._seg.gatherv_fresh(x, dim, sizes)
         except _core.WaitError as exc:
             raise self._failed("all_gatherv", exc) from None
+        except BaseException as exc:
+            self._interrupted("all_gatherv", exc)
+            raise
 
     def scatter_fresh(self, x, dim, sizes, operation: str) -> torch.Tensor | None:
         """The hot path of a reduce_scatter(v) along dim 0 (docs/shm.md, "Per call"): this rank's
@@ -310,6 +338,9 @@ class Transport:
             return self._seg.scatter_fresh(x, dim, sizes)
         except _core.WaitError as exc:
             raise self._failed(operation, exc) from None
+        except BaseException as exc:
+            self._interrupted(operation, exc)
+            raise
 
     def all_reduce(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The rank-order sum of every rank's ``x`` (a host tensor of any shape): written into
@@ -329,6 +360,9 @@ class Transport:
             self._seg.all_reduce(x.data_ptr(), out.data_ptr(), n * kind[1], kind[0])
         except _core.WaitError as exc:
             raise self._failed("all_reduce", exc) from None
+        except BaseException as exc:
+            self._interrupted("all_reduce", exc)
+            raise
         return out
 
     def reduce_scatter(
@@ -349,6 +383,9 @@ class Transport:
             self._seg.reduce_scatter(x.data_ptr(), out.data_ptr(), sizes, kind[0])
         except _core.WaitError as exc:
             raise self._failed(operation, exc) from None
+        except BaseException as exc:
+            self._interrupted(operation, exc)
+            raise
         return out
 
     def all_gather(self, x: torch.Tensor, shape, operation: str = "all_gather") -> torch.Tensor:
@@ -362,6 +399,9 @@ class Transport:
             self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
         except _core.WaitError as exc:
             raise self._failed(operation, exc) from None
+        except BaseException as exc:
+            self._interrupted(operation, exc)
+            raise
         return out
 
     def gatherv(self, x: torch.Tensor, rows: list[int], row_bytes: int, shape, root: int):
@@ -376,6 +416,9 @@ class Transport:
             self._seg.gatherv(x.data_ptr(), 0 if out is None else out.data_ptr(), sizes, root)
         except _core.WaitError as exc:
             raise self._failed("gather" if root >= 0 else "all_gatherv", exc) from None
+        except BaseException as exc:
+            self._interrupted("gather" if root >= 0 else "all_gatherv", exc)
+            raise
         return out
 
     def broadcast(
@@ -393,6 +436,9 @@ class Transport:
             self._seg.broadcast(out.data_ptr(), out.nbytes, src)
         except _core.WaitError as exc:
             raise self._failed("broadcast", exc) from None
+        except BaseException as exc:
+            self._interrupted("broadcast", exc)
+            raise
         return out
 
     def barrier(self) -> None:
@@ -401,3 +447,6 @@ class Transport:
             self._seg.barrier()
         except _core.WaitError as exc:
             raise self._failed("barrier", exc) from None
+        except BaseException as exc:
+            self._interrupted("barrier", exc)
+            raise

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from mpicomm import MPICommunicator, plan
+from mpicomm import CommunicationError, MPICommunicator, plan
 from mpicomm.check import make_input, reference_sum
 from mpicomm.shm import built
 from tests import conformance
@@ -504,3 +504,68 @@ def test_gatherv_hot_path_allocation_failure_keeps_ranks_in_step(on):
     new = fails_once(torch.Tensor.new_empty)
     ok = in_step_after_failure(on, lambda: hot(x, 0, None), want, new=new)
     assert everywhere(ok and torch.equal(on.all_gatherv(x, 0), want))
+
+
+def _ones(n, dtype=torch.float32):
+    return torch.ones(n, dtype=dtype)
+
+
+def _sizes(world, odd, rows=2):
+    """Rows per rank as one rank sees them: the odd rank believes rank 0 has one more."""
+    return [rows + (odd and r == 0) for r in range(world)]
+
+
+# Calls on which the last rank (odd=True) disagrees with the others (docs/shm.md, "Calls that
+# disagree"): one rank, op(comm, odd, rank, world), validation off. Sizes cover the hot paths,
+# the one-shot / in-segment / several-round / direct paths, and one rank on each of two paths.
+MISMATCHES = {
+    "all_reduce-hot": lambda c, odd, r, w: c.all_reduce(_ones(5 if odd else 4)),
+    "all_reduce-hot-vs-large": lambda c, odd, r, w: c.all_reduce(_ones(300_000 if odd else 100)),
+    "all_reduce-large": lambda c, odd, r, w: c.all_reduce(_ones(300_000 if odd else 70_000)),
+    "all_reduce-dtype": lambda c, odd, r, w: c.all_reduce(_ones(4, torch.int64 if odd else None)),
+    "all_reduce-general": lambda c, odd, r, w: c.all_reduce(
+        _ones(7 if odd else 6), out=torch.empty(7 if odd else 6)
+    ),
+    "all_gather-hot": lambda c, odd, r, w: c.all_gather(_ones(5 if odd else 4), 0),
+    "all_gather-large": lambda c, odd, r, w: c.all_gather(_ones(300_000 if odd else 290_000), 0),
+    "all_gatherv-hot": lambda c, odd, r, w: c.all_gatherv(
+        _ones((_sizes(w, odd)[r], 3)), 0, _sizes(w, odd)
+    ),
+    "all_gatherv-large": lambda c, odd, r, w: c.all_gatherv(
+        _ones(_sizes(w, odd, 300_000)[r]), 0, _sizes(w, odd, 300_000)
+    ),
+    "reduce_scatter-hot": lambda c, odd, r, w: c.reduce_scatter(_ones(3 * w if odd else 2 * w), 0),
+    "reduce_scatter-large": lambda c, odd, r, w: c.reduce_scatter(
+        _ones(w * (90_000 if odd else 80_000)), 0
+    ),
+    "reduce_scatterv-hot": lambda c, odd, r, w: c.reduce_scatterv(
+        _ones(sum(_sizes(w, odd))), 0, _sizes(w, odd)
+    ),
+    "broadcast": lambda c, odd, r, w: c.broadcast(_ones(5 if odd else 4), 0),
+    "broadcast-large": lambda c, odd, r, w: c.broadcast(_ones(300_000 if odd else 70_000), 0),
+    "gather": lambda c, odd, r, w: c.gather(_ones(5 if odd else 4), 0, 0),
+    "operation": lambda c, odd, r, w: c.all_gather(_ones(4), 0) if odd else c.all_reduce(_ones(4)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MISMATCHES))
+def test_ranks_that_disagree_raise_everywhere_and_stay_in_step(on, variant):
+    """Without the consistency mode, a call whose sizes, dtype or operation differ on one rank
+    raises CommunicationError on every rank before anything is read (no rank reads past a peer's
+    tensor), and the group stays usable: the next calls give the right results everywhere."""
+    world, rank = on.world_size, on.rank
+    if world == 1:
+        pytest.skip("needs a peer to disagree with")
+    try:
+        MISMATCHES[variant](on, rank == world - 1, rank, world)
+        raised = "returned"
+    except CommunicationError as exc:
+        raised = "passed a different call" in str(exc)
+    x = torch.full((3,), float(rank + 1))
+    ok = raised is True and on.broken is None
+    ok = ok and torch.equal(on.all_reduce(x), torch.full((3,), world * (world + 1) / 2))
+    want = torch.cat([torch.full((3,), float(r + 1)) for r in range(world)])
+    ok = ok and torch.equal(on.all_gather(x, 0), want)
+    big = torch.full((300_000,), float(rank + 1))
+    ok = ok and torch.equal(on.all_reduce(big), torch.full((300_000,), world * (world + 1) / 2))
+    assert everywhere(ok), f"rank {rank}: raised={raised} broken={on.broken}"

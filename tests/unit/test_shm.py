@@ -287,3 +287,34 @@ def test_info_says_which_transport(monkeypatch):
     monkeypatch.delenv("MPICOMM_SHM")
     monkeypatch.setattr(info, "shm_built", lambda: False)
     assert "not built" in info.transport_report(2)[0]
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "interrupt-large", "term"])
+def test_a_signal_ends_a_wait_and_breaks_the_communicator(mode):
+    """Ctrl-C (SIGINT), or SIGTERM with a handler that raises SystemExit, reaches Python while a
+    rank waits in shared memory for a peer that never comes, within a bound far below the
+    timeout (30 s; the core checks every 10 ms, the bound leaves room for a loaded machine),
+    small messages (GIL held) and large ones (GIL released) alike; the communicator then
+    refuses further calls, as on the MPI path."""
+    proc = run_mpi(2, str(PROGRAMS / "shm_fault.py"), mode, "30", timeout=90)
+    found = re.search(
+        r"SHM_SIGNAL error=(\w+) seconds=([-\d.]+) refused=(\S+) broken=(\w+)", proc.stdout
+    )
+    assert found, proc.stdout + proc.stderr
+    error, seconds, refused, broken = found.groups()
+    assert error == ("SystemExit" if mode == "term" else "KeyboardInterrupt"), proc.stdout
+    assert 0 <= float(seconds) < 0.5, proc.stdout
+    assert refused == "CommunicationError" and broken == "True", proc.stdout
+
+
+def test_a_late_peer_is_waited_for_without_burning_the_cpu():
+    """4 ranks on this 2-core machine, the last one 0.2 s late: the waiting ranks yield, then
+    sleep between polls (docs/shm.md, "Waiting"), so each spends a small fraction of the wait on
+    the CPU (a wait that only yields spends what the scheduler leaves it: most of a core on an
+    idle machine)."""
+    proc = run_mpi(4, str(PROGRAMS / "shm_fault.py"), "late", "30", timeout=90)
+    waits = re.findall(r"SHM_LATE rank=(\d+) cpu=([\d.]+) wall=([\d.]+)", proc.stdout)
+    assert len(waits) == 9, proc.stdout
+    for _rank, cpu, wall in waits:
+        assert float(wall) > 0.15, proc.stdout
+        assert float(cpu) < 0.05 * float(wall), proc.stdout
