@@ -280,6 +280,7 @@ typedef struct {
     Py_ssize_t direct_from; /* bytes from which peers read each other's tensors directly */
     char *scratch;       /* CHUNK bytes per rank: peers' parts of a direct sum */
     uint64_t probe;      /* PROBE: what peers read to test direct reads */
+    int fd;              /* the creator's descriptor until close_fd() (peers open it), else -1 */
     int busy;            /* a hot path allocating its result after its post: a re-entrant call
                             (from a finalizer) is refused */
     /* What the hot paths take and how they allocate (hot_config): torch.Tensor, {dtype: kind} of
@@ -1404,6 +1405,14 @@ static PyObject *seg_start(Segment *s, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* close_fd(): drop the creator's descriptor (once every rank has mapped the segment) */
+static PyObject *seg_close_fd(Segment *s, PyObject *unused) {
+    (void)unused;
+    if (s->fd >= 0) close(s->fd);
+    s->fd = -1;
+    Py_RETURN_NONE;
+}
+
 static PyObject *seg_close(Segment *s, PyObject *unused) {
     (void)unused;
     if (s->busy) { /* from a signal handler or finalizer inside a call: unmapped at dealloc */
@@ -1412,7 +1421,7 @@ static PyObject *seg_close(Segment *s, PyObject *unused) {
     }
     if (s->base) munmap(s->base, s->length);
     s->base = NULL;
-    Py_RETURN_NONE;
+    return seg_close_fd(s, NULL);
 }
 
 static PyObject *seg_pids(Segment *s, PyObject *unused) {
@@ -1432,15 +1441,21 @@ static void seg_dealloc(Segment *s) {
     Py_CLEAR(s->hot_new);
     Py_CLEAR(s->hot_empty_large);
     free(s->scratch);
+    if (s->fd >= 0) close(s->fd);
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
-/* Segment(name, world, rank, slot_bytes, create): map the shared memory object `name` (made here
-   when create, exclusively: a name in use raises FileExistsError). */
+/* Segment(name, world, rank, slot_bytes, create): when create, make the shared memory object
+   `name` (exclusively: a name in use raises FileExistsError) and remove the name at once, so
+   nothing is left in /dev/shm whatever happens to any rank from here on (the memory lives while
+   a mapping or descriptor does); reserve its memory (posix_fallocate: a full /dev/shm is an
+   OSError here, never a SIGBUS at a later write) and keep the descriptor (fd) until close_fd(),
+   for the peers to open as /proc/<pid>/fd/<fd>. Else `name` is that path. Then map it. */
 static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     const char *name;
     int world, rank, create;
     Py_ssize_t slot;
+    s->fd = -1; /* before any failure: dealloc closes it */
     if (!PyArg_ParseTuple(args, "siinp", &name, &world, &rank, &slot, &create)) return -1;
     if (world < 1 || world > MAXW || rank < 0 || rank >= world || slot < ALIGN || slot % ALIGN) {
         PyErr_SetString(PyExc_ValueError, "Segment: bad world, rank or slot size");
@@ -1448,16 +1463,24 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
     }
     size_t ctrl = ((size_t)world * CTRL + 4095) / 4096 * 4096;
     size_t length = ctrl + (size_t)world * 2 * (size_t)slot;
-    int fd = shm_open(name, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
+    int fd = create ? shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600) : open(name, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
         return -1;
     }
-    if (create && ftruncate(fd, (off_t)length) != 0) {
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
-        close(fd);
+    if (create) {
         shm_unlink(name);
-        return -1;
+        int err = ftruncate(fd, (off_t)length) != 0 ? errno : 0;
+        while (!err && (err = posix_fallocate(fd, 0, (off_t)length)) == EINTR) {
+        }
+        if (err) {
+            char where[300];
+            snprintf(where, sizeof where, "/dev/shm%s (%zu bytes)", name, length);
+            errno = err;
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, where);
+            close(fd);
+            return -1;
+        }
     }
     struct stat st;
     if (fstat(fd, &st) != 0 || (size_t)st.st_size != length) {
@@ -1466,11 +1489,15 @@ static int seg_init(Segment *s, PyObject *args, PyObject *kw) {
         return -1;
     }
     void *base = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
     if (base == MAP_FAILED) {
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+        close(fd);
         return -1;
     }
+    if (create)
+        s->fd = fd;
+    else
+        close(fd);
     s->base = base;
     s->length = length;
     s->data = (char *)base + ctrl;
@@ -1550,6 +1577,7 @@ static PyMethodDef seg_methods[] = {
     {"start", (PyCFunction)seg_start, METH_NOARGS, "read the peers' pids"},
     {"close", (PyCFunction)seg_close, METH_NOARGS, "unmap"},
     {"pids", (PyCFunction)seg_pids, METH_NOARGS, "the ranks' pids"},
+    {"close_fd", (PyCFunction)seg_close_fd, METH_NOARGS, "drop the creator's descriptor"},
     {NULL, NULL, 0, NULL}};
 
 #include <structmember.h>
@@ -1563,6 +1591,7 @@ static PyMemberDef seg_members[] = {
     {"slot", T_PYSSIZET, offsetof(Segment, slot), READONLY, "bytes per slot"},
     {"world", T_INT, offsetof(Segment, world), READONLY, "ranks"},
     {"rank", T_INT, offsetof(Segment, rank), READONLY, "this rank"},
+    {"fd", T_INT, offsetof(Segment, fd), READONLY, "the creator's descriptor (-1: none)"},
     {NULL, 0, 0, 0, NULL}};
 
 static PyTypeObject SegmentType = {

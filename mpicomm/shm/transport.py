@@ -2,9 +2,10 @@
 
 :func:`open_transport` (collective on the cpu communicator, at construction) maps one POSIX
 shared-memory segment for the group, or returns ``None`` when the group cannot use one (the
-compiled core is missing, the group spans nodes, ``MPICOMM_SHM=0``); the communicator then uses
-MPI alone. The segment's name is unlinked as soon as every rank has mapped it, so no file is left
-in ``/dev/shm`` whatever happens to the job; :meth:`Transport.close` unmaps it.
+compiled core is missing, the group spans nodes, ``MPICOMM_SHM=0``, no room in /dev/shm); the
+communicator then uses MPI alone. The segment's name is removed as soon as it is made (peers open
+it through the creator's descriptor), so no file is left in ``/dev/shm`` whatever happens to the
+job; :meth:`Transport.close` unmaps it.
 
 The per-call methods take host tensors and return fresh results, or ``None`` for a dtype the
 compiled sums do not cover (the caller then takes the MPI path). Waits honour the communicator's
@@ -84,6 +85,7 @@ _REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
 _ITEMSIZES = {dtype: info.itemsize for dtype, info in DTYPES.items()}
 _NEVER = (1 << 63) - 1
 _counter = itertools.count()
+_warned = False
 log = logging.getLogger("mpicomm")
 
 
@@ -100,42 +102,56 @@ def segment_name(pid: int, serial: int, token: str) -> str:
     return f"/mpicomm-{job}-{pid}-{serial}-{token}"
 
 
+def _no_segment(group: str, error: str) -> None:
+    """Log that ``group`` takes MPI for want of a segment: once per process at WARNING (a full
+    /dev/shm fails every later group alike), then at DEBUG."""
+    global _warned
+    level = logging.DEBUG if _warned else logging.WARNING
+    _warned = True
+    log.log(level, "%s: no shared memory (%s); collectives use MPI", group, error)
+
+
 def open_transport(
     comm: MPI.Comm, caller: Caller, results: ResultMemory, direct: bool = True
 ) -> Transport | None:
     """Map a segment for ``comm``'s group (all ranks on one node; collective on ``comm``).
 
-    Rank 0 creates it under a fresh name and broadcasts the name; every rank maps it; after an
-    MPI barrier (an allreduce of the outcome) rank 0 unlinks the name. ``None`` on every rank
-    if any rank failed (the failure is logged), so all ranks take the MPI path alike. Large
-    messages read peers' tensors directly when ``direct`` (``MPICOMM_SHM_DIRECT``) is on at every
-    rank and every rank can read every peer's memory (probed here).
+    Rank 0 creates it under a fresh name, removes the name at once (nothing can be left in
+    /dev/shm, whichever rank dies when) and reserves its memory (a full /dev/shm fails here, not
+    with a SIGBUS later); it broadcasts ``/proc/<pid>/fd/<fd>``, which every other rank opens and
+    maps; an allreduce of the outcome follows, after which rank 0 closes its descriptor. ``None``
+    on every rank if any rank failed (logged once per process at WARNING, later at DEBUG), so all
+    ranks take the MPI path alike. Large messages read peers' tensors directly when ``direct``
+    (``MPICOMM_SHM_DIRECT``) is on at every rank and every rank can read every peer's memory
+    (probed here).
     """
     if _core is None:
         return None
     world, rank = comm.Get_size(), comm.Get_rank()
     if world > _core.MAXW:
         return None
-    name, segment, error = None, None, ""
+    where, segment, error = "", None, ""
     if rank == 0:
         name = segment_name(os.getpid(), next(_counter), uuid.uuid4().hex[:12])
-    name = comm.bcast(name, root=0)
-    if rank != 0:
-        comm.Barrier()  # rank 0 has created it
-    try:
-        segment = _core.Segment(name, world, rank, SLOT_BYTES, rank == 0)
-    except OSError as exc:
-        error = str(exc)
-    if rank == 0:
-        comm.Barrier()
-    ok = comm.allreduce(0 if error else 1, op=MPI.MIN)
-    if rank == 0 and segment is not None:
-        _core.unlink(name)  # every rank has mapped it (or given up): nothing to leave behind
+        try:
+            segment = _core.Segment(name, world, rank, SLOT_BYTES, True)
+            where = f"/proc/{os.getpid()}/fd/{segment.fd}"
+        except OSError as exc:
+            error = str(exc)
+    where = comm.bcast(where, root=0)
+    if rank != 0 and where:
+        try:
+            segment = _core.Segment(where, world, rank, SLOT_BYTES, False)
+        except OSError as exc:
+            error = str(exc)
+    ok = comm.allreduce(0 if error or not where else 1, op=MPI.MIN)
+    if segment is not None:
+        segment.close_fd()  # every rank has mapped it (or given up)
     if not ok:
         if segment is not None:
             segment.close()
         if error:
-            log.warning("%s: no shared memory (%s); collectives use MPI", caller.group, error)
+            _no_segment(caller.group, error)
         return None
     segment.start()
     segment.oneshot_max = ONESHOT_PEER_BYTES // max(1, world - 1)

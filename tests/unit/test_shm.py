@@ -118,14 +118,24 @@ def test_segment_name_is_unique_and_valid():
     assert a != b and a.startswith("/mpicomm-") and "/" not in a[1:] and len(a) < 255
 
 
-def test_segment_lifetime_leaves_no_file(tmp_path):
+def test_segment_lifetime_leaves_no_file():
+    """The creator removes the name as soon as the object exists; peers open it through the
+    creator's descriptor (/proc/<pid>/fd/<fd>), which the creator keeps until close_fd()."""
     name = transport.segment_name(os.getpid(), 999, "unit")
     seg = core.Segment(name, 1, 0, 4096, True)
-    assert os.path.exists(f"/dev/shm{name}")
-    with pytest.raises(FileExistsError):
-        core.Segment(name, 1, 0, 4096, True)  # exclusive creation: never two owners
-    core.unlink(name)
-    assert not os.path.exists(f"/dev/shm{name}")
+    assert not os.path.exists(f"/dev/shm{name}") and seg.fd >= 0
+    peer = core.Segment(f"/proc/{os.getpid()}/fd/{seg.fd}", 1, 0, 4096, False)
+    assert peer.fd == -1
+    seg.close_fd()
+    assert seg.fd == -1
+    peer.close()
+    held = os.open(f"/dev/shm{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        with pytest.raises(FileExistsError):
+            core.Segment(name, 1, 0, 4096, True)  # exclusive creation: never two owners
+    finally:
+        os.close(held)
+        os.unlink(f"/dev/shm{name}")
     seg.start()
     assert seg.pids() == (os.getpid(),)
     seg.close()
@@ -318,3 +328,44 @@ def test_a_late_peer_is_waited_for_without_burning_the_cpu():
     for _rank, cpu, wall in waits:
         assert float(wall) > 0.15, proc.stdout
         assert float(cpu) < 0.05 * float(wall), proc.stdout
+
+
+@pytest.mark.parametrize("phase", ["created", "mapping", "mapped"])
+def test_no_segment_survives_a_rank_killed_during_construction(phase):
+    """SIGKILL at each step of building a group's segment (rank 0 right after making it; the
+    last rank before mapping it, while rank 0 waits for it; the last rank right after): the
+    launcher ends the job, and no name of rank 0's is left in /dev/shm (the name is removed as
+    soon as the object exists)."""
+    proc = run_mpi(3, str(PROGRAMS / "shm_fault.py"), f"die-{phase}", "30", timeout=90)
+    prefix = re.search(r"SHM_PREFIX (\S+)", proc.stdout)
+    assert prefix and proc.returncode != 0, proc.stdout + proc.stderr
+    assert "SHM_FILES" not in proc.stdout  # no rank got past construction
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(prefix.group(1))]
+    for f in left:  # do not leave them behind for the next run
+        os.unlink(f"/dev/shm/{f}")
+    assert not left
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_full_dev_shm_is_refused_at_construction(ranks):
+    """/dev/shm with room for one segment (a private tmpfs of rank 0's, where it may mount one):
+    the next groups fall back to MPI with one warning (shm="1" at 1 rank: refused), and the sums
+    are right; before, the segment was only truncated, and the first write past the room was a
+    SIGBUS."""
+    proc = run_mpi(
+        ranks,
+        str(PROGRAMS / "shm_fault.py"),
+        "full",
+        "30",
+        timeout=90,
+        env={"MPICOMM_SHM_DIRECT": "0"},
+    )
+    if "SHM_FULL skipped" in proc.stdout:
+        pytest.skip("no private /dev/shm can be mounted here (needs CAP_SYS_ADMIN)")
+    seen = re.search(r"SHM_FULL (.*)", proc.stdout)
+    assert seen, proc.stdout + proc.stderr
+    want = "shm refused refused" if ranks == 1 else "shm mpi mpi"
+    assert seen.group(1).strip().split("; ") == [want] * ranks, proc.stdout
+    if ranks > 1:
+        assert proc.stderr.count("no shared memory") == 1, proc.stderr
+        assert "No space left on device" in proc.stderr, proc.stderr
