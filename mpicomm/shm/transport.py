@@ -136,13 +136,13 @@ def open_transport(
         try:
             segment = _core.Segment(name, world, rank, SLOT_BYTES, True)
             where = f"/proc/{os.getpid()}/fd/{segment.fd}"
-        except OSError as exc:
-            error = str(exc)
+        except Exception as exc:  # any failure (a core older than this module too): every
+            error, segment = str(exc), None  # rank still takes part in the exchanges, then MPI
     where = comm.bcast(where, root=0)
     if rank != 0 and where:
         try:
             segment = _core.Segment(where, world, rank, SLOT_BYTES, False)
-        except OSError as exc:
+        except Exception as exc:
             error = str(exc)
     ok = comm.allreduce(0 if error or not where else 1, op=MPI.MIN)
     if segment is not None:
