@@ -234,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         uvloop.run(serve(args, engine_args, client, listen_address, sock))
+    client.shutdown()  # also when the server ended otherwise than through vLLM's shutdown
     logger.info("server stopped")
-    if client.error is not None:
-        logger.error("the engine failed (%r): ending the job", client.error)
+    if client.error is not None or client.stuck():
+        why = f"failed ({client.error!r})" if client.error is not None else "did not stop"
+        logger.error("the engine %s: aborting the job", why)
         sys.stderr.flush()
         time.sleep(0.5)
         world.Abort(1)

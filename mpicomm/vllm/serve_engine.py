@@ -28,6 +28,7 @@ import pickle
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,13 +37,16 @@ logger = logging.getLogger("mpicomm.serve")
 STOP = 1
 """Order flag: every rank shuts its engine down and leaves its loop."""
 RUNNING = 2
-"""Order flag (data parallel): some replica has work, so every replica runs a forward."""
+"""Order flag (data parallel): some replica steps, so every replica runs a forward."""
 
 # Waiting for the next order (ranks other than 0): test the broadcast and yield the core for
 # _SPIN s (the gap between two steps while generating), then sleep, backing off to _NAP s, so
 # an idle server costs next to no CPU and wakes within _NAP s of a request.
 _SPIN = 0.05
 _NAP = 0.002
+# How long rank 0's shutdown waits for the engine thread to send the stop order and leave (it
+# may be inside a step, or stuck in one whose peers are gone: the job is then aborted).
+STOP_WAIT = 5.0
 
 
 @dataclass
@@ -131,13 +135,17 @@ class Replica:
         self.aborted = 0
 
     def has_work(self) -> bool:
+        """Whether a step would run the model: vLLM steps an engine with requests, and under
+        ``external_launcher`` with data parallelism a step with nothing scheduled runs a dummy
+        forward (so that the replicas' collectives meet)."""
         return self.core.scheduler.has_requests() or bool(self.core.batch_queue)
 
-    def unfinished(self) -> bool:
-        return self.core.scheduler.has_unfinished_requests()
-
     def carry_out(self, order: Order):
-        """Apply ``order`` and step; this replica's ``EngineCoreOutputs`` (or ``None``)."""
+        """Apply ``order`` and step; this replica's ``EngineCoreOutputs`` (or ``None``).
+
+        With data parallelism every replica runs exactly one forward while any replica steps
+        (``RUNNING``): its step, or vLLM's dummy batch when it has nothing to step.
+        """
         core = self.core
         for replica, request in order.adds:
             if replica == self.index:
@@ -147,14 +155,13 @@ class Replica:
             core.abort_requests(ids)
             self.aborted += len(ids)
             logger.info("aborted request(s) %s", ", ".join(ids))
-        running = self.replicas > 1 and bool(order.flags & RUNNING)
-        outputs, executed = None, False
+        outputs = None
         if self.has_work():
             outputs, executed = core.step_fn()
             core.post_step(model_executed=executed)
             self.steps += 1
-        if running and not executed:
-            core.execute_dummy_batch()  # the working replicas' collectives need this one's
+        elif self.replicas > 1 and order.flags & RUNNING:
+            core.execute_dummy_batch()  # the stepping replicas' collectives need this one's
         return outputs.get(0) if outputs else None
 
 
@@ -176,7 +183,7 @@ class EngineLoop:
                 break
             outputs = replica.carry_out(order)
             if replica.replicas > 1:
-                mine = (outputs, replica.unfinished()) if replica.leader else None
+                mine = (outputs, replica.has_work()) if replica.leader else None
                 self.channel.gather(mine)
         self.close()
 
@@ -209,20 +216,19 @@ class MPIEngineClient:
     """
 
     def __init__(self, loop: EngineLoop, engine_ranks: list[int]) -> None:
-        from vllm.v1.engine.core_client import BackgroundResources
-
         self.engine_loop = loop
         self.core = loop.replica.core
         self.vllm_config = self.core.vllm_config
         self.engine_ranks_managed = engine_ranks
-        self.resources = BackgroundResources(ctx=None)  # engine_dead is what AsyncLLM reads
+        self.resources = SimpleNamespace(engine_dead=False)  # what AsyncLLM reads of it
         self._cond = threading.Condition()
         self._adds: list = []
         self._aborts: list[str] = []
         self._stop = False
+        self._stop_by = 0.0  # when shutdown() stops waiting for the engine thread
         self._owner: dict[str, int] = {}  # request id -> replica (data parallel)
         self._live = [0] * loop.replica.replicas
-        self._unfinished = [False] * loop.replica.replicas
+        self._busy = [False] * loop.replica.replicas  # replicas that will step (data parallel)
         self._outputs: asyncio.Queue | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -283,11 +289,17 @@ class MPIEngineClient:
     def shutdown(self, timeout: float | None = None) -> None:
         """Tell every rank to stop and wait (bounded) for the engine thread."""
         with self._cond:
-            self._stop = True
+            if not self._stop:
+                self._stop = True
+                self._stop_by = time.monotonic() + STOP_WAIT
             self._cond.notify()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=30.0)
+            thread.join(timeout=max(0.0, self._stop_by - time.monotonic()))
+
+    def stuck(self) -> bool:
+        """True when the engine thread has not ended after :meth:`shutdown`."""
+        return self._thread is not None and self._thread.is_alive()
 
     def _check_alive(self) -> None:
         if self.resources.engine_dead:
@@ -299,7 +311,7 @@ class MPIEngineClient:
     def _next_order(self) -> Order:
         """Wait until there is something to do; the order for every rank."""
         replica = self.engine_loop.replica
-        running = any(self._unfinished) if replica.replicas > 1 else replica.has_work()
+        running = any(self._busy) if replica.replicas > 1 else replica.has_work()
         with self._cond:
             while not (self._adds or self._aborts or self._stop or running):
                 self._cond.wait(timeout=1.0)
@@ -314,8 +326,8 @@ class MPIEngineClient:
             targets = range(replica.replicas) if replica_index is None else (replica_index,)
             for r in targets:
                 order.aborts.setdefault(r, []).append(request_id)
-        if replica.replicas > 1 and (running or order.adds):
-            order.flags |= RUNNING
+        if replica.replicas > 1 and (running or order.adds or order.aborts):
+            order.flags |= RUNNING  # an abort leaves its replica a step of clean-up
         return order
 
     def _route(self, request) -> int:
@@ -355,9 +367,9 @@ class MPIEngineClient:
                 if replica.replicas == 1:
                     self._deliver(outputs)
                     continue
-                gathered = loop.channel.gather((outputs, replica.unfinished()))
+                gathered = loop.channel.gather((outputs, replica.has_work()))
                 for index, item in enumerate(g for g in gathered if g is not None):
-                    part, self._unfinished[index] = item
+                    part, self._busy[index] = item
                     if part is not None:
                         part.engine_index = index
                         self._forget(o.request_id for o in part.outputs if o.finished)

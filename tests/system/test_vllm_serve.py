@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -84,25 +85,43 @@ def reference(model) -> dict:
     key = hashlib.sha256(text.encode()).hexdigest()[:12]
     request_file = MODEL_DIR / f"offline-{key}.request.json"
     request_file.write_text(text)
+    cache = tempfile.mkdtemp(prefix="vllm-cache-", dir=WORKDIR)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="vllm-cache-", dir=WORKDIR))
+        mp.setenv("VLLM_CACHE_ROOT", cache)
         mp.setenv("PYTHONPATH", str(ROOT))
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         argv = [str(PROGRAMS / "vllm_offline_text.py"), model, str(request_file)]
-        return tiny.cached_reference(argv, MODEL_DIR / f"offline-{key}.json", timeout=900)
+        try:
+            return tiny.cached_reference(argv, MODEL_DIR / f"offline-{key}.json", timeout=900)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
-def shm_leftovers(before: set[str]) -> list[str]:
-    """Entries of /dev/shm made since ``before`` that no live process has mapped."""
-    new = set(os.listdir("/dev/shm")) - before
-    if not new:
-        return []
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
+def shm_of(pids) -> set[str]:
+    """Names of /dev/shm files the processes ``pids`` have mapped or open (all, when ``None``),
+    not counting unlinked ones."""
+    names = set()
+    for pid in pids if pids is not None else (p.name for p in Path("/proc").glob("[0-9]*")):
         with contextlib.suppress(OSError):
-            mapped.update(re.findall(r"/dev/shm/(\S+)", maps.read_text()))
-    return sorted(new - mapped)
+            text = Path(f"/proc/{pid}/maps").read_text()
+            names.update(
+                n for n, gone in re.findall(r"/dev/shm/(\S+)( \(deleted\))?", text) if not gone
+            )
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("/dev/shm/") and not target.endswith("(deleted)"):
+                        names.add(target[len("/dev/shm/") :])
+    return names
+
+
+def shm_leftovers(ours: set[str], before: set[str]) -> list[str]:
+    """Of the /dev/shm files now: those the job had (``ours``), and those made since ``before``
+    that no live process holds (this machine may run other jobs meanwhile)."""
+    now = set(os.listdir("/dev/shm"))
+    return sorted((now & ours) | ((now - before) - shm_of(None)))
 
 
 def alive(pid: int) -> bool:
@@ -123,9 +142,8 @@ class Server:
         self.log = WORKDIR / f"{name}.log"
         self.n = n
         self.model = model
-        self.shm_before = set(os.listdir("/dev/shm"))
-        cache = tempfile.mkdtemp(prefix="vllm-cache-", dir=WORKDIR)
-        env = engine.engine_env(VLLM_CACHE_ROOT=cache)
+        self.cache = tempfile.mkdtemp(prefix="vllm-cache-", dir=WORKDIR)
+        env = engine.engine_env(VLLM_CACHE_ROOT=self.cache)
         self.proc = start_mpi(
             n,
             "-m",
@@ -178,6 +196,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        shutil.rmtree(self.cache, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -357,6 +376,7 @@ def test_tp2_sigterm_ends_every_rank_within_10s_leaving_no_shm(tp2):
     assert tp2.proc.poll() is None
     # to mpiexec itself, as a user or a scheduler would (timeout(1) would add its own SIGKILL)
     mpiexec = int(Path(f"/proc/{tp2.proc.pid}/task/{tp2.proc.pid}/children").read_text().split()[0])
+    ours, before = shm_of(tp2.pids.values()), set(os.listdir("/dev/shm"))
     t0 = time.monotonic()
     os.kill(mpiexec, signal.SIGTERM)
     while time.monotonic() - t0 < 10 and (
@@ -367,9 +387,107 @@ def test_tp2_sigterm_ends_every_rank_within_10s_leaving_no_shm(tp2):
     assert not any(map(alive, tp2.pids.values())), f"ranks alive {took:.1f} s after SIGTERM"
     assert tp2.proc.wait(5) is not None
     assert took < 10, f"{took:.1f} s"
-    assert shm_leftovers(tp2.shm_before) == []
+    assert shm_leftovers(ours, before) == []
     text = tp2.text()
     assert "mpicomm serve: server stopped" in text, tp2.tail()
     assert set(re.findall(r"\[rank (\d+)\] mpicomm serve: engine shut down", text)) == {
         str(r) for r in range(tp2.n)
     }, tp2.tail()
+
+
+# --- DP=2: two replicas behind one server; then a rank is killed ---------------------------------
+
+
+def engine_counts(metrics: str) -> dict[str, float]:
+    """Finished requests per engine (replica) label in vLLM's ``/metrics``."""
+    counts: dict[str, float] = {}
+    for engine_label, value in re.findall(
+        r'^vllm:request_success_total\{[^}]*engine="(\d+)"[^}]*\} (\S+)', metrics, re.M
+    ):
+        counts[engine_label] = counts.get(engine_label, 0.0) + float(value)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def dp2(model):
+    server = Server("dp2", 2, model, "--data-parallel-size", "2")
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(START_LIMIT + 600)
+def test_dp2_greedy_completions_equal_offline_on_both_replicas(dp2, reference):
+    assert_completions_equal_offline(dp2, reference)
+    texts = asyncio.run(streams(dp2, PROMPTS[:8]))
+    assert texts == [r["text"] for r in reference["completions"][:8]]
+    counts = engine_counts(get(dp2.url + "/metrics")[1])
+    assert counts.get("0", 0) > 0 and counts.get("1", 0) > 0, counts  # both replicas served
+
+
+@pytest.mark.timeout(120)
+def test_dp2_a_killed_rank_ends_the_job_within_30s(dp2):
+    assert dp2.proc.poll() is None
+    t0 = time.monotonic()
+    os.kill(dp2.pids[1], signal.SIGKILL)
+    try:
+        code = dp2.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        code = None
+    took = time.monotonic() - t0
+    assert code is not None, f"the job still runs {took:.0f} s after rank 1 was killed"
+    assert code != 0, dp2.tail()
+    assert not any(map(alive, dp2.pids.values()))
+    assert get(dp2.url + "/health", timeout=5)[0] != 200
+
+
+# --- embeddings: the real MiniLM, TP=2 --------------------------------------------------------
+
+
+@pytest.mark.timeout(START_LIMIT + 600)
+def test_tp2_minilm_embeddings_equal_plain_torch():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import minilm
+
+    directory = engine.minilm_dir()
+    sentences = [s for s in (ROOT / "examples" / "sentences.txt").read_text().splitlines() if s]
+    expected = minilm.encode(
+        minilm.MiniLM(minilm.model_dir(directory)),
+        minilm.Tokenizer(minilm.model_dir(directory)),
+        sentences,
+    )
+    server = Server(
+        "embed",
+        2,
+        directory,
+        "--runner",
+        "pooling",
+        "--tensor-parallel-size",
+        "2",
+        "--max-model-len",
+        "256",
+    )
+    try:
+        data = client(server).embeddings.create(model=directory, input=sentences).data
+        got = torch.tensor([d.embedding for d in sorted(data, key=lambda d: d.index)])
+        cos = torch.nn.functional.cosine_similarity(got.double(), expected.double(), dim=1)
+        assert float(cos.min()) > 0.99999, cos
+    finally:
+        server.stop()
+
+
+# --- PP=2 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(START_LIMIT + 600)
+def test_pp2_greedy_completions_equal_offline(model, reference):
+    server = Server("pp2", 2, model, "--pipeline-parallel-size", "2")
+    try:
+        assert_completions_equal_offline(server, reference)
+        texts = asyncio.run(streams(server, PROMPTS[:8]))
+        assert texts == [r["text"] for r in reference["completions"][:8]]
+    finally:
+        server.stop()
