@@ -26,13 +26,68 @@ def _create(options, backend_options=None):
     return create(options, backend_options)
 
 
+_BARRIER_KEY = "store_based_barrier_key:"  # torch's key for its store-based barrier
+
+
+class _WorldStore(dist.Store):
+    """The store of ``mpi://``: process-local (the mpicomm backend exchanges nothing through a
+    store), except torch's store-based barrier (``TORCH_DIST_INIT_BARRIER=1``), which counts
+    the ranks that have arrived: there an MPI barrier on ``COMM_WORLD`` (bounded by the store's
+    timeout) stands for the count, and the count then reads as the world size. Groups made with
+    ``use_local_synchronization=True`` are not supported by it (their members alone arrive)."""
+
+    def __init__(self, world) -> None:
+        super().__init__()
+        self._local = dist.HashStore()
+        self._world = world
+        self._timeout: float | None = None
+
+    def add(self, key: str, value: int) -> int:
+        if _BARRIER_KEY in key and value == 1:
+            from ..calls import poll, timed_out
+
+            if not poll(self._world.Ibarrier().Test, self._timeout):
+                raise timed_out("the barrier after init_process_group", "world", self._timeout)
+            return self._local.add(key, self._world.Get_size())
+        return self._local.add(key, value)
+
+    def set_timeout(self, timeout) -> None:
+        self._timeout = timeout.total_seconds() if timeout else None
+        self._local.set_timeout(timeout)
+
+    def set(self, key, value):
+        return self._local.set(key, value)
+
+    def get(self, key):
+        return self._local.get(key)
+
+    def wait(self, keys, timeout=None):
+        return self._local.wait(keys) if timeout is None else self._local.wait(keys, timeout)
+
+    def check(self, keys):
+        return self._local.check(keys)
+
+    def compare_set(self, key, expected, desired):
+        return self._local.compare_set(key, expected, desired)
+
+    def delete_key(self, key):
+        return self._local.delete_key(key)
+
+    def num_keys(self):
+        return self._local.num_keys()
+
+
+_stores: list[_WorldStore] = []
+
+
 def _mpi_rendezvous(url: str, timeout=None, **kwargs):
-    """``mpi://``: rank and size from ``MPI.COMM_WORLD``; a process-local store (the mpicomm
-    backend exchanges nothing through a store)."""
+    """``mpi://``: rank and size from ``MPI.COMM_WORLD``; the store is :class:`_WorldStore`."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    yield dist.HashStore(), world.Get_rank(), world.Get_size()
+    store = _WorldStore(world)
+    _stores.append(store)  # torch's C++ store wrappers do not keep the Python object alive
+    yield store, world.Get_rank(), world.Get_size()
 
 
 def register() -> None:

@@ -314,3 +314,21 @@ def test_a_rank_that_never_builds_its_communicator_times_the_others_out():
     assert found, out[-3000:]
     assert 1.9 < float(found.group(1)) < 30, out[-3000:]
     assert "create on group 'late' did not complete within 2 s" in found.group(2), out[-3000:]
+
+
+@pytest.mark.timeout(200)
+def test_torch_init_barrier_with_mpi_rendezvous_is_a_real_barrier():
+    """TORCH_DIST_INIT_BARRIER=1 with init_method="mpi://": before, every rank waited for the
+    group timeout (30 min by default) in torch's store-based barrier on a process-local store."""
+    proc = run_mpi(
+        2,
+        str(PROGRAMS / "faults" / "reliability.py"),
+        "init_barrier",
+        timeout=150,
+        env={"TORCH_DIST_INIT_BARRIER": "1"},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    took = {int(r): float(s) for r, s in re.findall(r"rank (\d): init took ([\d.]+) s", out)}
+    assert sorted(took) == [0, 1], out[-3000:]
+    assert 2.0 < took[0] < 50, out[-3000:]  # rank 0 waited for rank 1, not for the timeout

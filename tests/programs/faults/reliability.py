@@ -11,6 +11,10 @@
 * ``late`` (2 ranks): rank 0 builds a communicator with ``timeout=2``; rank 1 never does. Rank 0
   must get ``CollectiveTimeoutError`` from the constructor within the timeout, printed as
   ``rank 0: <type> after <s> s: <message>``.
+* ``init_barrier`` (any ranks, ``TORCH_DIST_INIT_BARRIER=1``): ``init_process_group("mpicomm",
+  init_method="mpi://")`` with torch's barrier after it; the last rank arrives 3 s late. Each
+  rank prints ``rank R: init took <s> s``: every rank waits for the late one (a real barrier),
+  and none waits for the group timeout (60 s).
 """
 
 from __future__ import annotations
@@ -59,6 +63,20 @@ def exhaust() -> int:
     return 0
 
 
+def init_barrier() -> int:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if WORLD.Get_size() - 1 == RANK:
+        time.sleep(3)
+    start = time.monotonic()
+    dist.init_process_group("mpicomm", init_method="mpi://", timeout=timedelta(seconds=60))
+    print(f"rank {RANK}: init took {time.monotonic() - start:.1f} s", flush=True)
+    dist.destroy_process_group()
+    return 0
+
+
 def late() -> int:
     if RANK == 1:
         time.sleep(8)  # never builds it; outlives rank 0's wait
@@ -74,4 +92,8 @@ def late() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit({"leave": leave, "exhaust": exhaust, "late": late}[sys.argv[1]]())
+    sys.exit(
+        {"leave": leave, "exhaust": exhaust, "late": late, "init_barrier": init_barrier}[
+            sys.argv[1]
+        ]()
+    )
