@@ -56,12 +56,24 @@ def _report_and_abort(exc_type, exc, tb, where: str) -> bool:
     text = "".join(tag + line + "\n" for chunk in lines for line in chunk.rstrip("\n").split("\n"))
     with contextlib.suppress(Exception):
         sys.stdout.flush()
+    _write_surely(text)
+    return True
+
+
+def _write_surely(text: str) -> None:
+    """``text`` on ``sys.stderr`` and, when that is not the process's stderr, on file descriptor
+    2 as well: an outer hook may have pointed ``sys.stderr`` at a buffer it prints only after
+    this hook returns (torch.distributed's does, from ``init_process_group``), and this hook
+    aborts instead of returning."""
     try:
         sys.stderr.write(text)
         sys.stderr.flush()
+        redirected = sys.stderr is not sys.__stderr__
     except Exception:
-        os.write(2, text.encode(errors="replace"))
-    return True
+        redirected = True
+    if redirected:
+        with contextlib.suppress(OSError):
+            os.write(2, text.encode(errors="replace"))
 
 
 def _call_abort() -> None:

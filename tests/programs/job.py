@@ -4,6 +4,9 @@
     python tests/programs/job.py raise   rank 1 (the last rank) raises after setting up mpicomm
                                       while the others wait in a barrier
     python tests/programs/job.py thread  the same, but the exception is raised in a worker thread
+    python tests/programs/job.py torch   the same as raise, set up by
+                                      torch.distributed.init_process_group("mpicomm") (torch
+                                      puts its own excepthook around mpicomm's)
 
 The failing modes must end the whole job promptly with a non-zero status: creating the
 MPICommunicator installs mpicomm.launch.install_abort_on_exception(), which does that.
@@ -24,6 +27,10 @@ def main(mode: str) -> int:
 
     # Creating a communicator installs the abort-on-exception hooks: nothing else is needed.
     comm = mpicomm.MPICommunicator(cpu_group=MPI.COMM_WORLD)
+    if mode == "torch":
+        import torch.distributed as dist
+
+        dist.init_process_group("mpicomm", init_method="mpi://")
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     info = launch.launch_info()
