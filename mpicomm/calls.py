@@ -1,5 +1,8 @@
 """Running MPI calls for one group: MPI errors become :class:`CommunicationError`, waits are bounded.
 
+Longer than ~400 lines on purpose: the one wait loop, the one timeout message and the one way to
+make a communicator live here beside the Caller that uses them (docs/architecture.md).
+
 Blocking and non-blocking variants share one body: without a timeout the blocking mpi4py method
 runs (no extra cost); with one, its ``I``-prefixed twin starts the operation and the caller polls
 it until it completes or the deadline passes.
