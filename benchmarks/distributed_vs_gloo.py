@@ -7,7 +7,10 @@ One job, four columns: the default group is gloo (TCP rendezvous on 127.0.0.1);
 ``dist.new_group(backend="mpicomm")`` adds an mpicomm group over the same ranks (every call through
 the public ``torch.distributed`` functions); ``MPICommunicator`` is the same call on an
 :class:`mpicomm.MPICommunicator` of the same ranks with the same timeout (what the backend adapts:
-the adapter's cost is the ratio ``mpicomm / MPICommunicator``); ``mpi`` is the plain mpi4py call on
+the adapter's cost is the ratio ``mpicomm / MPICommunicator``); ``backend`` is the mpicomm group's
+own method called directly, as torch's C++ layer calls it (the difference to ``mpicomm`` is
+torch's dispatch, the difference to ``MPICommunicator`` the adapter's); ``mpi`` is the plain mpi4py
+call on
 a duplicate of ``COMM_WORLD`` (no shared memory, no checks). For each operation and size the
 columns are timed in rotating order, round after round; a round is ``iters`` calls between
 barriers and its time is the slowest rank's. The table gives the median round per call (and the
@@ -30,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
+from torch._C import _distributed_c10d as c10d
 
 import mpicomm
 
@@ -45,7 +49,7 @@ OPS = (
     "gather",
     "barrier",
 )
-COLUMNS = ("gloo", "mpicomm", "MPICommunicator", "mpi")
+COLUMNS = ("gloo", "mpicomm", "backend", "MPICommunicator", "mpi")
 TIMEOUT = timedelta(seconds=300)
 
 
@@ -68,8 +72,16 @@ def setup():
     return dist.group.WORLD, group, comm, WORLD.Dup()
 
 
+def _opts(kind: str, **fields):
+    opts = getattr(c10d, kind)()
+    opts.asyncOp = False
+    for key, value in fields.items():
+        setattr(opts, key, value)
+    return opts
+
+
 def calls(name: str, nbytes: int, gloo, group, comm, raw):
-    """``{column: fn()}``: one call of ``name`` on ``nbytes`` per column (``None``: not timed)."""
+    """``{column: fn()}``: one call of ``name`` on ``nbytes`` per column."""
     world, rank = WORLD.Get_size(), WORLD.Get_rank()
     n = max(world, nbytes // 4 // world * world)  # divisible by the group size
     x = torch.ones(n)
@@ -86,6 +98,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.allreduce([x], _opts("AllreduceOptions")),
             "MPICommunicator": lambda: comm.all_reduce(x),
             "mpi": lambda: raw.Allreduce(MPI.IN_PLACE, a),
         }
@@ -97,6 +110,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.all_gather_single(out, x, _opts("AllgatherOptions")),
             "MPICommunicator": lambda: comm.all_gather(x, 0),
             "mpi": lambda: raw.Allgather(a, o),
         }
@@ -109,6 +123,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.allgather([outs], [x], _opts("AllgatherOptions")),
             "MPICommunicator": lambda: comm.all_gather(x, 0),
             "mpi": lambda: raw.Allgather(a, o),
         }
@@ -120,6 +135,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.reduce_scatter_single(part, x, _opts("ReduceScatterOptions")),
             "MPICommunicator": lambda: comm.reduce_scatter(x, 0),
             "mpi": lambda: raw.Reduce_scatter_block(a, p),
         }
@@ -131,6 +147,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.broadcast([x], _opts("BroadcastOptions", rootRank=0)),
             "MPICommunicator": lambda: comm.broadcast(x, 0),
             "mpi": lambda: raw.Bcast(a, 0),
         }
@@ -145,6 +162,7 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.all_to_all_single(y, x, [], [], _opts("AllToAllOptions")),
             "MPICommunicator": lambda: comm.all_to_allv(x, rows, rows),
             "mpi": lambda: raw.Alltoall(a, b),
         }
@@ -157,6 +175,9 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
         return {
             "gloo": on(gloo),
             "mpicomm": on(group),
+            "backend": lambda: group.gather(
+                [outs] if rank == 0 else [], [x], _opts("GatherOptions", rootRank=0)
+            ),
             "MPICommunicator": lambda: comm.gather(x, 0, 0),
             "mpi": lambda: raw.Gather(a, o if rank == 0 else None, 0),
         }
@@ -167,18 +188,30 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
     return {
         "gloo": barrier_on(gloo),
         "mpicomm": barrier_on(group),
+        "backend": lambda: group.barrier(_opts("BarrierOptions")),
         "MPICommunicator": comm.barrier,
         "mpi": raw.Barrier,
     }
 
 
-def round_time(fn, iters: int) -> float:
-    WORLD.Barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    mine = (time.perf_counter() - start) / iters
-    return WORLD.allreduce(mine, op=MPI.MAX)
+def per_call_times(fns: dict, calls: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of every call of every column on this rank: the columns interleaved call by call
+    (so a burst of load on the shared machine hits all of them alike), ``calls`` per column in
+    each round, each call started together (a barrier)."""
+    times = {c: [] for c in fns}
+    for r in range(rounds):
+        order = COLUMNS[r % len(COLUMNS) :] + COLUMNS[: r % len(COLUMNS)]
+        for _ in range(calls):
+            for column in order:
+                WORLD.Barrier()  # no skew left over from the previous (maybe slower) column
+                start = time.perf_counter()
+                fns[column]()
+                times[column].append(time.perf_counter() - start)
+    return times
+
+
+def slowest(value: float) -> float:
+    return WORLD.allreduce(value, op=MPI.MAX)
 
 
 def main() -> None:
@@ -187,41 +220,38 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
     ap.add_argument("--sizes", help="comma-separated bytes (default: 8 B to 64 MiB)")
     ap.add_argument("--ops", help=f"comma-separated, from {','.join(OPS)}")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
     gloo, group, comm, raw = setup()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
     ops = args.ops.split(",") if args.ops else OPS
-    rounds = 3 if args.quick else args.rounds
+    rounds = 2 if args.quick else args.rounds
     rows = []
     for name in ops:
         for nbytes in [0] if name == "barrier" else sizes:
             fns = calls(name, nbytes, gloo, group, comm, raw)
-            iters = max(2, min(200, (8 << 20) // max(nbytes, 1) // 4))
+            calls_per_round = max(2, min(20, (8 << 20) // max(nbytes, 1) // 16))
             for fn in fns.values():  # warm-up: buffers, first-call costs
                 for _ in range(3):
                     fn()
-            times = {c: [] for c in COLUMNS}
-            for r in range(rounds):
-                order = COLUMNS[r % 4 :] + COLUMNS[: r % 4]
-                for column in order:
-                    times[column].append(round_time(fns[column], iters))
-            us = {c: statistics.median(t) * 1e6 for c, t in times.items()}
-            best = {c: min(t) * 1e6 for c, t in times.items()}
+            times = per_call_times(fns, calls_per_round, rounds)
+            us = {c: slowest(statistics.median(t)) * 1e6 for c, t in times.items()}
+            low = {c: slowest(statistics.quantiles(t, n=10)[0]) * 1e6 for c, t in times.items()}
             row = {"op": name, "bytes": nbytes, **{f"{c}_us": v for c, v in us.items()}}
-            row.update({f"{c}_best_us": v for c, v in best.items()})
+            row.update({f"{c}_p10_us": v for c, v in low.items()})
             row["adapter_ratio"] = us["mpicomm"] / us["MPICommunicator"]
-            row["adapter_ratio_best"] = best["mpicomm"] / best["MPICommunicator"]
+            row["adapter_ratio_p10"] = low["mpicomm"] / low["MPICommunicator"]
+            row["backend_ratio"] = us["backend"] / us["MPICommunicator"]
             row["gloo_over_mpicomm"] = us["gloo"] / us["mpicomm"]
             rows.append(row)
             if WORLD.Get_rank() == 0:
                 print(
                     f"{name:22s} {nbytes:>9d} B  "
                     + "  ".join(f"{c} {us[c]:9.1f}" for c in COLUMNS)
-                    + f"  us  adapter x{row['adapter_ratio']:.2f} (best rounds "
-                    + f"{best['mpicomm']:.1f} / {best['MPICommunicator']:.1f} us)",
+                    + f"  us  adapter x{row['adapter_ratio']:.2f} "
+                    + f"(p10 {low['mpicomm']:.1f} / {low['MPICommunicator']:.1f} us)",
                     flush=True,
                 )
     if WORLD.Get_rank() == 0 and args.json:

@@ -37,7 +37,15 @@ from ..groups import ranks_communicator
 from ..validation import check_rank
 from . import ops
 from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_barrier
-from .tensors import flat_cat, plain, receive_buffer, send_buffer, split_into, write_back
+from .tensors import (
+    flat,
+    flat_cat,
+    plain,
+    receive_buffer,
+    send_buffer,
+    split_into,
+    write_back,
+)
 from .work import PendingWork, completed
 
 NAME = "mpicomm"
@@ -77,6 +85,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         self.label = name
         self.cuda_aware = cuda_aware()
         self._world = comm.Get_size()
+        self._rank = comm.Get_rank()
         self._shut = False
         self._group_name = name
         self._group_desc = ""
@@ -112,7 +121,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         self._group_desc = desc
 
     def __repr__(self) -> str:
-        return f"MPIProcessGroup({self.label!r}, rank={self.rank()}/{self.world})"
+        return f"MPIProcessGroup({self.label!r}, rank={self._rank}/{self.world})"
 
     def _done(self, result, opts):
         """The work to return: a shared finished one for a synchronous call (torch only waits on
@@ -148,7 +157,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         ops.check(name, x.dtype, "reduce")
         if name in (ops.SUM, ops.AVG):
             summed = self.communicator.all_reduce(x)
-            if self.rank() == root:
+            if self._rank == root:
                 write_back(x, ops.average(summed, self.world) if name == ops.AVG else summed)
         else:
             out = ops.reduce(self.communicator, x, name, root)
@@ -177,7 +186,7 @@ class MPIProcessGroup(dist.ProcessGroup):
                 f"reduce_scatter_tensor: input has {input_.numel()} elements, expected "
                 f"{self.world} x output's {output.numel()}"
             )
-        self._reduce_scatter_into("reduce_scatter_tensor", output, plain(input_), opts)
+        self._reduce_scatter_into("reduce_scatter_tensor", output, input_, opts)
         return self._done([output], opts)
 
     _reduce_scatter_base = reduce_scatter_single
@@ -195,13 +204,13 @@ class MPIProcessGroup(dist.ProcessGroup):
         reduce_op = dist.ReduceOp.SUM if opts is None else opts.reduceOp
         name = ops.op_name(reduce_op, operation)
         ops.check(name, input_.dtype, operation)
-        flat = input_.reshape(-1)
+        x = flat(input_)
         if name in (ops.SUM, ops.AVG):
-            mine = self.communicator.reduce_scatter(flat, dim=0)
+            mine = self.communicator.reduce_scatter(x, dim=0)
             if name == ops.AVG:
                 ops.average(mine, self.world)
         else:
-            mine = ops.reduce_scatter(self.communicator, flat, name)
+            mine = ops.reduce_scatter(self.communicator, x, name)
         write_back(output, mine)
 
     # ----------------------------------------------------------------- data movement
@@ -218,13 +227,13 @@ class MPIProcessGroup(dist.ProcessGroup):
         for outs, inp in zip(output_lists, inputs, strict=True):
             self._check_gather_list(outs, inp)
         for outs, inp in zip(output_lists, inputs, strict=True):
-            flat = plain(inp).reshape(-1)
+            x = flat(inp)
             counts = [o.numel() for o in outs]
             if len(set(counts)) == 1:
-                split_into(self.communicator.all_gather(flat, dim=0), outs)
+                split_into(self.communicator.all_gather(x, dim=0), outs)
             else:
                 self._agree_on_sizes(counts)
-                split_into(self.communicator.all_gatherv(flat, dim=0, sizes=counts), outs)
+                split_into(self.communicator.all_gatherv(x, dim=0, sizes=counts), outs)
         return self._done(list(output_lists), opts)
 
     def _check_gather_list(self, outs, inp) -> None:
@@ -234,10 +243,10 @@ class MPIProcessGroup(dist.ProcessGroup):
         _one_list("all_gather", "tensor_list", outs, self.world)
         _same_dtype("all_gather", [inp, *outs])
         counts = [o.numel() for o in outs]
-        mine = counts[self.rank()]
+        mine = counts[self._rank]
         if mine != inp.numel():
             raise ValueError(
-                f"all_gather: tensor_list[{self.rank()}] (this rank's) has {mine} elements, "
+                f"all_gather: tensor_list[{self._rank}] (this rank's) has {mine} elements, "
                 f"the input has {inp.numel()}"
             )
 
@@ -267,7 +276,7 @@ class MPIProcessGroup(dist.ProcessGroup):
                 f"all_gather_into_tensor: output has {output.numel()} elements, expected "
                 f"{self.world} x input's {input_.numel()}"
             )
-        write_back(output, self.communicator.all_gather(plain(input_).reshape(-1), dim=0))
+        write_back(output, self.communicator.all_gather(flat(input_), dim=0))
         return self._done([output], opts)
 
     _allgather_base = all_gather_single
@@ -283,13 +292,13 @@ class MPIProcessGroup(dist.ProcessGroup):
         """On ``opts.rootRank``: ``output_lists[0][r]`` <- rank r's ``inputs[0]``."""
         root = check_rank(opts.rootRank, self.world, "dst")
         x = plain(inputs[0])
-        if self.rank() == root:
+        if self._rank == root:
             outs = output_lists[0] if output_lists else []
             _one_list("gather", "gather_list", outs, self.world)
             _same_dtype("gather", [x, *outs])
             if any(o.numel() != x.numel() for o in outs):
                 raise ValueError(f"gather: expected {self.world} outputs of {x.numel()} elements")
-        out = self.communicator.gather(x.reshape(-1), dst=root, dim=0)
+        out = self.communicator.gather(flat(x), dst=root, dim=0)
         if out is not None:
             split_into(out, output_lists[0])
         return self._done(list(output_lists), opts)
@@ -300,7 +309,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         root = check_rank(opts.rootRank, self.world, "src")
         out = outputs[0]
         n = out.numel()
-        if self.rank() == root:
+        if self._rank == root:
             ins = input_lists[0] if input_lists else []
             _one_list("scatter", "scatter_list", ins, self.world)
             _same_dtype("scatter", [out, *ins])
@@ -422,7 +431,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         """The group of ``ranks`` (ranks of this group), on an MPI communicator made by the
         members only (``MPI_Comm_create_group``); ``None`` on the other ranks."""
         ranks = list(range(self.world)) if ranks is None else [int(r) for r in ranks]
-        if self.rank() not in ranks:
+        if self._rank not in ranks:
             return None
         name = str(group_name or f"{self.label}:{ranks}")
         members = [self.communicator.ranks[r] for r in ranks]

@@ -58,10 +58,16 @@ def receive_buffer(tensor: torch.Tensor, cuda_aware: bool) -> torch.Tensor:
 
 def write_back(tensor: torch.Tensor, result: torch.Tensor) -> None:
     """Copy ``result`` into ``tensor`` (same number of elements) unless it is that memory."""
-    target = tensor.detach()
+    target = plain(tensor)
     if result.data_ptr() == target.data_ptr() and result.device == target.device:
         return
-    target.copy_(result.reshape(target.shape))
+    target.copy_(result if result.shape == target.shape else result.reshape(target.shape))
+
+
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as one dimension (itself when it has one), without autograd."""
+    tensor = plain(tensor)
+    return tensor if tensor.dim() == 1 else tensor.reshape(-1)
 
 
 def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
