@@ -180,7 +180,7 @@ class Server:
                     f"the server exited {self.proc.returncode} while starting:\n{self.tail()}"
                 )
             if url is None:
-                found = re.search(r"mpicomm serve: URL (\S+)", self.text())
+                found = re.search(r"mpicomm serve: URL (http\S+)", self.text())
                 url = found.group(1) if found else None
             elif get(url + "/health")[0] == 200:
                 return url
