@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from .errors import CommunicationError
 from .moe import MANAGERS, make_manager, make_router
 from .shm import Transport, open_transport
 from .shm import built as shm_built
-from .staging import Route, stacked_shape, staging_needs, writable_into
+from .staging import Route, overlaps_partly, stacked_shape, staging_needs, writable_into
 from .topology import NodeSplit, node_labels
 from .validation import (
     check_choice,
@@ -201,6 +202,15 @@ class MPICommunicator(DeviceCommunicatorBase):
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
         tracking.track(self, label)  # warned about at exit unless destroyed
+        _instances.add(self)
+
+    def _forked(self) -> None:
+        """In a child made by ``fork()``: this process is not a rank of the group. Drop the
+        shared-memory transports (their hot paths must not run here: the parent's ranks use the
+        segment) and refuse every later call."""
+        self._shm = self._node_shm = None
+        self._call.broken = _forked_text(self._pid)
+        tracking.untrack(self)
 
     def _check_arguments(self, env, allreduce_algo, validate, staging, shm, all2all_backend):
         """The checks each rank makes alone at construction (``TypeError``/``ValueError``)."""
@@ -315,6 +325,12 @@ class MPICommunicator(DeviceCommunicatorBase):
                 operation=operation,
                 group=self._call.group,
             )
+        if self._pid != os.getpid():
+            raise CommunicationError(
+                f"{operation} on group {self._call.group!r}: {_forked_text(self._pid)}",
+                operation=operation,
+                group=self._call.group,
+            )
         if self.validate and fingerprint is not None:
             consistency.agree(self._call, self._control, operation, fingerprint())
 
@@ -339,11 +355,14 @@ class MPICommunicator(DeviceCommunicatorBase):
                     return _into(out, result)
         info = check_tensor(input_)
         check_device(input_, self.device)
+        target = out
         if out is not None:
             check_out(out, input_)
+            if overlaps_partly(out, input_):
+                target = None  # summed into fresh memory, then copied into out
         self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
         if self._shm is not None and input_.is_cpu:
-            result = self._shm.all_reduce(input_, out)
+            result = self._shm.all_reduce(input_, target)
             if result is not None:
                 return _into(out, result)
         route = self._route(input_.device)
@@ -710,6 +729,8 @@ class MPICommunicator(DeviceCommunicatorBase):
         if self._destroyed:
             return
         self._destroyed = True
+        if self._pid != os.getpid():
+            return  # a forked child: the MPI communicators are the parent's to free
         self.all2all_manager.destroy()
         self._workspace.clear()
         for transport in (self._shm, self._node_shm):
@@ -733,6 +754,25 @@ _NOTHING = torch.empty(0, dtype=torch.uint8)  # the fingerprinted tensor of a ba
 def _plain_host(tensor: torch.Tensor) -> bool:
     """A dense host tensor (what the shared-memory calls take without further checks)."""
     return tensor.is_cpu and tensor.layout is torch.strided and not tensor.is_nested
+
+
+def _forked_text(pid: int) -> str:
+    return (
+        f"the communicator was built in process {pid} and this is a child it forked "
+        f"({os.getpid()}): MPI and the shared-memory segment belong to the parent's ranks. Build "
+        f"communicators in processes that MPI started (a forked child cannot start MPI either)"
+    )
+
+
+_instances: weakref.WeakSet[MPICommunicator] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for comm in list(_instances):
+        comm._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)  # no MPI call: only marks the objects
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

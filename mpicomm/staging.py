@@ -41,9 +41,31 @@ def writable_into(out: torch.Tensor, x: torch.Tensor) -> bool:
     shares no storage with it (a partial overlap would read elements already overwritten)."""
     if not out.is_cpu or out.is_neg() or out.is_conj() or not out.is_contiguous():
         return False
-    if out.data_ptr() == x.data_ptr():
-        return True
-    return out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    return not overlaps_partly(out, x)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[first, end)`` of the bytes ``t`` can reach (strides >= 0, as torch's)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    return start, start + (last + 1) * t.element_size()
+
+
+def overlaps_partly(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory without being the same elements (same address,
+    shape and strides): a result written into one while the other is read would read elements
+    already overwritten. Compares addresses, not storages: two storages (two tensors made from
+    one numpy array, say) may cover the same memory."""
+    if a.device != b.device:
+        return False
+    a_first, a_end = _span(a)
+    b_first, b_end = _span(b)
+    if a_end <= b_first or b_end <= a_first:
+        return False
+    same = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    return not (same and a.dtype == b.dtype)
 
 
 class Route:

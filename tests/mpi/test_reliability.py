@@ -189,3 +189,65 @@ def test_intercommunicators_are_rejected():
     finally:
         inter.Free()
         half.Free()
+
+
+@pytest.mark.parametrize("shm", ["0", "auto"])
+@pytest.mark.parametrize("shift", [1, -1, 0])
+def test_out_overlapping_the_input_through_another_storage(shm, shift):
+    """``out`` over the same memory as the input but another storage (two tensors made from
+    one numpy array): the sum is computed as if out were separate (before, with the storages
+    compared by address, MPI wrote into the input while reading it)."""
+    n = 50_000  # 200 KiB: a sum that MPI runs in steps, reading the input after writing out
+    memory = np.arange(n + 1, dtype=np.float32) + RANK
+    lo, hi = torch.from_numpy(memory[:-1]), torch.from_numpy(memory[1:])
+    x, out = (lo, hi) if shift >= 0 else (hi, lo)
+    if shift == 0:
+        out = torch.from_numpy(memory[:-1])  # the same memory, another storage: in place
+    want = sum(x.clone() + (r - RANK) for r in range(W))
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="alias", shm=shm)
+    try:
+        got = comm.all_reduce(x, out=out)
+        assert got is out
+        assert everywhere(torch.equal(out, want))
+    finally:
+        comm.destroy()
+
+
+def test_a_forked_child_is_refused_and_the_parent_stays_in_step():
+    """A child made by fork() is no rank of the group: its call raises CommunicationError at
+    once (before, it entered the parent's shared-memory protocol or MPI: a hang, or the
+    parent's next result taken by the child), and the parent's next call is exact."""
+    import os
+    import signal
+    import time
+
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="parent")
+    try:
+        assert everywhere(torch.equal(comm.all_reduce(torch.ones(4)), torch.full((4,), float(W))))
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                comm.all_reduce(torch.ones(4))
+                text = "no error"
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                text = f"{type(exc).__name__}: {exc}"
+            comm.destroy()  # no MPI call in the child
+            os.write(write, text.encode())
+            os._exit(0)
+        os.close(write)
+        deadline = time.monotonic() + 20
+        ended = False
+        while not ended and time.monotonic() < deadline:
+            ended = os.waitpid(pid, os.WNOHANG) != (0, 0)
+            time.sleep(0.05)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        said = os.read(read, 4096).decode()
+        os.close(read)
+        ok = said.startswith("CommunicationError") and "forked" in said
+        ok &= torch.equal(comm.all_reduce(torch.ones(4)), torch.full((4,), float(W)))
+        assert everywhere(ok), said
+    finally:
+        comm.destroy()

@@ -332,3 +332,19 @@ def test_torch_init_barrier_with_mpi_rendezvous_is_a_real_barrier():
     took = {int(r): float(s) for r, s in re.findall(r"rank (\d): init took ([\d.]+) s", out)}
     assert sorted(took) == [0, 1], out[-3000:]
     assert 2.0 < took[0] < 50, out[-3000:]  # rank 0 waited for rank 1, not for the timeout
+
+
+def test_large_results_resize_only_without_recycling():
+    """Results of 4 MiB and more in recycled blocks have storage torch cannot resize (documented
+    in docs/reliability.md); with recycling off they are ordinary, resizable tensors."""
+    from mpicomm.buffers import RECYCLE_FROM, ResultMemory, recycler
+
+    n = RECYCLE_FROM // 4
+    plain = ResultMemory(recycle=False).empty((n,), torch.float32)
+    plain.resize_(2 * n)
+    plain.untyped_storage().resize_(0)
+    if recycler.available:
+        kept = ResultMemory(recycle=True).empty((n,), torch.float32)
+        with pytest.raises(RuntimeError, match="not resizable"):
+            kept.resize_(2 * n)
+        kept.resize_(0)  # shrinking needs no new memory
