@@ -77,8 +77,10 @@ def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def split_into(buf: torch.Tensor, outputs: list[torch.Tensor]) -> None:
     """Copy consecutive pieces of the flat ``buf`` into ``outputs`` (in place, in order)."""
-    offset = 0
-    for out in outputs:
-        n = out.numel()
-        out.detach().copy_(buf[offset : offset + n].reshape(out.shape))
-        offset += n
+    shapes = {o.shape for o in outputs}
+    if len(shapes) == 1:  # one shape: the pieces are the rows of one view
+        pieces = buf.view(len(outputs), *shapes.pop()).unbind(0)
+    else:
+        flat_pieces = buf.split([o.numel() for o in outputs])
+        pieces = [p.view(o.shape) for p, o in zip(flat_pieces, outputs, strict=True)]
+    torch._foreach_copy_([plain(o) for o in outputs], pieces)
