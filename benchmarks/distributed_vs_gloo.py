@@ -2,6 +2,7 @@
 
     mpiexec -n 2 python benchmarks/distributed_vs_gloo.py [--json out.json] [--quick]
         [--sizes 4096,262144] [--ops all_reduce,broadcast]
+    python benchmarks/distributed_vs_gloo.py --adapter-cost [--json out.json]
 
 One job, four columns: the default group is gloo (TCP rendezvous on 127.0.0.1);
 ``dist.new_group(backend="mpicomm")`` adds an mpicomm group over the same ranks (every call through
@@ -17,6 +18,11 @@ barriers and its time is the slowest rank's. The table gives the median round pe
 JSON the best round too: on a loaded machine the fastest round shows the code's own cost). float32
 tensors; the size is the tensor each rank passes (all_gather, gather: each rank's input;
 reduce_scatter, all_to_all: the whole input).
+
+``--adapter-cost`` (one process, no communication): each ``dist.*`` call and the group's method
+on a 4 KiB tensor with the group's communicator replaced by a stub that returns at once: what
+torch's dispatch and the adapter's own code cost per call, apart from any wait for a peer (best
+of 7 runs of 2000 calls).
 """
 
 from __future__ import annotations
@@ -214,6 +220,102 @@ def slowest(value: float) -> float:
     return WORLD.allreduce(value, op=MPI.MAX)
 
 
+class _Stub:
+    """A communicator that returns at once (a preallocated result)."""
+
+    world_size, ranks, broken = 1, [0], None
+
+    def __init__(self, result: torch.Tensor) -> None:
+        self.result = result
+
+    def all_reduce(self, x, out=None):
+        return x if out is None else out
+
+    def broadcast(self, t, src, out=None):
+        return t if out is None else out
+
+    def barrier(self):
+        pass
+
+    def all_gather(self, x, dim=0):
+        return self.result
+
+    reduce_scatter = all_gather
+
+    def gather(self, x, dst=0, dim=0):
+        return self.result
+
+    def all_to_allv(self, x, send, recv):
+        return self.result
+
+
+def adapter_cost(path: str | None) -> None:
+    """``--adapter-cost``: see the module's docstring."""
+    dist.init_process_group("mpicomm", init_method="mpi://", timeout=TIMEOUT)
+    group = dist.group.WORLD
+    n = 1024
+    x, out, part = torch.ones(n), torch.empty(n), torch.empty(n)
+    group.communicator, real = _Stub(torch.ones(n)), group.communicator
+    cases = {
+        "all_reduce": (
+            lambda: dist.all_reduce(x),
+            lambda: group.allreduce([x], _opts("AllreduceOptions")),
+        ),
+        "all_gather_into_tensor": (
+            lambda: dist.all_gather_into_tensor(out, x),
+            lambda: group.all_gather_single(out, x, _opts("AllgatherOptions")),
+        ),
+        "all_gather": (
+            lambda: dist.all_gather([out], x),
+            lambda: group.allgather([[out]], [x], _opts("AllgatherOptions")),
+        ),
+        "reduce_scatter_tensor": (
+            lambda: dist.reduce_scatter_tensor(part, x),
+            lambda: group.reduce_scatter_single(part, x, _opts("ReduceScatterOptions")),
+        ),
+        "broadcast": (
+            lambda: dist.broadcast(x, 0),
+            lambda: group.broadcast([x], _opts("BroadcastOptions")),
+        ),
+        "all_to_all_single": (
+            lambda: dist.all_to_all_single(part, x),
+            lambda: group.all_to_all_single(part, x, [], [], _opts("AllToAllOptions")),
+        ),
+        "gather": (
+            lambda: dist.gather(x, [out], dst=0),
+            lambda: group.gather([[out]], [x], _opts("GatherOptions")),
+        ),
+        "barrier": (lambda: dist.barrier(), lambda: group.barrier(_opts("BarrierOptions"))),
+    }
+
+    def best(fn, calls=2000, runs=7):
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls)
+        return min(times) * 1e6
+
+    rows = []
+    for name, (public, method) in cases.items():
+        row = {"op": name, "dist_us": best(public), "method_us": best(method)}
+        rows.append(row)
+        print(
+            f"{name:24s} dist.* {row['dist_us']:7.2f} us  group method {row['method_us']:7.2f} us"
+        )
+    group.communicator = real
+    if path:
+        meta = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cpu": _cpu(),
+            "load": os.getloadavg()[0],
+        }
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "adapter_cost": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -221,9 +323,13 @@ def main() -> None:
     ap.add_argument("--sizes", help="comma-separated bytes (default: 8 B to 64 MiB)")
     ap.add_argument("--ops", help=f"comma-separated, from {','.join(OPS)}")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--adapter-cost", action="store_true", help="one process, no communication")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
+    if args.adapter_cost:
+        adapter_cost(args.json)
+        return
     gloo, group, comm, raw = setup()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
     ops = args.ops.split(",") if args.ops else OPS
