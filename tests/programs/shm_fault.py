@@ -11,7 +11,8 @@ second all_reduce and must get an error, not spin forever: they print ``SHM_FAUL
 ``interrupt``, ``term`` and ``late`` (see their functions) test the waits instead; ``die-*``
 and ``full`` the construction.
 Rank 0 also prints ``SHM_FILES <n>``: how many /dev/shm names of this job exist right after
-construction (the names are unlinked at once, so 0), and ``SHM_PID <pid>`` (part of the name).
+construction (the names are removed at once, so 0), and ``SHM_PREFIX <prefix>`` (how its names
+start).
 """
 
 import os
@@ -30,13 +31,18 @@ import mpicomm  # noqa: E402
 from mpicomm.shm import transport  # noqa: E402
 
 
+def names():
+    """How the names of this process's segments start (the job's scheduler id, if any, in it)."""
+    return transport.segment_name(os.getpid(), 0, "x")[1:-3]
+
+
 def die_during_construction(phase):
     """``die-<phase>``: a rank sends itself SIGKILL while the first communicator is built
     (the launcher then ends the job): ``created`` rank 0 right after making the segment,
     ``mapping`` the last rank before mapping it (rank 0 waits for it), ``mapped`` the last rank
     right after. Rank 0 prints ``SHM_PREFIX <prefix>`` first (its segments' names start so)."""
     if rank == 0:
-        print(f"SHM_PREFIX {transport.segment_name(os.getpid(), 0, 'x')[1:-3]}", flush=True)
+        print(f"SHM_PREFIX {names()}", flush=True)
     world.Barrier()
     real = transport._core.Segment
 
@@ -159,8 +165,8 @@ if mode == "full":
     full()
 comm = mpicomm.MPICommunicator(world, timeout=timeout, shm="1", unique_name="fault")
 if rank == 0:
-    mine = [f for f in os.listdir("/dev/shm") if f.startswith(f"mpicomm-job-{os.getpid()}-")]
-    print(f"SHM_PID {os.getpid()}", flush=True)
+    mine = [f for f in os.listdir("/dev/shm") if f.startswith(names())]
+    print(f"SHM_PREFIX {names()}", flush=True)
     print(f"SHM_FILES {len(mine)}", flush=True)
 x = torch.ones(1000, dtype=torch.bfloat16)
 assert torch.equal(comm.all_reduce(x), x * size)

@@ -175,7 +175,9 @@ def test_one_rank_transport_round_trips(monkeypatch):
         assert torch.equal(c.all_reduce(t), t)
     finally:
         c.destroy()
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"mpicomm-job-{os.getpid()}")]
+    mine = transport.segment_name(os.getpid(), 0, "x")[1:-3]  # with SLURM_JOB_ID too
+    assert mine.endswith(f"-{os.getpid()}-")
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(mine)]
 
 
 def test_timeout_property_follows_communicator():
@@ -250,18 +252,18 @@ def _fault(tmp_path: Path, mode: str, ranks: int, timeout: float):
         env={"HYDRA_CONFIG_FILE": str(config)},
     )
     out = proc.stdout
-    pid = re.search(r"SHM_PID (\d+)", out).group(1)
-    assert "SHM_FILES 0" in out  # unlinked as soon as every rank had mapped it
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"mpicomm-job-{pid}-")]
+    prefix = re.search(r"SHM_PREFIX (\S+)", out).group(1)  # the job's id in it, if any
+    assert "SHM_FILES 0" in out  # removed as soon as it was made
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
     faults = re.findall(r"SHM_FAULT rank=(\d+) error=(\w+) missing=(\S+) seconds=([\d.]+)", out)
     assert "error=none" not in out
-    return faults, out
+    return faults, out, proc
 
 
 def test_dead_rank_ends_the_wait(tmp_path):
     """A peer that exits while the others wait in shared memory: they get a CommunicationError
     naming it within a fraction of a second, though the timeout (30 s) is far off."""
-    faults, out = _fault(tmp_path, "exit", 3, 30)
+    faults, out, _ = _fault(tmp_path, "exit", 3, 30)
     assert faults, out
     for _rank, error, _, seconds in faults:
         assert error == "CommunicationError" and float(seconds) < 10, out
@@ -272,14 +274,17 @@ def test_killed_rank_ends_the_job(tmp_path):
     """SIGKILL: the launcher may end the survivors itself (it does not always wait for them to
     notice); the job ends well within the bound, and any survivor that reports names the dead
     rank. No name is left in /dev/shm either way."""
-    faults, out = _fault(tmp_path, "kill", 3, 30)
+    faults, out, proc = _fault(tmp_path, "kill", 3, 30)
+    assert proc.returncode not in (124, 137), out  # ended by itself, not by the outer timeout
+    killed = re.search(r"(?i)signal:? 9\b", out + proc.stderr)  # hydra words it two ways
+    assert faults or (killed and proc.returncode != 0), out + proc.stderr
     for _rank, error, _, seconds in faults:
         assert error == "CommunicationError" and float(seconds) < 10, out
 
 
 def test_stalled_rank_times_out(tmp_path):
     """A peer that never arrives: CollectiveTimeoutError after the timeout, naming it."""
-    faults, out = _fault(tmp_path, "stall", 2, 1.5)
+    faults, out, _ = _fault(tmp_path, "stall", 2, 1.5)
     assert faults, out
     for _rank, error, missing, seconds in faults:
         assert error == "CollectiveTimeoutError" and missing == "[1]", out
