@@ -74,11 +74,15 @@ def node_topology(comm: MPI.Comm | None = None) -> Topology:
     return Topology.from_labels(node_labels(comm), comm.Get_rank())
 
 
-def default_device(local_rank: int) -> torch.device:
-    """``cuda:<local_rank mod GPUs>`` where torch sees GPUs, else ``cpu``."""
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def default_device(local_rank: int | None = None) -> torch.device:
+    """The device a rank uses when none is named (the one home of this rule): ``cpu`` where torch
+    sees no GPU; else ``cuda:<local_rank mod GPUs>``, or, with ``local_rank=None``, torch's
+    current CUDA device (what ``torch.cuda.set_device`` chose, as torch.distributed assumes)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return torch.device("cpu")
+    if local_rank is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 @dataclass

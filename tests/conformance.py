@@ -17,19 +17,11 @@ import torch
 
 from mpicomm.check import make_input, reference_sum
 from mpicomm.communicator import MPICommunicator
+from mpicomm.consistency import COLLECTIVES as TENSOR_COLLECTIVES
 from mpicomm.dtypes import CHECKED, INEXACT_SUMS, short_name
 
-COLLECTIVES = [
-    "all_reduce",
-    "all_gather",
-    "all_gatherv",
-    "reduce_scatter",
-    "reduce_scatterv",
-    "gather",
-    "broadcast",
-    "send_recv",
-    "dispatch_combine",
-]
+# The tensor collectives (their one list: mpicomm.consistency), then point-to-point and MoE.
+COLLECTIVES = [*TENSOR_COLLECTIVES, "send_recv", "dispatch_combine"]
 # The dtypes `python -m mpicomm check` covers, and those MPI sums itself (compared with a tolerance).
 INEXACT_SUM = INEXACT_SUMS
 DTYPE_LIST = list(CHECKED)

@@ -25,8 +25,12 @@ from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "tests" / "programs"
-# Variables a launcher sets for its ranks: a child job started from inside one must not see them.
-LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")
+# Prefixes of the variables an MPI launcher sets for its ranks: a child job started from inside
+# one must not see them (``drop=`` of child_env and run_mpi).
+MPI_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")
+# torch's launcher variables: a vLLM test job must not inherit them (mpicomm.vllm.launch sets
+# them per rank).
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def find_mpiexec() -> str | None:
@@ -133,10 +137,6 @@ def vllm_entry_point(folder: Path) -> str | None:
         "[vllm.platform_plugins]\nmpicomm = mpicomm.vllm:register\n"
     )
     return str(info.parent)
-
-
-# Launcher variables a vLLM test job must not inherit (mpicomm.vllm.launch sets them per rank).
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_reporting(

@@ -16,9 +16,9 @@ import torch
 from mpi4py import MPI
 
 from mpicomm import MPICommunicator, cuda
-from tests.helpers import ROOT, child_env, run_mpi
+from tests.helpers import MPI_LAUNCHER_PREFIXES, ROOT, child_env, run_mpi
 
-_LAUNCHER_VARS = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_", "MPICOMM_")
+_LAUNCHER_VARS = (*MPI_LAUNCHER_PREFIXES, "MPICOMM_")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from mpicomm.calls import Caller
 from mpicomm.config import settings
 from mpicomm.errors import CollectiveTimeoutError, CommunicationError
 from mpicomm.validation import check_rank, check_shape, check_sizes, check_tensor, normalize_dim
-from tests.helpers import PROGRAMS, child_env, run_mpi
+from tests.helpers import MPI_LAUNCHER_PREFIXES, PROGRAMS, child_env, run_mpi
 
 
 @pytest.fixture
@@ -242,7 +242,7 @@ def test_cli_reports_a_bad_variable_in_one_line():
     import sys
 
     for command, code in (("check", 2), ("bench", 2), ("info", 0)):
-        env = child_env({"MPICOMM_TIMEOUT": "soon"}, drop=("PMI_", "HYDRA_", "MPIR_"))
+        env = child_env({"MPICOMM_TIMEOUT": "soon"}, drop=MPI_LAUNCHER_PREFIXES)
         proc = subprocess.run(
             [sys.executable, "-m", "mpicomm", command],
             env=env,

@@ -30,3 +30,13 @@ def test_default_device():
         assert dev == torch.device("cuda", 3 % torch.cuda.device_count())
     else:
         assert dev == torch.device("cpu")
+
+
+def test_default_device_without_a_local_rank_is_torchs_current(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert topology.default_device() == torch.device("cuda", 2)
+    assert topology.default_device(5) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert topology.default_device() == torch.device("cpu")
