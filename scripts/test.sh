@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set up .venv, lint, run the multi-rank tests (tests/mpi)
 # under mpiexec at 1, 2, 3 and 4 ranks (each bounded by timeouts), the CUDA test file in its CPU
-# self-test mode, then the single-process tests (tests/unit; tests/system skip without a system).
+# self-test mode, then the single-process tests (tests/unit; tests/jobs, which start their own
+# mpiexec jobs; tests/system skip without a system).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test,docs,mpich,examples,bench
