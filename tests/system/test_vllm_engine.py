@@ -45,7 +45,7 @@ EMBED = ROOT / "examples" / "vllm_embed.py"
 
 def engine_env(**extra: str) -> dict[str, str | None]:
     """The child environment: mpicomm on, 1 thread per rank, 1 GiB of KV cache, no stale ranks,
-    and a new, empty vLLM cache (:func:`fresh_vllm_cache`)."""
+    and a new, empty vLLM cache (:func:`fresh_vllm_cache`) unless ``extra`` names one."""
     path = [str(ROOT)] + ([p] if (p := vllm_entry_point(WORKDIR)) else [])
     env: dict[str, str | None] = dict.fromkeys((*LAUNCHER_VARS, "VLLM_TARGET_DEVICE"))
     env.update(
@@ -53,9 +53,10 @@ def engine_env(**extra: str) -> dict[str, str | None]:
         OMP_NUM_THREADS="1",
         VLLM_CPU_KVCACHE_SPACE="1",
         PYTHONPATH=os.pathsep.join(path),
-        VLLM_CACHE_ROOT=fresh_vllm_cache(),
     )
     env.update(extra)
+    if "VLLM_CACHE_ROOT" not in extra:  # a caller's own cache makes no empty folder here
+        env["VLLM_CACHE_ROOT"] = fresh_vllm_cache()
     return env
 
 
