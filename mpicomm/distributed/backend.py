@@ -34,6 +34,7 @@ from ..communicator import MPICommunicator
 from ..cuda import cuda_aware
 from ..errors import CommunicationError
 from ..groups import ranks_communicator
+from ..topology import default_device
 from ..validation import check_rank
 from . import ops
 from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_barrier
@@ -60,12 +61,6 @@ def _seconds(timeout) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 class MPIProcessGroup(dist.ProcessGroup):
     """A torch process group of the ``COMM_WORLD`` ranks ``ranks`` (in group order) whose
     collectives run on one :class:`mpicomm.MPICommunicator` (destroyed by :meth:`shutdown`).
@@ -76,7 +71,7 @@ class MPIProcessGroup(dist.ProcessGroup):
         super().__init__(comm.Get_rank(), comm.Get_size())
         self.communicator = MPICommunicator(
             cpu_group=comm,
-            device=_device(),
+            device=default_device(),  # torch's current CUDA device, else cpu
             unique_name=name,
             timeout=0 if timeout is None else timeout,
             own_cpu_group=True,
