@@ -19,10 +19,11 @@
 #
 # Env: MPICOMM_VLLM_SERVE_SLURM=0 skips the Slurm part; MPICOMM_CACHE as in vllm_cpu_env.sh.
 #
-# Time (measured 2026-12-07 on the 2-core development machine while shared, load average 10-20;
-# each server start is most of it): TP=2 and DP=2 servers with their checks 258 s, embeddings
-# 91 s, PP=2 87 s, the sbatch test 193 s; on a first run the offline reference adds about 100 s.
-# About 10-12 min in all here; less on an idle machine.
+# Time (measured 2026-12-07 on the 2-core development machine while shared; each server start is
+# most of it): the whole step from an empty reference, load average 15-22: 1074 s (the mpiexec
+# tests 860 s: TP=2 server and the offline reference 301 s, DP=2 server 165 s, embeddings 173 s,
+# PP=2 162 s, the checks themselves under 40 s; the sbatch test 149 s). At load 10-13 the mpiexec
+# tests took 258 s for the TP=2 and DP=2 servers (reference cached), 91 s embeddings, 87 s PP=2.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
