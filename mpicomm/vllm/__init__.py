@@ -54,11 +54,17 @@ def register() -> str | None:
     """vLLM platform-plugin entry point.
 
     Returns the dotted name of the mpicomm platform class when ``MPICOMM_VLLM=1`` (the CUDA
-    variant when vLLM detects CUDA or ``MPICOMM_VLLM_DEVICE=cuda``), else ``None``.
+    variant when vLLM detects CUDA or ``MPICOMM_VLLM_DEVICE=cuda``), else ``None``. A malformed
+    ``MPICOMM_VLLM`` or ``MPICOMM_VLLM_DEVICE`` ends the process with ``SystemExit`` naming the
+    variable: vLLM logs a plugin's ordinary exceptions at debug level and carries on with its own
+    platform, which would run the job on gloo without a word.
     """
-    if not enabled():
-        return None
-    return CUDA_PLATFORM if _cuda_detected() else CPU_PLATFORM
+    try:
+        if not enabled():
+            return None
+        return CUDA_PLATFORM if _cuda_detected() else CPU_PLATFORM
+    except ValueError as exc:
+        raise SystemExit(f"mpicomm vLLM plugin: {exc}") from exc
 
 
 def __getattr__(name: str):

@@ -26,8 +26,17 @@ def test_register_returns_the_platform_when_enabled(monkeypatch, device, want):
 def test_register_rejects_an_unknown_device(monkeypatch):
     monkeypatch.setenv("MPICOMM_VLLM", "1")
     monkeypatch.setenv("MPICOMM_VLLM_DEVICE", "tpu")
-    with pytest.raises(ValueError, match="MPICOMM_VLLM_DEVICE"):
+    with pytest.raises(SystemExit, match="MPICOMM_VLLM_DEVICE"):
         mv.register()
+
+
+@pytest.mark.parametrize("value", ["yes-please", "2", "on!"])
+def test_register_ends_the_process_on_a_malformed_switch(monkeypatch, value):
+    """vLLM swallows a plugin's exceptions (stock vLLM on gloo, silently): SystemExit it is not."""
+    monkeypatch.setenv("MPICOMM_VLLM", value)
+    with pytest.raises(SystemExit, match="MPICOMM_VLLM must be"):
+        mv.register()
+    assert not issubclass(SystemExit, Exception)
 
 
 def test_entry_point_is_declared_in_setup_cfg():
