@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import zlib
 from typing import Any
 
 import torch
@@ -42,6 +41,7 @@ from vllm.distributed.device_communicators.base_device_communicator import (
 )
 
 from ..consistency import COLLECTIVES
+from ..groups import ranks_communicator
 
 logger = logging.getLogger(__name__)
 
@@ -66,31 +66,6 @@ SERVED = (
     "combine",
 )
 """True when the installed vLLM dispatches ``(hidden_states, topk_weights, topk_ids)``."""
-
-
-def mpi_comm_for_ranks(ranks: list[int], name: str = ""):
-    """A new MPI communicator of ``COMM_WORLD`` ranks ``ranks``, in that order.
-
-    Collective over the members of ``ranks`` only (``MPI_Comm_create_group``). The caller frees it.
-    """
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    ranks = [int(r) for r in ranks]
-    if len(set(ranks)) != len(ranks) or not all(0 <= r < world.Get_size() for r in ranks):
-        raise ValueError(f"ranks {ranks} of group {name!r} are not distinct MPI world ranks")
-    if world.Get_rank() not in ranks:
-        raise ValueError(f"MPI rank {world.Get_rank()} is not a member of group {name!r} {ranks}")
-    world_group = world.Get_group()
-    try:
-        group = world_group.Incl(ranks)
-    finally:
-        world_group.Free()
-    try:
-        tag = zlib.crc32(name.encode()) % 32768
-        return world.Create_group(group, tag)
-    finally:
-        group.Free()
 
 
 def _make_all2all_manager(cpu_group):
@@ -141,7 +116,7 @@ class VllmMPICommunicator(_VllmBase):
                 "distributed_executor_backend='external_launcher': vLLM's mp and ray executors "
                 "start workers outside MPI and are not supported with mpicomm"
             )
-        self.mpi_comm = mpi_comm_for_ranks(list(self.ranks), unique_name)
+        self.mpi_comm = ranks_communicator(list(self.ranks), unique_name)
         if self.mpi_comm.Get_rank() != self.rank_in_group:
             raise RuntimeError(
                 f"mpicomm: MPI rank {self.mpi_comm.Get_rank()} != vLLM rank "
