@@ -9,12 +9,12 @@ unchanged.
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import numpy as np
 import torch.distributed as dist
 
+from ..calls import poll
 from ..errors import CollectiveTimeoutError
 
 MONITOR_TAG = 32767  # the smallest MPI_TAG_UB the standard allows; user p2p tags stay below it
@@ -23,19 +23,13 @@ MONITOR_TAG = 32767  # the smallest MPI_TAG_UB the standard allows; user p2p tag
 def _wait_all(requests, deadline: float | None) -> list[int]:
     """Indexes of ``requests`` still incomplete at ``deadline`` (``[]`` when all completed)."""
     pending = dict(enumerate(requests))
-    start = time.monotonic()
-    while pending:
+
+    def settled() -> bool:
         for i in [i for i, r in pending.items() if r.Test()]:
             del pending[i]
-        if not pending:
-            break
-        now = time.monotonic()
-        if deadline is not None and now > deadline:
-            break
-        if now - start > 0.1:
-            time.sleep(1e-3)
-        else:
-            os.sched_yield()
+        return not pending
+
+    poll(settled, None if deadline is None else max(0.0, deadline - time.monotonic()))
     return sorted(pending)
 
 

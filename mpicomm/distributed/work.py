@@ -12,8 +12,6 @@ bounded by the group's timeout.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -22,7 +20,8 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 
 from .._mpi import MPI
-from ..errors import CollectiveTimeoutError, CommunicationError
+from ..calls import poll, timed_out
+from ..errors import CommunicationError
 
 
 def completed(result) -> dist.Work:
@@ -99,26 +98,14 @@ class PendingWork(dist.Work):
         nonzero) or the group's timeout."""
         seconds = timeout.total_seconds() if timeout else 0.0
         limit = seconds if seconds > 0 else self._timeout
-        start = time.monotonic()
-        pause = 0.0
-        while not self._test():
-            elapsed = time.monotonic() - start
-            if limit is not None and elapsed > limit:
-                raise CollectiveTimeoutError(
-                    f"{self._operation} on group {self._group!r} did not complete within "
-                    f"{limit:g} s: group rank {self._peer} did not take part",
-                    operation=self._operation,
-                    group=self._group,
-                    timeout=limit,
-                    missing=[self._peer],
-                )
-            if elapsed < 0.002:
-                continue
-            if elapsed < 0.1:
-                os.sched_yield()
-                continue
-            pause = min(max(pause * 2, 2e-5), 1e-3)
-            time.sleep(pause)
+        if poll(self._test, limit) is None:
+            raise timed_out(
+                self._operation,
+                self._group,
+                limit,
+                f" Group rank {self._peer} did not take part.",
+                [self._peer],
+            )
         return True
 
     def get_future(self) -> torch.futures.Future:
