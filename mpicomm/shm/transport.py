@@ -142,6 +142,7 @@ def open_transport(
             where = f"/proc/{os.getpid()}/fd/{segment.fd}"
         except Exception as exc:  # any failure (a core older than this module too): every
             error, segment = str(exc), None  # rank still takes part in the exchanges, then MPI
+            _core.unlink(name)  # an older core leaves the name in place
     where = comm.bcast(where, root=0)
     if rank != 0 and where:
         try:
