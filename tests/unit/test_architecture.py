@@ -141,5 +141,46 @@ def test_no_tracker_references_in_code():
     assert not bad, bad
 
 
+# docs/architecture.md, "Modules": one row per file of the package (``shm/transport.py``) and per
+# subpackage (``shm/``); ``__init__.py`` and ``__main__.py`` files are their package's row.
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+_ROW = re.compile(r"^\|\s*`([\w/.]+)`\s*\|")
+
+
+def _documented_modules(text: str) -> set[str]:
+    section = text.split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    return {m.group(1) for line in section.splitlines() if (m := _ROW.match(line))}
+
+
+def _tree_modules(package: pathlib.Path) -> set[str]:
+    found = set()
+    for path in package.rglob("*"):
+        rel = path.relative_to(package).as_posix()
+        if "__pycache__" in rel:
+            continue
+        if path.is_dir():
+            found.add(rel + "/")
+        elif path.suffix in (".py", ".c", ".h") and path.name not in ("__init__.py", "__main__.py"):
+            found.add(rel)
+    return found
+
+
+def test_module_table_matches_the_tree():
+    documented, tree = _documented_modules(DOC.read_text()), _tree_modules(PACKAGE)
+    assert not tree - documented, f"missing from docs/architecture.md: {sorted(tree - documented)}"
+    assert not documented - tree, (
+        f"in docs/architecture.md, not in the tree: {sorted(documented - tree)}"
+    )
+
+
+def test_module_table_check_can_fail(tmp_path):
+    """The comparison above notices a module the table leaves out."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "thing.py").write_text("")
+    (tmp_path / "other.py").write_text("")
+    doc = "# A\n\n## Modules\n\n| module | what |\n|---|---|\n| `sub/` | x |\n| `other.py` | y |\n\n## Next\n"
+    assert _tree_modules(tmp_path) - _documented_modules(doc) == {"sub/thing.py"}
+
+
 if __name__ == "__main__":  # pragma: no cover
     print(os.linesep.join(sorted(_modules())))
