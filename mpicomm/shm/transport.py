@@ -23,6 +23,7 @@ import logging
 import os
 import uuid
 
+import numpy as np
 import torch
 
 from .._mpi import MPI
@@ -149,7 +150,7 @@ def open_transport(
             segment = _core.Segment(where, world, rank, SLOT_BYTES, False)
         except Exception as exc:
             error = str(exc)
-    ok = comm.allreduce(0 if error or not where else 1, op=MPI.MIN)
+    ok = _all_agree(comm, not error and bool(where))
     if segment is not None:
         segment.close_fd()  # every rank has mapped it (or given up)
     if not ok:
@@ -163,9 +164,17 @@ def open_transport(
     segment.oneshot_narrow_max = ONESHOT_NARROW_MAX
     segment.gil_free_from = GIL_FREE_FROM
     readable_peers = world > 1 and segment.probe_direct()
-    if comm.allreduce(int(direct and readable_peers), op=MPI.MIN):
+    if _all_agree(comm, direct and readable_peers):
         segment.direct_from = DIRECT_FROM
     return Transport(segment, caller, results)
+
+
+def _all_agree(comm: MPI.Comm, yes: bool) -> bool:
+    """True on every rank when ``yes`` on every rank (collective). A buffer ``Allreduce``: mpi4py's
+    pickled ``allreduce`` with an op keeps a hidden duplicate of ``comm`` for good."""
+    flag = np.array([1 if yes else 0], dtype=np.int32)
+    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MIN)
+    return bool(flag[0])
 
 
 class Transport:
