@@ -22,11 +22,11 @@ import ast
 import functools
 import inspect
 import logging
-import textwrap
 
 import torch
 
 from .. import config
+from .source import class_method, method_tree
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +62,20 @@ def ignores_expert_map(apply) -> bool:
     try:
         if "expert_map" not in inspect.signature(apply).parameters:
             return False
-        tree = ast.parse(textwrap.dedent(inspect.getsource(apply)))
-    except (OSError, TypeError, SyntaxError, ValueError):
+    except (TypeError, ValueError):
         return False
-    func = tree.body[0]
-    return isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and _body_ignores(func)
+    func = method_tree(apply)
+    return func is not None and _body_ignores(func)
 
 
 def source_ignores_expert_map(source: str, cls: str = "CPUUnquantizedExperts") -> bool | None:
     """:func:`ignores_expert_map` for method ``apply`` of class ``cls`` in module text ``source``
     (no import needed); ``None`` when the module has no such method."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "apply":
-                    args = [a.arg for a in item.args.args + item.args.kwonlyargs]
-                    return "expert_map" in args and _body_ignores(item)
-    return None
+    item = class_method(source, cls, "apply")
+    if item is None:
+        return None
+    args = [a.arg for a in item.args.args + item.args.kwonlyargs]
+    return "expert_map" in args and _body_ignores(item)
 
 
 def _body_ignores(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
 import logging
-import textwrap
 
 from .. import config
+from .source import class_method, method_tree
 
 logger = logging.getLogger(__name__)
 
@@ -43,23 +42,15 @@ def asserts_without_allocating(method) -> bool:
     """
     if getattr(method, PATCHED, False):
         return False
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
-    except (OSError, TypeError, SyntaxError, ValueError):
-        return False
-    func = tree.body[0]
-    return isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and _asserts_only(func)
+    func = method_tree(method)
+    return func is not None and _asserts_only(func)
 
 
 def source_asserts_without_allocating(source: str, cls: str = "GPUModelRunner") -> bool | None:
     """:func:`asserts_without_allocating` for that method of class ``cls`` in module text
     ``source`` (no import needed); ``None`` when the module has no such method."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == METHOD:
-                    return _asserts_only(item)
-    return None
+    item = class_method(source, cls, METHOD)
+    return None if item is None else _asserts_only(item)
 
 
 def _asserts_only(func: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
