@@ -91,10 +91,9 @@ def _device_memory(tensor: torch.Tensor, carrier: torch.dtype) -> torch.Tensor:
 
 
 # Fresh host results from this size up are backed by transparent huge pages. New memory faults
-# once per page on its first write: filling a fresh 64 MiB tensor took 35 ms, 10 ms with 2 MiB
-# pages (benchmarks/local_steps.py). Recycled blocks gain too: peers read a result through
-# process_vm_readv, which pins it page by page, and a 16 MiB float32 all_reduce on 2 ranks took
-# 3.2 ms with its results on 2 MiB pages against 4.0 ms on 4 KiB pages (4 MiB: the same).
+# once per page on its first write, and 2 MiB pages fault 512 times less (benchmarks/local_steps.py).
+# Recycled blocks gain too: peers read a result through process_vm_readv, which pins it page by
+# page (measured: benchmarks/results/history/2026-12-03-shared-memory.md).
 HUGE_PAGES_FROM = 4 << 20
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
@@ -145,11 +144,9 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 # Host results of at least this many bytes come from recycled memory (_Recycler). glibc serves
 # blocks above its mmap threshold (at most 32 MiB) as new memory, and trims the heap's top above
 # twice that, so large blocks are often new memory: every first write faults and the kernel zeroes
-# the page first, one more pass over the result than the collective itself makes. Side by side on
-# 2 ranks (float32 all_reduce, each result kept until the next call returns, as a model keeps an
-# activation): 4 MiB 1.05-1.09 ms new, 0.84 ms recycled; 16 MiB 3.2-4.3 vs 2.3-2.9 ms. Smaller
-# results glibc reuses itself about as fast (1 MiB: 0.26-0.29 vs 0.26 ms kept, 0.21-0.24 vs
-# 0.24 ms dropped at once) (docs/benchmarks.md).
+# the page first, one more pass over the result than the collective itself makes. Smaller results
+# glibc reuses itself about as fast (measured side by side, each result kept until the next call
+# returns as a model keeps an activation: benchmarks/results/history/2026-12-03-shared-memory.md).
 RECYCLE_FROM = 4 << 20
 # Host results below this many bytes are plain torch.empty_like: neither recycled nor advised.
 SMALL_RESULT = min(RECYCLE_FROM, HUGE_PAGES_FROM)

@@ -29,8 +29,8 @@ from .dtypes import DtypeInfo
 _ADD_IN_FLOAT32 = {torch.bfloat16, torch.float16}
 
 # Below this many gathered bytes (W x message), the bytes algorithm gathers every rank's whole
-# input and each rank sums all of it: one MPI call instead of three (2 ranks, 8 B bf16: 56 us with
-# three calls, see docs/benchmarks.md).
+# input and each rank sums all of it: one MPI call instead of three (measured: docs/architecture.md,
+# "Sums").
 GATHER_ALL_BELOW = 64 << 10
 
 # Narrow-float sums whose widened (W, n) copy is at most this many bytes widen it in one call

@@ -259,8 +259,8 @@ static int reduce_scatter_direct(Segment *s, const char *src, char *dst, size_t 
 
 /* memcpy of a large block with streaming stores on x86-64: the destination's lines are neither
    read first nor left in the cache (glibc streams only past a threshold scaled to the last-level
-   cache, which on large server caches is never reached here). Measured on 2 ranks, the own part of
-   a direct all_gather: 16 MiB 2.1-2.4 -> 1.9 ms, 64 MiB 11.3-12.4 -> 9.9-10.4 ms. */
+   cache, which on large server caches is never reached here). Faster for the own part of a direct
+   all_gather from 16 MiB (benchmarks/results/history/2026-12-03-shared-memory.md). */
 static void copy_streaming(char *dst, const char *src, size_t n) {
 #if defined(__x86_64__)
     size_t i = (64 - ((uintptr_t)dst & 63)) & 63; /* bytes up to dst's next line */
@@ -365,8 +365,8 @@ int do_all_reduce(Segment *s, const char *src, char *dst, size_t n, int kind, Fa
     }
     /* Reduce-scatter + all-gather in the segment, a chunk of S bytes per round: every rank copies
        the parts its peers sum into its slot, rank r sums part r (its own from src) into dst and
-       that part of its slot, then copies the other parts out of their owners' slots. Skipping the
-       own part of the copy: 2 ranks, float32 128 KiB 17.1 -> 16.1 us, bfloat16 20.1 -> 17.1 us. */
+       that part of its slot, then copies the other parts out of their owners' slots. The own part
+       is not copied: it comes from src (measured: benchmarks/results/history/2026-12-03-shared-memory.md). */
     size_t per = align_down(s->slot, (size_t)ALIGN * isz);
     if (per == 0) per = align_down(s->slot, isz);
     for (size_t off = 0; off < total; off += per) {

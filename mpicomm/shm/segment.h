@@ -137,8 +137,8 @@ void find_fast_strings(void);
 /* A rank's data into its own slot, whose lines its peers hold from reading the slot before.
    From MOVSB_FROM bytes on x86-64 with fast strings (ERMS), `rep movsb`, whose whole-line writes
    take the lines without fetching their old contents from the peers' caches, where glibc's
-   vector copy of such sizes fetches them: 2 ranks, a one-shot all_reduce per call, float32 1.5 KiB
-   1.98 -> 1.81 us, 2 KiB 2.24 -> 1.88 us; equal from 3 KiB, where glibc uses it too. */
+   vector copy of such sizes fetches them (measured: benchmarks/results/history/2026-12-03-shared-memory.md, fourth
+   pass); from 3 KiB glibc uses it too. */
 #define MOVSB_FROM 1024
 
 static inline void copy_in(char *dst, const char *src, size_t n) {

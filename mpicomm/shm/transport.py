@@ -44,10 +44,8 @@ SLOT_BYTES = 1 << 20
 # most ONESHOT_PEER_BYTES of its peers' slots ((W - 1) x the message), bfloat16/float16 ones up to
 # ONESHOT_NARROW_MAX bytes (their conversions make every rank's full sum costlier); larger ones are
 # reduce-scattered and all-gathered inside the segment: each rank sums 1/W of the elements for one
-# more wait. Measured side by side (2 ranks, the hot path, docs/benchmarks.md): float32 one-shot
-# against the reduce-scatter, 32 KiB 7.4 vs 8.7 us, 64 KiB 9.0 vs 10.4 us, 128 KiB 17.5 vs
-# 18.9 us, 192 KiB 26.0 vs 26.9 us; bfloat16 the reduce-scatter, 24 KiB 7.9 vs 9.2 us, 64 KiB
-# 10.2 vs 10.8 us.
+# more wait. The limits come from side-by-side runs of the two on the hot path (2 ranks:
+# benchmarks/results/history/2026-12-03-shared-memory.md, fourth pass).
 ONESHOT_PEER_BYTES = 128 << 10
 ONESHOT_NARROW_MAX = 16 << 10
 # Messages of at least this many bytes (all_reduce, reduce_scatter: the whole input; gathers: the
