@@ -1,5 +1,5 @@
 """The "mpicomm" torch.distributed backend at any rank count: every operation against the
-result torch defines, computed here from every rank's seeded input (tests/unit/test_distributed_gloo.py
+result torch defines, computed here from every rank's seeded input (tests/jobs/test_distributed_gloo.py
 compares the same operations with gloo run on the same inputs)."""
 
 from __future__ import annotations

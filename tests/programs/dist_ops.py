@@ -3,7 +3,7 @@
 ``mpiexec -n N python tests/programs/dist_ops.py BACKEND OUT``: BACKEND is ``mpicomm`` (``mpi://``)
 or ``gloo`` (a TCP rendezvous on 127.0.0.1, port chosen by rank 0 and shared over MPI). Each rank
 saves ``{case: tensor or "unsupported: <error>"}`` to ``OUT.rank<R>.pt``;
-tests/unit/test_distributed_gloo.py compares the two backends case by case.
+tests/jobs/test_distributed_gloo.py compares the two backends case by case.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Soak: thousands of mixed collectives on 4 ranks, every result right, memory and requests flat.
 
 ``MPICOMM_SOAK_STEPS`` (default 2000, about a minute here) sets the length; raise it for a longer
-soak, e.g. ``MPICOMM_SOAK_STEPS=50000 pytest tests/unit/test_soak.py``.
+soak, e.g. ``MPICOMM_SOAK_STEPS=50000 pytest tests/jobs/test_soak.py``.
 """
 
 from __future__ import annotations
