@@ -326,9 +326,9 @@ def test_no_platform_warning_before_vllm_chooses_or_when_mpicomm_is_off(monkeypa
     assert launch.platform_chosen_without_mpicomm() is None
 
 
-@pytest.mark.parametrize("body", ["pass", "raise SystemExit(0)"])
-def test_launcher_destroys_vllm_groups_after_a_clean_run(tmp_path, monkeypatch, body):
-    calls = []
+def _fake_parallel_state(monkeypatch) -> list[str]:
+    """A stand-in for vLLM's parallel_state whose two destroy functions record their calls."""
+    calls: list[str] = []
     _fake_vllm_module(
         monkeypatch,
         "vllm.distributed.parallel_state",
@@ -336,6 +336,12 @@ def test_launcher_destroys_vllm_groups_after_a_clean_run(tmp_path, monkeypatch, 
         destroy_model_parallel=lambda: calls.append("model_parallel"),
         destroy_distributed_environment=lambda: calls.append("distributed_environment"),
     )
+    return calls
+
+
+@pytest.mark.parametrize("body", ["pass", "raise SystemExit(0)"])
+def test_launcher_destroys_vllm_groups_after_a_clean_run(tmp_path, monkeypatch, body):
+    calls = _fake_parallel_state(monkeypatch)
     script = tmp_path / "app.py"
     script.write_text(body + "\n")
     if body == "pass":
@@ -347,14 +353,7 @@ def test_launcher_destroys_vllm_groups_after_a_clean_run(tmp_path, monkeypatch, 
 
 
 def test_launcher_leaves_vllm_groups_after_a_failed_run(tmp_path, monkeypatch):
-    calls = []
-    _fake_vllm_module(
-        monkeypatch,
-        "vllm.distributed.parallel_state",
-        _WORLD=object(),
-        destroy_model_parallel=lambda: calls.append("model_parallel"),
-        destroy_distributed_environment=lambda: calls.append("distributed_environment"),
-    )
+    calls = _fake_parallel_state(monkeypatch)
     script = tmp_path / "app.py"
     script.write_text("raise SystemExit(3)\n")
     with pytest.raises(SystemExit):
