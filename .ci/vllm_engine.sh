@@ -12,9 +12,11 @@
 #     every launch on an empty VLLM_CACHE_ROOT (a user's first run), references after it,
 #   - tests/system/test_vllm_engine_slurm.py: the TP=2 run under sbatch (slurm/vllm.sbatch) on a
 #     one-node Slurm cluster this step brings up and stops (installed by .ci/slurm.sh before),
-#   - tests/system/multinode/run.sh vllm vllm_slurm: the same TP=2 generation across two simulated
-#     hosts (network namespaces, one rank per host), under mpiexec and under sbatch on a 2-node
-#     Slurm, reusing the one-rank ids the tests above computed; a skip there fails this step.
+#   - tests/system/multinode/run.sh vllm vllm_slurm vllm_serve: the same TP=2 generation across
+#     two simulated hosts (network namespaces, one rank per host), under mpiexec and under sbatch
+#     on a 2-node Slurm, reusing the one-rank ids the tests above computed, and the OpenAI server
+#     (python -m mpicomm.vllm.serve, TP=2 across the hosts) asked by a client on the other host;
+#     a skip there fails this step.
 #
 #   bash .ci/vllm_engine.sh      (as root, after scripts/setup.sh and .ci/slurm.sh)
 #
@@ -74,6 +76,7 @@ if [[ ${MPICOMM_VLLM_ENGINE_MULTINODE:-1} != 0 ]]; then
     t4=$(date +%s)
     checks=(vllm)
     [[ ${MPICOMM_VLLM_ENGINE_SLURM:-1} == 0 ]] || checks+=(vllm_slurm)
+    checks+=(vllm_serve)
     # run.sh needs root and `ip netns`, tears its hosts down itself and exits non-zero on any
     # failure or (MCMN_NO_SKIP=1) skip; the one-rank ids come from test_vllm_engine.py's folder
     MCMN_VLLM_PYTHON=$VENV/bin/python MCMN_NO_SKIP=1 \

@@ -6,7 +6,7 @@
 # passed.
 #
 #   bash tests/system/multinode/run.sh [CHECK...]     default: all checks, in order
-#   checks: topology info check tp hierarchical slurm vllm vllm_slurm
+#   checks: topology info check tp hierarchical slurm vllm vllm_slurm vllm_serve
 #
 # Needs root, `ip netns`, and the project's venv active (mpiexec and python on PATH).
 # Environment (all optional):
@@ -28,7 +28,7 @@ PER_HOST=${MCMN_PER_HOST:-2}  # checks may lower it locally (`local PER_HOST=...
 LAUNCH_TIMEOUT=${MCMN_LAUNCH_TIMEOUT:-240}
 # Bytes a passing check must have put on the network (less: traffic did not cross the hosts)
 declare -A MIN_BYTES=([check]=$(( 64 << 10 )) [hierarchical]=$(( 4 << 20 ))
-    [vllm]=$(( 1 << 20 )) [vllm_slurm]=$(( 1 << 20 )))
+    [vllm]=$(( 1 << 20 )) [vllm_slurm]=$(( 1 << 20 )) [vllm_serve]=$(( 1 << 20 )))
 export MCMN_STATE=${MCMN_STATE:-/run/mpicomm-multinode}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
@@ -71,13 +71,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# mpi LAUNCH_ARGS...: $MPIEXEC from the first host, PER_HOST ranks on each host, bounded.
-mpi() {
-    local hostlist rc
+# launch LAUNCH_ARGS...: $MPIEXEC from the first host, PER_HOST ranks on each host, bounded by
+# timeout(1), which passes a SIGTERM on to mpiexec (run it with & to get that PID in $!).
+launch() {
+    local hostlist
     hostlist=$(printf '%s:'"$PER_HOST"',' "${HOSTS[@]}")
-    timeout -k 5 "$LAUNCH_TIMEOUT" "$HERE/hostexec" "${HOSTS[0]}" \
+    exec timeout -k 5 "$LAUNCH_TIMEOUT" "$HERE/hostexec" "${HOSTS[0]}" \
         "$MPIEXEC" -hosts "${hostlist%,}" -n "$(( ${#HOSTS[@]} * PER_HOST ))" \
         -launcher ssh -launcher-exec "$HERE/ssh" "$@"
+}
+
+# mpi LAUNCH_ARGS...: launch and wait, then reap what the launch left in the hosts.
+mpi() {
+    local rc
+    (launch "$@")
     rc=$?
     reap
     [ $rc = 124 ] && log "launch timed out after ${LAUNCH_TIMEOUT}s"
@@ -198,13 +205,44 @@ check_vllm_slurm() {  # the same under sbatch slurm/vllm.sbatch (auto: mpiexec) 
     return $rc
 }
 
+check_vllm_serve() {  # python -m mpicomm.vllm.serve, TP over one rank per host, asked from mcnode2
+    vllm_setup || return $?
+    local PER_HOST=${MCMN_PER_HOST:-1} MPIEXEC LAUNCH_TIMEOUT=${MCMN_LAUNCH_TIMEOUT:-1200} out model
+    local url=http://10.213.0.1:8000 pid rc t0
+    MPIEXEC=$(dirname "$MCMN_VLLM_PYTHON")/mpiexec
+    out=$VLLM_DIR/serve.out
+    model=$("$MCMN_VLLM_PYTHON" "$HERE/progs/vllm_serve_check.py" prepare "$VLLM_DIR" | tail -1) \
+        || { log "the model or its offline reference failed"; return 1; }
+    rm -rf "$VLLM_DIR/vllm-cache-serve"
+    # rank 0 (mcnode1) listens on every address; the client runs on the other host
+    launch -genv MPICOMM_VLLM 1 -genv VLLM_CPU_KVCACHE_SPACE 1 -genv VLLM_CACHE_ROOT "$VLLM_DIR/vllm-cache-serve" \
+        "$MCMN_VLLM_PYTHON" -m mpicomm.vllm.serve "$model" --host 0.0.0.0 --port 8000 \
+        --tensor-parallel-size "$(( ${#HOSTS[@]} * PER_HOST ))" --dtype float32 --seed 0 \
+        --max-model-len 2048 --enforce-eager > "$out" 2>&1 &
+    pid=$!
+    "$HERE/hostexec" "${HOSTS[1]}" "$MCMN_VLLM_PYTHON" "$HERE/progs/vllm_serve_check.py" query "$url" "$VLLM_DIR"
+    rc=$?
+    # SIGTERM reaches mpiexec through timeout(1); every rank must be gone within 30 s
+    t0=$SECONDS
+    kill -TERM "$pid" 2> /dev/null
+    while kill -0 "$pid" 2> /dev/null && (( SECONDS - t0 < 30 )); do sleep 1; done
+    if kill -0 "$pid" 2> /dev/null; then log "the server did not end within 30 s of SIGTERM"; rc=1; fi
+    wait "$pid" 2> /dev/null
+    reap
+    grep -v ' INFO \| WARNING ' "$out" | tail -25
+    grep -q "mpicomm serve: URL" "$out" || { log "rank 0 never printed its URL"; rc=1; }
+    [ "$(grep -c 'mpicomm serve: pid' "$out")" = "$(( ${#HOSTS[@]} * PER_HOST ))" ] \
+        || { log "not every rank started the engine"; rc=1; }
+    return $rc
+}
+
 # ---- main ---------------------------------------------------------------------------------------
 CHECKS=("$@")
-[ ${#CHECKS[@]} -gt 0 ] || CHECKS=(topology info check tp hierarchical slurm vllm vllm_slurm)
+[ ${#CHECKS[@]} -gt 0 ] || CHECKS=(topology info check tp hierarchical slurm vllm vllm_slurm vllm_serve)
 # Optional checks may skip (their inputs come from other branches); the rest must pass. slurm
 # skips where Slurm is not installed (scripts/test.sh runs before .ci/slurm.sh), the vLLM checks
 # without the vllm-cpu venv (.ci/vllm_engine.sh runs them with it). MCMN_NO_SKIP=1: none may.
-OPTIONAL=" tp slurm vllm vllm_slurm "
+OPTIONAL=" tp slurm vllm vllm_slurm vllm_serve "
 [ "${MCMN_NO_SKIP:-0}" = 1 ] && OPTIONAL=" "
 
 bash "$HERE/cluster.sh" up "${#HOSTS[@]}" > /dev/null || exit 1
