@@ -33,7 +33,14 @@ from .errors import CommunicationError
 from .moe import MANAGERS, make_manager, make_router
 from .shm import Transport, open_transport
 from .shm import built as shm_built
-from .staging import Route, overlaps_partly, stacked_shape, staging_needs, writable_into
+from .staging import (
+    Route,
+    overlaps_partly,
+    readable,
+    stacked_shape,
+    staging_needs,
+    writable_into,
+)
 from .topology import NodeSplit, node_labels
 from .validation import (
     check_choice,
@@ -397,44 +404,83 @@ class MPICommunicator(DeviceCommunicatorBase):
             return plan.SHM
         return self._plan(info, input_.nbytes)
 
-    def all_gather(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,))."""
+    def all_gather(
+        self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``torch.cat([x_0, ..., x_{W-1}], dim)`` on every rank (a 0-d input counts as shape (1,)).
+
+        The result is a fresh tensor, or, with ``out`` (the result's shape, input's dtype and
+        device), written into ``out``, which is returned; an ``out`` sharing memory with the
+        input (torch.distributed's in-place gather) receives the result through fresh memory.
+        """
         if self._shm is not None and not self.validate:
-            result = self._shm.gather_fresh(input_, dim)  # the hot path of a small host tensor
+            result = self._shm.gather_fresh(input_, dim, out)  # the hot path of a small host tensor
             if result is not None:
                 return result
         check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
         check_device(input_, self.device)
+        x = input_.reshape(1) if input_.dim() == 0 else input_
+        if out is not None:
+            check_out(out, x, _grown(x.shape, dim, x.shape[dim] * self.world_size))
         self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
         route = self._route(input_.device)
-        x = input_.reshape(1) if input_.dim() == 0 else input_
         shape = stacked_shape(x.shape, self.world_size, dim)
         if self._shm is not None and x.is_cpu:
-            return route.gathered(self._shm.all_gather(x.contiguous(), shape), dim)
-        x, buf = route.stage_in_and_output(x, shape)
+            x = readable(x).contiguous()
+            if dim == 0 and _writes_into(out, x, route):
+                return self._shm.all_gather(x, shape, out=out)
+            return _into(out, route.gathered(self._shm.all_gather(x, shape), dim))
+        x = route.stage_in(x, sync=False)
+        if dim == 0 and _writes_into(out, x, route):
+            buf = out
+        else:
+            buf = route.output(shape, x.dtype, sync=False)
+        route.ready()
         self._call(
             "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
         )
-        return route.gathered(buf, dim)
+        return out if buf is out else _into(out, route.gathered(buf, dim))
 
-    def gather(self, input_: torch.Tensor, dst: int = 0, dim: int = -1) -> torch.Tensor | None:
-        """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others."""
+    def gather(
+        self,
+        input_: torch.Tensor,
+        dst: int = 0,
+        dim: int = -1,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """``all_gather(input_, dim)`` on rank ``dst`` of the group; ``None`` on the others.
+
+        With ``out`` (checked as :meth:`all_gather` checks it, on every rank that passes one),
+        rank ``dst`` receives the result in ``out`` and returns it; the others leave it alone.
+        """
         check_tensor(input_)
         dim = normalize_dim(dim, input_.dim())
         dst = check_rank(dst, self.world_size, "dst")
         check_device(input_, self.device)
+        x = input_.reshape(1) if input_.dim() == 0 else input_
+        if out is not None:
+            check_out(out, x, _grown(x.shape, dim, x.shape[dim] * self.world_size))
         self.agree("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
         route = self._route(input_.device)
-        x = input_.reshape(1) if input_.dim() == 0 else input_
         root = self.rank == dst
         if self._shm is not None and x.is_cpu:
             shape = stacked_shape(x.shape, self.world_size, dim)
-            x = x.contiguous()
-            buf = self._shm.gatherv(x, [x.numel()] * self.world_size, x.itemsize, shape, dst)
-            return route.gathered(buf, dim) if root else None
+            x = readable(x).contiguous()
+            target = out if root and dim == 0 and _writes_into(out, x, route) else None
+            counts = [x.numel()] * self.world_size
+            buf = self._shm.gatherv(x, counts, x.itemsize, shape, dst, out=target)
+            if not root or buf is target:
+                return buf
+            return _into(out, route.gathered(buf, dim))
         if root:
-            x, buf = route.stage_in_and_output(x, stacked_shape(x.shape, self.world_size, dim))
+            x = route.stage_in(x, sync=False)
+            if dim == 0 and _writes_into(out, x, route):
+                buf = out
+            else:
+                shape = stacked_shape(x.shape, self.world_size, dim)
+                buf = route.output(shape, x.dtype, sync=False)
+            route.ready()
         else:
             x, buf = route.stage_in(x), None
         self._call(
@@ -445,9 +491,9 @@ class MPICommunicator(DeviceCommunicatorBase):
             mpi_spec(buf, x.numel()) if root else None,
             dst,
         )
-        if not root:
-            return None
-        return route.gathered(buf, dim)
+        if not root or buf is out:
+            return buf
+        return _into(out, route.gathered(buf, dim))
 
     def all_gatherv(
         self,
@@ -489,23 +535,34 @@ class MPICommunicator(DeviceCommunicatorBase):
         )
         return route.result(buf)
 
-    def reduce_scatter(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        """``torch.chunk(sum_over_ranks(input_), W, dim)[r]``; ``input_.shape[dim]`` divisible by W."""
-        return self._reduce_scatter("reduce_scatter", input_, dim, None)
+    def reduce_scatter(
+        self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``torch.chunk(sum_over_ranks(input_), W, dim)[r]``; ``input_.shape[dim]`` divisible by W.
+
+        The result is a fresh tensor, or, with ``out`` (the result's shape, input's dtype and
+        device), written into ``out``, which is returned (through fresh memory when ``out``
+        shares memory with the input).
+        """
+        return self._reduce_scatter("reduce_scatter", input_, dim, None, out)
 
     def reduce_scatterv(
-        self, input_: torch.Tensor, dim: int = -1, sizes: list[int] | None = None
+        self,
+        input_: torch.Tensor,
+        dim: int = -1,
+        sizes: list[int] | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sum over ranks; rank r keeps rows ``[sum(sizes[:r]), +sizes[r])`` along ``dim``.
 
         ``len(sizes)`` must be W and ``sum(sizes)`` must be ``input_.shape[dim]``; ``None`` means
-        an even split.
+        an even split. ``out`` as in :meth:`reduce_scatter`.
         """
-        return self._reduce_scatter("reduce_scatterv", input_, dim, sizes)
+        return self._reduce_scatter("reduce_scatterv", input_, dim, sizes, out)
 
-    def _reduce_scatter(self, operation, input_, dim, sizes) -> torch.Tensor:
+    def _reduce_scatter(self, operation, input_, dim, sizes, out) -> torch.Tensor:
         if self._shm is not None and not self.validate:
-            result = self._shm.scatter_fresh(input_, dim, sizes, operation)  # the hot path
+            result = self._shm.scatter_fresh(input_, dim, sizes, operation, out)  # the hot path
             if result is not None:
                 return result
         info = check_tensor(input_)
@@ -520,27 +577,36 @@ class MPICommunicator(DeviceCommunicatorBase):
             sizes = even_sizes(total, self.world_size)
         else:
             sizes = check_sizes(sizes, self.world_size, total=total)
+        if out is not None:
+            mine = () if input_.dim() == 0 else _grown(input_.shape, dim, sizes[self.rank])
+            check_out(out, input_, mine)
         self.agree(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
         shape = (sizes[self.rank], *moved.shape[1:])
         counts = [s * math.prod(moved.shape[1:]) for s in sizes]
+        route = self._route(input_.device)
+        x = readable(moved).contiguous() if moved.is_cpu else moved
+        target = out if dim == 0 and input_.dim() > 0 and _writes_into(out, x, route) else None
         result = None
         if self._shm is not None and moved.is_cpu:
-            result = self._shm.reduce_scatter(moved.contiguous(), counts, shape, operation)
+            result = self._shm.reduce_scatter(x, counts, shape, operation, out=target)
         if result is None:
-            route = self._route(input_.device)
-            x, out = route.stage_in_and_output(moved, shape)
+            x = route.stage_in(moved, sync=False)
+            buf = route.output(shape, x.dtype, sync=False) if target is None else target
+            route.ready()
             algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
             comm = self.device_group
             if algo == plan.NATIVE:
-                reduction.reduce_scatter_native(self._call, operation, comm, x, counts, out, info)
+                reduction.reduce_scatter_native(self._call, operation, comm, x, counts, buf, info)
             else:
                 reduction.reduce_scatter_bytes(
-                    self._call, operation, comm, x, counts, out, info, self._workspace
+                    self._call, operation, comm, x, counts, buf, info, self._workspace
                 )
-            result = route.result(out)
+            result = route.result(buf)
+        if result is target:
+            return result
         if input_.dim() == 0:
-            return result.reshape(())
-        return result if dim == 0 else result.movedim(0, dim).contiguous()
+            return _into(out, result.reshape(()))
+        return _into(out, result if dim == 0 else result.movedim(0, dim).contiguous())
 
     def broadcast(
         self, tensor: torch.Tensor, src: int = 0, out: torch.Tensor | None = None
@@ -773,6 +839,21 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)  # no MPI call: only marks the objects
+
+
+def _grown(shape: torch.Size, dim: int, size: int) -> tuple[int, ...]:
+    """``shape`` with entry ``dim`` replaced by ``size`` (a gather's or reduce_scatter's result)."""
+    return (*shape[:dim], size, *shape[dim + 1 :])
+
+
+def _writes_into(out: torch.Tensor | None, x: torch.Tensor, route) -> bool:
+    """Whether a collective reading the contiguous host ``x`` may write its result straight into
+    the caller's ``out`` (already checked: the result's shape and dtype): ``out`` is plain host
+    memory MPI or shared memory can write, unstaged, sharing no memory with ``x`` (not even all
+    of it: MPI refuses a receive buffer that is the send buffer)."""
+    if out is None or not x.is_cpu or route.staged or not writable_into(out, x):
+        return False
+    return out.data_ptr() != x.data_ptr()
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

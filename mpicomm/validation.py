@@ -143,14 +143,16 @@ def check_device(tensor: torch.Tensor, device: torch.device, argument: str = "in
         raise ValueError(f"{argument} is on {tensor.device}: only CPU and CUDA tensors move")
 
 
-def check_out(out: object, input_: torch.Tensor) -> None:
-    """``out`` must be a tensor of ``input_``'s shape, dtype and device (it receives the result)."""
+def check_out(out: object, input_: torch.Tensor, shape=None) -> None:
+    """``out`` must be a tensor of ``input_``'s dtype and device and of the result's ``shape``
+    (default: ``input_``'s shape); it receives the result."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.shape != input_.shape or out.dtype != input_.dtype or out.device != input_.device:
+    shape = input_.shape if shape is None else torch.Size(shape)
+    if out.shape != shape or out.dtype != input_.dtype or out.device != input_.device:
         raise ValueError(
             f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; the result "
-            f"has shape {tuple(input_.shape)}, dtype {input_.dtype} on {input_.device}"
+            f"has shape {tuple(shape)}, dtype {input_.dtype} on {input_.device}"
         )
     if out.requires_grad and out.is_leaf:
         raise ValueError("out is a leaf tensor that requires grad: pass out=tensor.detach()")

@@ -119,7 +119,7 @@ static PyObject *seg_all_reduce(Segment *s, PyObject *const *a, Py_ssize_t nargs
 
 /* Attribute and method names the hot paths read (interned at import). */
 static PyObject *S_dtype, *S_layout, *S_is_nested, *S_is_cpu, *S_is_neg, *S_is_contiguous, *S_numel,
-    *S_data_ptr, *S_shape, *S_is_conj;
+    *S_data_ptr, *S_shape, *S_is_conj, *S_requires_grad;
 
 /* hot_config(tensor_type, kinds, sizes, strided, empty_like, new_empty, empty_large, large_from) */
 static PyObject *seg_hot_config(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
@@ -292,16 +292,45 @@ static size_t gathered_itemsize(Segment *s, PyObject *x) {
     return isz;
 }
 
+/* Whether a hot path writes its result straight into `out` (the caller's out=): a plain tensor of
+   x's dtype and exactly `shape`, with no lazy conjugation, not requiring grad, whose `nbytes` bytes
+   do not meet x's `xbytes` at src. 1 with *dst its address; 0 when not (no exception set: the
+   general path then checks out and reports what is wrong, or writes through a fresh result). */
+static int out_takes(Segment *s, PyObject *out, PyObject *x, PyObject *shape, uintptr_t src,
+                     size_t xbytes, size_t nbytes, uintptr_t *dst) {
+    if (!plain_tensor(s, out) || reads(out, S_is_conj, 1, Py_False) != 1 ||
+        reads(out, S_requires_grad, 0, Py_False) != 1)
+        goto no;
+    PyObject *want = PyObject_GetAttr(x, S_dtype), *got = PyObject_GetAttr(out, S_dtype);
+    int same = want && got && want == got;
+    Py_XDECREF(want);
+    Py_XDECREF(got);
+    PyObject *has = same ? PyObject_GetAttr(out, S_shape) : NULL;
+    same = has && PyObject_RichCompareBool(has, shape, Py_EQ) == 1;
+    Py_XDECREF(has);
+    if (!same || read_int(out, S_data_ptr, 1, dst)) goto no;
+    if (nbytes && xbytes && *dst < src + xbytes && src < *dst + nbytes) goto no;
+    return 1;
+no:
+    PyErr_Clear();
+    return 0;
+}
+
 /* The common end of the gathers' hot paths: post this rank's block (counts[me] bytes at src),
-   allocate the result (hot_new(x, shape); shape is a new reference, released here), and finish
-   the gather into it (finish_gather's rows and stride). */
+   allocate the result (hot_new(x, shape); shape is a new reference, released here) or take
+   `given` (the caller's out, when not NULL and out_takes it; else None, having done nothing), and
+   finish the gather into it (finish_gather's rows and stride). */
 static PyObject *gather_posted(Segment *s, PyObject *x, uintptr_t src, PyObject *shape,
-                               const size_t *counts, size_t rows, size_t stride) {
+                               const size_t *counts, size_t rows, size_t stride, PyObject *given) {
     size_t displ[MAXW], most, total = offsets(counts, s->world, displ, &most);
     uintptr_t dst;
+    if (given && !out_takes(s, given, x, shape, src, counts[s->rank], total, &dst)) {
+        Py_DECREF(shape);
+        Py_RETURN_NONE;
+    }
     begin(s, describe(OP_GATHER, -1, counts, s->world));
     post_one_shot(s, (const char *)src, counts[s->rank]);
-    PyObject *out = allocate(s, s->hot_new, x, shape, 1, &dst);
+    PyObject *out = given ? Py_NewRef(given) : allocate(s, s->hot_new, x, shape, 1, &dst);
     Py_DECREF(shape);
     if (!out) return NULL;
     Failure fail_;
@@ -311,14 +340,15 @@ static PyObject *gather_posted(Segment *s, PyObject *x, uintptr_t src, PyObject 
     return result_of(out, rc, f);
 }
 
-/* gather_fresh(x, dim): torch.cat of every rank's x along dim (an int, negative from the end) in a
-   fresh tensor, or None, having done nothing, for what this hot path does not take: anything but
-   a plain tensor of a dtype in hot_sizes, of at least one dimension, with no lazy conjugation,
-   a dim out of range, an empty tensor, or a gather that does not fit one round of the slots.
+/* gather_fresh(x, dim[, out]): torch.cat of every rank's x along dim (an int, negative from the
+   end) in a fresh tensor, or in out (when given, not None and out_takes it), or None, having
+   done nothing, for what this hot path does not take: anything but a plain tensor of a dtype in
+   hot_sizes, of at least one dimension, with no lazy conjugation, a dim out of range, an empty
+   tensor, an out that out_takes refuses, or a gather that does not fit one round of the slots.
    Publishes x before allocating the result (hot_new(x, shape): x.new_empty), and writes the
    blocks straight to their places along dim. */
 static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
+    if (nargs < 2 || nargs > 3 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
         Py_RETURN_NONE;
     PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL;
     size_t isz = gathered_itemsize(s, x);
@@ -344,7 +374,8 @@ static PyObject *seg_gather_fresh(Segment *s, PyObject *const *a, Py_ssize_t nar
         Py_RETURN_NONE;
     }
     Py_DECREF(shape);
-    return gather_posted(s, x, src, bigger, counts, rows, row_bytes * (size_t)s->world);
+    return gather_posted(s, x, src, bigger, counts, rows, row_bytes * (size_t)s->world,
+                         nargs == 3 && a[2] != Py_None ? a[2] : NULL);
 }
 
 /* `sizes` as one non-negative int per rank (a list or tuple of exact ints) into out; returns
@@ -366,14 +397,15 @@ static Py_ssize_t read_sizes(Segment *s, PyObject *sizes, size_t *out) {
     return (Py_ssize_t)sum;
 }
 
-/* gatherv_fresh(x, dim, sizes): all_gatherv along dim 0: rank 0's rows, then rank 1's, ... in a
-   fresh tensor (sizes[r] rows from rank r; None: every rank has x's rows), or None, having done
-   nothing, for what this hot path does not take: anything but a plain tensor of a dtype in
-   hot_sizes, of at least one dimension, with no lazy conjugation, dim other than 0 (or -ndim),
-   sizes whose entry for this rank is not x's rows, or a gather that does not fit one round of
-   the slots. Publishes x before allocating the result (hot_new(x, shape)). */
+/* gatherv_fresh(x, dim, sizes[, out]): all_gatherv along dim 0: rank 0's rows, then rank 1's, ...
+   (sizes[r] rows from rank r; None: every rank has x's rows) in a fresh tensor or in out (as
+   gather_fresh), or None, having done nothing, for what this hot path does not take: anything but
+   a plain tensor of a dtype in hot_sizes, of at least one dimension, with no lazy conjugation,
+   dim other than 0 (or -ndim), sizes whose entry for this rank is not x's rows, an out that
+   out_takes refuses, or a gather that does not fit one round of the slots. Publishes x before
+   allocating the result (hot_new(x, shape)). */
 static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
+    if (nargs < 3 || nargs > 4 || !PyLong_CheckExact(a[1]) || !hot_ready(s) || !plain_tensor(s, a[0]))
         Py_RETURN_NONE;
     PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *bigger = NULL;
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
@@ -405,7 +437,8 @@ static PyObject *seg_gatherv_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
         Py_RETURN_NONE;
     }
     Py_DECREF(shape);
-    return gather_posted(s, x, src, bigger, counts, 1, 0);
+    PyObject *given = nargs == 4 && a[3] != Py_None ? a[3] : NULL;
+    return gather_posted(s, x, src, bigger, counts, 1, 0, given);
 }
 
 /* Rows per rank of a reduce_scatter along dim 0 of `rows` rows: `sizes` (None: an even split,
@@ -421,14 +454,16 @@ static int split_rows(Segment *s, PyObject *sizes, size_t rows, size_t *out) {
     return read_sizes(s, sizes, out) == (Py_ssize_t)rows ? 0 : -1;
 }
 
-/* scatter_fresh(x, dim, sizes): reduce_scatter(v) along dim 0: this rank's rows of the sum over
-   ranks of x (rows [sum(sizes[:r]), +sizes[r]) for rank r; sizes None: an even split) in a
-   fresh tensor, or None, having done nothing, for what this hot path does not take: anything
-   but a plain tensor of a dtype summed here with at least one dimension, dim other than 0 (or
-   -ndim), sizes that do not split the rows, or a reduce_scatter that does not fit one round of
-   the slots. Publishes x before allocating the result (hot_new(x, shape)). */
+/* scatter_fresh(x, dim, sizes[, out]): reduce_scatter(v) along dim 0: this rank's rows of the sum
+   over ranks of x (rows [sum(sizes[:r]), +sizes[r]) for rank r; sizes None: an even split) in a
+   fresh tensor or in out (as gather_fresh), or None, having done nothing, for what this hot path
+   does not take: anything but a plain tensor of a dtype summed here with at least one dimension,
+   dim other than 0 (or -ndim), sizes that do not split the rows, an out that out_takes refuses,
+   or a reduce_scatter that does not fit one round of the slots. Publishes x before allocating the
+   result (hot_new(x, shape)). */
 static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
-    long kind = nargs == 3 && PyLong_CheckExact(a[1]) && hot_ready(s) ? hot_kind(s, a[0]) : 0;
+    int takes = (nargs == 3 || nargs == 4) && PyLong_CheckExact(a[1]) && hot_ready(s);
+    long kind = takes ? hot_kind(s, a[0]) : 0;
     if (!kind) Py_RETURN_NONE;
     PyObject *x = a[0], *shape = PyObject_GetAttr(x, S_shape), *smaller = NULL, *out = NULL;
     Py_ssize_t nd = shape && PyTuple_Check(shape) ? PyTuple_GET_SIZE(shape) : 0;
@@ -451,11 +486,16 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
         Py_RETURN_NONE;
     }
     Py_DECREF(shape);
-    size_t displ[MAXW], most, per = scatter_part(s, (int)kind);
-    offsets(counts, w, displ, &most);
+    size_t displ[MAXW], most, per = scatter_part(s, (int)kind), summed = offsets(counts, w, displ, &most);
+    PyObject *given = nargs == 4 && a[3] != Py_None ? a[3] : NULL;
+    if (given && !out_takes(s, given, x, smaller, src, summed * kind_size[kind],
+                            counts[me] * kind_size[kind], &dst)) {
+        Py_DECREF(smaller);
+        Py_RETURN_NONE;
+    }
     begin(s, describe(OP_SCATTER, kind, counts, w));
     post_scatter_round(s, (const char *)src, counts, displ, 0, per, kind_size[kind]);
-    out = allocate(s, s->hot_new, x, smaller, 1, &dst);
+    out = given ? Py_NewRef(given) : allocate(s, s->hot_new, x, smaller, 1, &dst);
     Py_DECREF(smaller);
     if (!out) return NULL;
     Failure fail_;
@@ -690,11 +730,11 @@ static PyMethodDef seg_methods[] = {
     {"all_reduce", (PyCFunction)(void (*)(void))seg_all_reduce, METH_FASTCALL, "all_reduce(src, dst, n, kind)"},
     {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
     {"gather_fresh", (PyCFunction)(void (*)(void))seg_gather_fresh, METH_FASTCALL,
-     "gather_fresh(x, dim): torch.cat of every rank's x along dim, fresh, or None"},
+     "gather_fresh(x, dim[, out]): torch.cat of every rank's x along dim, fresh or in out, or None"},
     {"gatherv_fresh", (PyCFunction)(void (*)(void))seg_gatherv_fresh, METH_FASTCALL,
-     "gatherv_fresh(x, dim, sizes): every rank's rows of x along dim 0, fresh, or None"},
+     "gatherv_fresh(x, dim, sizes[, out]): every rank's rows of x along dim 0, fresh or in out, or None"},
     {"scatter_fresh", (PyCFunction)(void (*)(void))seg_scatter_fresh, METH_FASTCALL,
-     "scatter_fresh(x, dim, sizes): this rank's rows of the sum of every rank's x, fresh, or None"},
+     "scatter_fresh(x, dim, sizes[, out]): this rank's rows of the sum of every rank's x, fresh or in out, or None"},
     {"hot_config", (PyCFunction)(void (*)(void))seg_hot_config, METH_FASTCALL,
      "hot_config(tensor_type, kinds, sizes, strided, empty_like, new_empty, empty_large, large_from): what "
      "the hot paths take"},
@@ -757,10 +797,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     find_fast_strings();
     choose_sums();
     const char *names[] = {"dtype", "layout", "is_nested", "is_cpu", "is_neg", "is_contiguous", "numel",
-                           "data_ptr", "shape", "is_conj"};
+                           "data_ptr", "shape", "is_conj", "requires_grad"};
     PyObject **interned[] = {&S_dtype, &S_layout, &S_is_nested, &S_is_cpu, &S_is_neg, &S_is_contiguous,
-                             &S_numel, &S_data_ptr, &S_shape, &S_is_conj};
-    for (int i = 0; i < 10; i++)
+                             &S_numel, &S_data_ptr, &S_shape, &S_is_conj, &S_requires_grad};
+    for (int i = 0; i < 11; i++)
         if (!(*interned[i] = PyUnicode_InternFromString(names[i]))) return NULL;
     PyObject *m = PyModule_Create(&core_module);
     if (!m) return NULL;

@@ -320,50 +320,51 @@ class Transport:
             self._interrupted("all_reduce", exc)
             raise
 
-    def gather_fresh(self, x, dim) -> torch.Tensor | None:
+    def gather_fresh(self, x, dim, out=None) -> torch.Tensor | None:
         """The hot path of an all_gather (docs/shm.md, "Per call"): ``torch.cat`` of every rank's
-        ``x`` along ``dim`` in a fresh tensor, where ``x`` is a plain contiguous host tensor of at
+        ``x`` along ``dim`` in a fresh tensor (or in ``out``, a plain contiguous host tensor of
+        the result's shape and dtype, not requiring grad, sharing no memory with ``x``), where ``x`` is a plain contiguous host tensor of at
         least one dimension and the gather fits one round of the slots; ``None`` (no wait,
         nothing done) otherwise or when the group is broken: the caller then validates and takes
         :meth:`all_gather`. One call into the compiled core (``Segment.gather_fresh``)."""
         if self._caller.broken is not None:
             return None
         try:
-            return self._seg.gather_fresh(x, dim)
+            return self._seg.gather_fresh(x, dim, out)
         except _core.WaitError as exc:
             raise self._failed("all_gather", exc) from None
         except BaseException as exc:
             self._interrupted("all_gather", exc)
             raise
 
-    def gatherv_fresh(self, x, dim, sizes) -> torch.Tensor | None:
+    def gatherv_fresh(self, x, dim, sizes, out=None) -> torch.Tensor | None:
         """The hot path of an all_gatherv along dim 0 (docs/shm.md, "Per call"): every rank's
         rows of ``x`` (``sizes[r]`` from rank r; ``None``: the same everywhere), rank after rank,
-        in a fresh tensor, where ``x`` is a plain contiguous host tensor and the gather fits one
+        in a fresh tensor (or in ``out``, as :meth:`gather_fresh` takes it), where ``x`` is a plain contiguous host tensor and the gather fits one
         round of the slots; ``None`` (no wait, nothing done) otherwise or when the group is
         broken: the caller then validates and takes :meth:`gatherv`. One call into the compiled
         core (``Segment.gatherv_fresh``)."""
         if self._caller.broken is not None:
             return None
         try:
-            return self._seg.gatherv_fresh(x, dim, sizes)
+            return self._seg.gatherv_fresh(x, dim, sizes, out)
         except _core.WaitError as exc:
             raise self._failed("all_gatherv", exc) from None
         except BaseException as exc:
             self._interrupted("all_gatherv", exc)
             raise
 
-    def scatter_fresh(self, x, dim, sizes, operation: str) -> torch.Tensor | None:
+    def scatter_fresh(self, x, dim, sizes, operation: str, out=None) -> torch.Tensor | None:
         """The hot path of a reduce_scatter(v) along dim 0 (docs/shm.md, "Per call"): this rank's
         rows of the rank-order sum of every rank's ``x`` (``sizes`` rows per rank; ``None``: an
-        even split) in a fresh tensor, where ``x`` is a plain contiguous host tensor of a real
+        even split) in a fresh tensor (or in ``out``, as :meth:`gather_fresh` takes it), where ``x`` is a plain contiguous host tensor of a real
         dtype and the call fits one round of the slots; ``None`` (no wait, nothing done)
         otherwise or when the group is broken: the caller then validates and takes
         :meth:`reduce_scatter`. One call into the compiled core (``Segment.scatter_fresh``)."""
         if self._caller.broken is not None:
             return None
         try:
-            return self._seg.scatter_fresh(x, dim, sizes)
+            return self._seg.scatter_fresh(x, dim, sizes, out)
         except _core.WaitError as exc:
             raise self._failed(operation, exc) from None
         except BaseException as exc:
@@ -394,17 +395,25 @@ class Transport:
         return out
 
     def reduce_scatter(
-        self, x: torch.Tensor, counts: list[int], shape, operation: str = "reduce_scatter"
+        self,
+        x: torch.Tensor,
+        counts: list[int],
+        shape,
+        operation: str = "reduce_scatter",
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Rank r: the sum over ranks of elements ``[sum(counts[:r]), +counts[r])`` of the
-        contiguous ``x``, as a fresh tensor of ``shape``; ``None`` for an uncovered dtype."""
+        contiguous ``x``, as a fresh tensor of ``shape``, or in ``out`` (a contiguous host tensor
+        of ``shape`` and x's dtype sharing no memory with ``x``: the caller checks);
+        ``None`` for an uncovered dtype."""
         if self._caller.broken is not None:
             raise self._refused(operation)
         kind = KINDS.get(x.dtype)
         if kind is None:
             return None
         x = readable(x).contiguous()
-        out = self._results.empty(shape, x.dtype)
+        if out is None:
+            out = self._results.empty(shape, x.dtype)
         scale = kind[1]
         sizes = tuple(c * scale for c in counts)
         try:
@@ -416,13 +425,17 @@ class Transport:
             raise
         return out
 
-    def all_gather(self, x: torch.Tensor, shape, operation: str = "all_gather") -> torch.Tensor:
+    def all_gather(
+        self, x: torch.Tensor, shape, operation: str = "all_gather", out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Every rank's contiguous ``x`` (same size everywhere), rank after rank, in a fresh
-        tensor of ``shape`` (W times ``x``'s elements)."""
+        tensor of ``shape`` (W times ``x``'s elements), or in ``out`` (as :meth:`reduce_scatter`
+        takes it)."""
         if self._caller.broken is not None:
             raise self._refused(operation)
         x = readable(x).contiguous()
-        out = self._results.empty(shape, x.dtype)
+        if out is None:
+            out = self._results.empty(shape, x.dtype)
         try:
             self._seg.all_gather(x.data_ptr(), out.data_ptr(), x.nbytes)
         except _core.WaitError as exc:
@@ -432,13 +445,26 @@ class Transport:
             raise
         return out
 
-    def gatherv(self, x: torch.Tensor, rows: list[int], row_bytes: int, shape, root: int):
+    def gatherv(
+        self,
+        x: torch.Tensor,
+        rows: list[int],
+        row_bytes: int,
+        shape,
+        root: int,
+        out: torch.Tensor | None = None,
+    ):
         """Rank r's ``rows[r]`` rows (contiguous ``x``), rank after rank, in a fresh tensor of
-        ``shape`` on ``root`` (``-1``: on every rank); ``None`` on the other ranks."""
+        ``shape`` (or in ``out``, as :meth:`reduce_scatter` takes it) on ``root`` (``-1``: on
+        every rank); ``None`` on the other ranks."""
         if self._caller.broken is not None:
             raise self._refused("gather" if root >= 0 else "all_gatherv")
         x = readable(x).contiguous()
-        out = self._results.empty(shape, x.dtype) if root < 0 or root == self.rank else None
+        receives = root < 0 or root == self.rank
+        if not receives:
+            out = None
+        elif out is None:
+            out = self._results.empty(shape, x.dtype)
         sizes = tuple(r * row_bytes for r in rows)
         try:
             self._seg.gatherv(x.data_ptr(), 0 if out is None else out.data_ptr(), sizes, root)

@@ -469,6 +469,53 @@ def test_gatherv_hot_path(on, dtype, split, inner):
     assert everywhere(ok)
 
 
+def test_hot_paths_write_into_out(on):
+    """Given ``out`` (the result's shape and dtype, plain, contiguous, apart from the input), the
+    three hot paths write the result there and return it, allocating nothing; any other ``out``
+    makes them return ``None`` without waiting (the general path then checks it)."""
+    world, shm, rank = on.world_size, on.transport, on.rank
+    room = torch.zeros(2, 2 * world + 2, 3)  # each input at the start of its row
+    x = room[0, :2].copy_(rank_tensor((2, 3), torch.float32, rank))
+    gathered = torch.cat([rank_tensor((2, 3), torch.float32, r) for r in range(world)])
+    big = room[1, : 2 * world].copy_(rank_tensor((2 * world, 3), torch.float32, rank))
+    summed = reference_sum([rank_tensor((2 * world, 3), torch.float32, r) for r in range(world)])
+    hot = {
+        "gather": (lambda out: shm.gather_fresh(x, 0, out), x, (2 * world, 3), gathered),
+        "gatherv": (lambda out: shm.gatherv_fresh(x, 0, None, out), x, (2 * world, 3), gathered),
+        "scatter": (
+            lambda out: shm.scatter_fresh(big, 0, None, "reduce_scatter", out),
+            big,
+            (2, 3),
+            summed[2 * rank : 2 * rank + 2],
+        ),
+    }
+    made = []
+
+    def new(t, shape):
+        made.append(shape)
+        return t.new_empty(shape)
+
+    ok = True
+    shm._hot_config(new=new)
+    try:
+        with slots_only(shm):
+            for call, x_in, shape, want in hot.values():
+                out = torch.empty(shape)
+                ok = ok and call(out) is out and torch.equal(out, want)
+                declined = [
+                    torch.empty(shape[0] + 1, 3),
+                    torch.empty(shape, dtype=torch.float64),
+                    torch.empty(shape[1], shape[0]).t(),
+                    torch.empty(shape, requires_grad=True),
+                    list(shape),
+                    room[0 if x_in is x else 1, : shape[0]],  # memory the input starts
+                ]
+                ok = ok and all(call(bad) is None for bad in declined)
+    finally:
+        shm._hot_config()
+    assert everywhere(ok and not made)
+
+
 def test_gatherv_hot_path_declines(on):
     """What the all_gatherv hot path does not take returns ``None`` without waiting; the general
     path then gathers it, or raises the same error on every rank."""
