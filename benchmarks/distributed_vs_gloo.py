@@ -237,13 +237,13 @@ class _Stub:
     def barrier(self):
         pass
 
-    def all_gather(self, x, dim=0):
-        return self.result
+    def all_gather(self, x, dim=0, out=None):
+        return self.result if out is None else out
 
     reduce_scatter = all_gather
 
-    def gather(self, x, dst=0, dim=0):
-        return self.result
+    def gather(self, x, dst=0, dim=0, out=None):
+        return self.result if out is None else out
 
     def all_to_allv(self, x, send, recv):
         return self.result

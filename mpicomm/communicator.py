@@ -355,11 +355,10 @@ class MPICommunicator(DeviceCommunicatorBase):
                 result = self._shm.sum_fresh(input_)  # the hot path of a plain host tensor
                 if result is not None:
                     return result
-            elif out is input_ and _plain_host(input_) and not input_.requires_grad:
-                # an in-place sum (torch.distributed's)
-                result = self._shm.all_reduce(input_, out)
+            elif out is input_:  # an in-place sum (torch.distributed's)
+                result = self._shm.sum_into(input_)
                 if result is not None:
-                    return _into(out, result)
+                    return result
         info = check_tensor(input_)
         check_device(input_, self.device)
         target = out

@@ -41,6 +41,8 @@ from .monitor import MONITOR_TAG, install_torch_monitored_barrier, monitored_bar
 from .tensors import (
     flat,
     flat_cat,
+    flat_view,
+    joined,
     plain,
     receive_buffer,
     send_buffer,
@@ -128,17 +130,18 @@ class MPIProcessGroup(dist.ProcessGroup):
     # ----------------------------------------------------------------- reductions
     def allreduce(self, tensors, opts=None):
         """``tensors[i]`` <- the reduction of ``tensors[i]`` over the group, on every rank."""
-        name = ops.op_name(dist.ReduceOp.SUM if opts is None else opts.reduceOp, "all_reduce")
+        name = ops.SUM if opts is None else ops.op_name(opts.reduceOp, "all_reduce")
         for t in tensors:
             ops.check(name, t.dtype, "all_reduce")
+        communicator = self.communicator
         for t in tensors:
             x = plain(t)
-            if name in (ops.SUM, ops.AVG):
-                self.communicator.all_reduce(x, out=x)  # in place
-                if name == ops.AVG:
-                    ops.average(x, self.world)
+            if name == ops.SUM:
+                communicator.all_reduce(x, out=x)  # in place
+            elif name == ops.AVG:
+                ops.average(communicator.all_reduce(x, out=x), self._world)
             else:
-                write_back(x, ops.all_reduce(self.communicator, x, name))
+                write_back(x, ops.all_reduce(communicator, x, name))
         return self._done(list(tensors), opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
@@ -196,14 +199,16 @@ class MPIProcessGroup(dist.ProcessGroup):
     def _reduce_scatter_into(self, operation, output, input_, opts) -> None:
         """``output`` <- this rank's W-th of the reduction of every rank's ``input_`` (checked:
         W x output's elements, output's dtype)."""
-        reduce_op = dist.ReduceOp.SUM if opts is None else opts.reduceOp
-        name = ops.op_name(reduce_op, operation)
+        name = ops.SUM if opts is None else ops.op_name(opts.reduceOp, operation)
         ops.check(name, input_.dtype, operation)
         x = flat(input_)
-        if name in (ops.SUM, ops.AVG):
-            mine = self.communicator.reduce_scatter(x, dim=0)
+        if name == ops.SUM or name == ops.AVG:
+            target = flat_view(output)  # written in place when it is one memory
+            mine = self.communicator.reduce_scatter(x, dim=0, out=target)
             if name == ops.AVG:
-                ops.average(mine, self.world)
+                ops.average(mine, self._world)
+            if target is not None:
+                return
         else:
             mine = ops.reduce_scatter(self.communicator, x, name)
         write_back(output, mine)
@@ -225,7 +230,10 @@ class MPIProcessGroup(dist.ProcessGroup):
             x = flat(inp)
             counts = [o.numel() for o in outs]
             if len(set(counts)) == 1:
-                split_into(self.communicator.all_gather(x, dim=0), outs)
+                target = joined(outs)  # the chunks of one buffer: gathered into it
+                got = self.communicator.all_gather(x, dim=0, out=target)
+                if target is None:
+                    split_into(got, outs)
             else:
                 self._agree_on_sizes(counts)
                 split_into(self.communicator.all_gatherv(x, dim=0, sizes=counts), outs)
@@ -271,7 +279,10 @@ class MPIProcessGroup(dist.ProcessGroup):
                 f"all_gather_into_tensor: output has {output.numel()} elements, expected "
                 f"{self.world} x input's {input_.numel()}"
             )
-        write_back(output, self.communicator.all_gather(flat(input_), dim=0))
+        target = flat_view(output)  # written in place when it is one memory
+        got = self.communicator.all_gather(flat(input_), dim=0, out=target)
+        if target is None:
+            write_back(output, got)
         return self._done([output], opts)
 
     _allgather_base = all_gather_single
@@ -287,14 +298,16 @@ class MPIProcessGroup(dist.ProcessGroup):
         """On ``opts.rootRank``: ``output_lists[0][r]`` <- rank r's ``inputs[0]``."""
         root = check_rank(opts.rootRank, self.world, "dst")
         x = plain(inputs[0])
+        target = None
         if self._rank == root:
             outs = output_lists[0] if output_lists else []
             _one_list("gather", "gather_list", outs, self.world)
             _same_dtype("gather", [x, *outs])
             if any(o.numel() != x.numel() for o in outs):
                 raise ValueError(f"gather: expected {self.world} outputs of {x.numel()} elements")
-        out = self.communicator.gather(flat(x), dst=root, dim=0)
-        if out is not None:
+            target = joined(outs)  # the chunks of one buffer: gathered into it
+        out = self.communicator.gather(flat(x), dst=root, dim=0, out=target)
+        if out is not None and target is None:
             split_into(out, output_lists[0])
         return self._done(list(output_lists), opts)
 

@@ -41,10 +41,13 @@ _BOOL_OPS = {
 }
 
 
+_OPS = tuple((getattr(dist.ReduceOp, name), name) for name in NAMES)
+
+
 def op_name(reduce_op, operation: str) -> str:
     """The name (``"SUM"``, ...) of a ``dist.ReduceOp``; ``ValueError`` naming an unsupported one."""
-    for name in NAMES:
-        if reduce_op == getattr(dist.ReduceOp, name):
+    for op, name in _OPS:
+        if reduce_op == op:
             return name
     raise ValueError(
         f"{operation}: reduce op {reduce_op} is not supported by the mpicomm backend "
@@ -52,8 +55,14 @@ def op_name(reduce_op, operation: str) -> str:
     )
 
 
+# (name, dtype) pairs :func:`check` has passed: the per-call check is one set lookup.
+_CHECKED: set[tuple[str, torch.dtype]] = set()
+
+
 def check(name: str, dtype: torch.dtype, operation: str) -> None:
     """Refuse, before any MPI call, an operation the dtype has no meaning for."""
+    if (name, dtype) in _CHECKED:
+        return
     dtype_info(dtype, "tensor")
     if name in BITWISE and (dtype.is_floating_point or dtype.is_complex):
         raise TypeError(
@@ -63,6 +72,7 @@ def check(name: str, dtype: torch.dtype, operation: str) -> None:
         raise TypeError(f"{operation}: ReduceOp.{name} is not defined for complex tensors")
     if dtype == torch.bool and name == AVG:
         raise TypeError(f"{operation}: ReduceOp.AVG is not defined for bool tensors")
+    _CHECKED.add((name, dtype))
 
 
 def average(summed: torch.Tensor, world_size: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Moving results into the caller's tensors, and the memory of point-to-point messages.
 
 torch.distributed collectives write into the tensors their caller passed; the group's
-:class:`mpicomm.MPICommunicator` returns fresh results (or writes into ``out=``), which
+:class:`mpicomm.MPICommunicator` writes into ``out=`` where the caller's tensors are one
+contiguous memory (:func:`flat_view`, :func:`joined`); otherwise it returns fresh results, which
 :func:`write_back` and :func:`split_into` copy into place. Point-to-point messages are the one
 traffic the backend hands to MPI itself (the communicator has no non-blocking send): where MPI can
 touch a tensor's memory directly (a contiguous host tensor, or a contiguous CUDA tensor with a
@@ -68,6 +69,35 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as one dimension (itself when it has one), without autograd."""
     tensor = plain(tensor)
     return tensor if tensor.dim() == 1 else tensor.reshape(-1)
+
+
+def flat_view(tensor: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` as one dimension sharing its memory (itself when it has one), without
+    autograd; ``None`` when it is not contiguous (no such view exists)."""
+    tensor = plain(tensor)
+    if not tensor.is_contiguous():
+        return None
+    return tensor if tensor.dim() == 1 else tensor.view(-1)
+
+
+def joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat tensor over the memory of ``tensors`` when they are contiguous, of one dtype, with
+    no lazy conj/neg bit, and lie back to back inside the first one's storage (the chunks of one
+    buffer, ``list(buf.chunk(W))``): writing it writes them. ``None`` otherwise."""
+    first = plain(tensors[0])
+    dtype, at, total = first.dtype, first.data_ptr(), 0
+    for t in tensors:
+        if t.dtype != dtype or t.data_ptr() != at or not t.is_contiguous():
+            return None
+        if t.is_neg() or t.is_conj():
+            return None
+        n = t.numel()
+        at += n * t.element_size()
+        total += n
+    try:
+        return first.as_strided((total,), (1,))  # raises past the first one's storage
+    except RuntimeError:
+        return None
 
 
 def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -258,6 +258,24 @@ static PyObject *seg_sum_fresh(Segment *s, PyObject *x) {
     return result_of(out, rc, f);
 }
 
+/* sum_into(x): x <- the rank-order sum of every rank's x (torch.distributed's in-place
+   all_reduce), returning x, or None, having done nothing, for what sum_fresh would not take or a
+   tensor that requires grad (the caller then checks x and takes the general path). */
+static PyObject *seg_sum_into(Segment *s, PyObject *x) {
+    long kind = hot_ready(s) ? hot_kind(s, x) : 0;
+    uintptr_t n, src;
+    if (!kind || reads(x, S_requires_grad, 0, Py_False) != 1 || read_int(x, S_numel, 0, &n) ||
+        read_int(x, S_data_ptr, 1, &src)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    Failure fail_;
+    Failure *f = &fail_;
+    int rc;
+    CALL_GIL(s, n * kind_size[kind], rc, do_all_reduce(s, (const char *)src, (char *)src, n, (int)kind, f));
+    return result_of(Py_NewRef(x), rc, f);
+}
+
 /* The product of shape[:at] into *before, and of shape[at:] returned; a failed conversion leaves
    an exception set (the caller checks PyErr_Occurred). */
 static size_t split_shape(PyObject *shape, Py_ssize_t nd, Py_ssize_t at, size_t *before) {
@@ -729,6 +747,7 @@ static PyObject *core_sum(PyObject *self, PyObject *const *a, Py_ssize_t nargs) 
 static PyMethodDef seg_methods[] = {
     {"all_reduce", (PyCFunction)(void (*)(void))seg_all_reduce, METH_FASTCALL, "all_reduce(src, dst, n, kind)"},
     {"sum_fresh", (PyCFunction)seg_sum_fresh, METH_O, "sum_fresh(x): the sum of every rank's tensor x, fresh, or None"},
+    {"sum_into", (PyCFunction)seg_sum_into, METH_O, "sum_into(x): x <- the sum of every rank's x; x, or None"},
     {"gather_fresh", (PyCFunction)(void (*)(void))seg_gather_fresh, METH_FASTCALL,
      "gather_fresh(x, dim[, out]): torch.cat of every rank's x along dim, fresh or in out, or None"},
     {"gatherv_fresh", (PyCFunction)(void (*)(void))seg_gatherv_fresh, METH_FASTCALL,

@@ -320,6 +320,21 @@ class Transport:
             self._interrupted("all_reduce", exc)
             raise
 
+    def sum_into(self, x) -> torch.Tensor | None:
+        """The hot path of an in-place sum (torch.distributed's all_reduce): ``x`` <- the
+        rank-order sum of every rank's ``x``, for the tensors :meth:`sum_fresh` takes that do not
+        require grad; returns ``x``, or ``None`` (no wait, nothing done) for anything else or
+        when the group is broken (``Segment.sum_into``)."""
+        if self._caller.broken is not None:
+            return None
+        try:
+            return self._seg.sum_into(x)
+        except _core.WaitError as exc:
+            raise self._failed("all_reduce", exc) from None
+        except BaseException as exc:
+            self._interrupted("all_reduce", exc)
+            raise
+
     def gather_fresh(self, x, dim, out=None) -> torch.Tensor | None:
         """The hot path of an all_gather (docs/shm.md, "Per call"): ``torch.cat`` of every rank's
         ``x`` along ``dim`` in a fresh tensor (or in ``out``, a plain contiguous host tensor of

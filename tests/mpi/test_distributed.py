@@ -208,6 +208,46 @@ def test_reduce_scatter_list_and_tensor(name, dtype):
     assert everywhere(ok)
 
 
+@pytest.mark.parametrize("rows", [2, 40_000])
+def test_outputs_of_one_memory_views_and_in_place_forms(rows):
+    """Outputs the communicator writes straight into (one contiguous tensor, the chunks of one
+    buffer), the in-place forms (the input is this rank's chunk of the output), and outputs that
+    are not one memory (transposed, strided: through a copy), at a hot-path size and past it: the
+    results torch defines, the inputs unchanged, nothing outside the outputs written."""
+    x = data(RANK, (rows, 3), torch.float32)
+    before = x.clone()
+    want = torch.cat([data(r, (rows, 3), torch.float32) for r in range(SIZE)])
+    buf = torch.empty(SIZE * rows, 3)
+    dist.all_gather(list(buf.chunk(SIZE)), x)
+    ok = torch.equal(buf, want)
+    buf = torch.zeros(SIZE * rows, 3)
+    buf.chunk(SIZE)[RANK].copy_(x)
+    dist.all_gather_into_tensor(buf, buf.chunk(SIZE)[RANK])
+    ok &= torch.equal(buf, want)
+    transposed = torch.empty(3, SIZE * rows).t()
+    dist.all_gather_into_tensor(transposed, x)
+    ok &= torch.equal(transposed, want)
+    for root in range(SIZE):
+        buf = torch.zeros(SIZE * rows + 1, 3)
+        outs = list(buf[:-1].chunk(SIZE)) if root == RANK else None
+        dist.gather(x, outs, dst=root)
+        if root == RANK:
+            ok &= torch.equal(buf[:-1], want) and not buf[-1].any()
+    big = data(RANK, (SIZE * rows, 3), torch.float32)
+    big_before = big.clone()
+    total = expected_reduction(
+        "SUM", [data(r, (SIZE * rows, 3), torch.float32) for r in range(SIZE)]
+    )
+    mine = total.chunk(SIZE)[RANK]
+    out = torch.empty(rows, 3)
+    dist.reduce_scatter_tensor(out, big)
+    ok &= close(out, mine, False)
+    wide = torch.zeros(rows, 6)
+    dist.reduce_scatter_tensor(wide[:, ::2], big, op=dist.ReduceOp.AVG)
+    ok &= close(wide[:, ::2], mine / SIZE, False) and not wide[:, 1::2].any()
+    assert everywhere(ok and torch.equal(x, before) and torch.equal(big, big_before))
+
+
 def test_gather_and_scatter_from_every_root():
     ok = True
     for root in range(SIZE):
