@@ -499,40 +499,57 @@ class MPICommunicator(DeviceCommunicatorBase):
         input_: torch.Tensor | list[torch.Tensor],
         dim: int = 0,
         sizes: list[int] | None = None,
+        out: torch.Tensor | list[torch.Tensor] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """All-gather along dim 0 with ``sizes[i]`` rows from rank i.
 
         ``input_`` is a tensor or a list of tensors with ``sizes[r]`` rows each (dtypes and
         trailing shapes may differ between list entries). Output per tensor: rank 0's rows, then
         rank 1's, ...; a list in gives a list out. ``sizes=None``: every rank has the same rows.
+        ``out``: a tensor (a list, one per input, for a list in) of the result's shape and the
+        input's dtype and device, written and returned as :meth:`all_gather` does it.
         """
         if self._shm is not None and not self.validate:
-            result = self._shm.gatherv_fresh(input_, dim, sizes)  # the hot path of one tensor
+            # the hot path of one tensor
+            result = self._shm.gatherv_fresh(input_, dim, sizes, out)
             if result is not None:
                 return result
         tensors, sizes = check_row_tensors(input_, dim, sizes, self.world_size, self.rank)
         for i, t in enumerate(tensors):
             check_device(t, self.device, "input_" if len(tensors) == 1 else f"input_[{i}]")
+        targets = [None] * len(tensors)
+        if out is not None:
+            targets = [out] if isinstance(input_, torch.Tensor) else out
+            if not isinstance(targets, list | tuple) or len(targets) != len(tensors):
+                raise TypeError(f"out must be a list of {len(tensors)} tensors, one per input")
+            for t, o in zip(tensors, targets, strict=True):
+                check_out(o, t, (sum(sizes), *t.shape[1:]))
         self.agree(
             "all_gatherv",
             lambda: consistency.fingerprint("all_gatherv", tensors, 0, sizes, rows_vary=True),
         )
-        outs = [self._gatherv(t, sizes) for t in tensors]
+        outs = [self._gatherv(t, sizes, o) for t, o in zip(tensors, targets, strict=True)]
         return outs[0] if isinstance(input_, torch.Tensor) else outs
 
-    def _gatherv(self, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _gatherv(
+        self, tensor: torch.Tensor, sizes: list[int], out: torch.Tensor | None
+    ) -> torch.Tensor:
         shape = (sum(sizes), *tensor.shape[1:])
-        if self._shm is not None and tensor.is_cpu:
-            row = math.prod(tensor.shape[1:]) * tensor.itemsize
-            return self._shm.gatherv(tensor.contiguous(), sizes, row, shape, -1)
         route = self._route(tensor.device)
-        x, buf = route.stage_in_and_output(tensor, shape)
+        if self._shm is not None and tensor.is_cpu:
+            x = readable(tensor).contiguous()
+            row = math.prod(x.shape[1:]) * x.itemsize
+            target = out if _writes_into(out, x, route) else None
+            return _into(out, self._shm.gatherv(x, sizes, row, shape, -1, out=target))
+        x = route.stage_in(tensor, sync=False)
+        buf = out if _writes_into(out, x, route) else route.output(shape, x.dtype, sync=False)
+        route.ready()
         row = math.prod(x.shape[1:])
         counts = [s * row for s in sizes]
         self._call(
             "all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts)
         )
-        return route.result(buf)
+        return out if buf is out else _into(out, route.result(buf))
 
     def reduce_scatter(
         self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None

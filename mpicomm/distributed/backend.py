@@ -236,7 +236,10 @@ class MPIProcessGroup(dist.ProcessGroup):
                     split_into(got, outs)
             else:
                 self._agree_on_sizes(counts)
-                split_into(self.communicator.all_gatherv(x, dim=0, sizes=counts), outs)
+                target = joined(outs)
+                got = self.communicator.all_gatherv(x, dim=0, sizes=counts, out=target)
+                if target is None:
+                    split_into(got, outs)
         return self._done(list(output_lists), opts)
 
     def _check_gather_list(self, outs, inp) -> None:

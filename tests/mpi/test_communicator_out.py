@@ -1,4 +1,4 @@
-"""``out=`` of all_gather, reduce_scatter(v) and gather (what the torch.distributed backend writes
+"""``out=`` of all_gather, all_gatherv, reduce_scatter(v) and gather (what the torch.distributed backend writes
 its callers' tensors with, docs/distributed.md): the result equals the fresh call's, lands in
 ``out`` (contiguous, a strided view, or memory shared with the input) and ``out`` is returned;
 the input is never changed; a bad ``out`` raises on every rank before any MPI call (the
@@ -129,6 +129,26 @@ def test_gather_into_out(comm, rows, dim):
     assert everywhere(ok)
 
 
+@pytest.mark.parametrize("rows", ROWS)
+def test_all_gatherv_into_out(comm, rows):
+    """One tensor (rank r has r + rows rows) and a list of two (another dtype and trailing
+    shape): each result in its ``out``, the list's outs returned as a list."""
+    sizes = [r + rows for r in range(SIZE)]
+    x = mine((sizes[RANK], 3))
+    ok = _cases(
+        comm, lambda out: comm.all_gatherv(x, 0, sizes, out=out), x, (sum(sizes), 3), x.dtype
+    )
+    y = mine((sizes[RANK],), torch.int64)
+    want = comm.all_gatherv([x, y], 0, sizes)
+    outs = [torch.empty(sum(sizes), 3), torch.empty(sum(sizes), dtype=torch.int64)]
+    got = comm.all_gatherv([x, y], 0, sizes, out=outs)
+    ok = ok and got[0] is outs[0] and got[1] is outs[1]
+    ok = ok and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    with pytest.raises(TypeError, match="one per input"):
+        comm.all_gatherv([x, y], 0, sizes, out=outs[:1])
+    assert everywhere(ok)
+
+
 def _bad_outs(shape):
     n = shape[0]
     return [
@@ -150,6 +170,7 @@ def test_bad_out_raises_on_every_rank_before_mpi(comm):
             (4, 3),
         ),
         "gather": (lambda out: comm.gather(x, 0, 0, out=out), (4 * SIZE, 3)),
+        "all_gatherv": (lambda out: comm.all_gatherv(x, 0, [4] * SIZE, out=out), (4 * SIZE, 3)),
     }
     raised = []
     for name, (call, shape) in calls.items():

@@ -220,6 +220,11 @@ def test_outputs_of_one_memory_views_and_in_place_forms(rows):
     buf = torch.empty(SIZE * rows, 3)
     dist.all_gather(list(buf.chunk(SIZE)), x)
     ok = torch.equal(buf, want)
+    counts = [r + 1 for r in range(SIZE)]  # unequal: all_gatherv into one buffer
+    buf = torch.zeros(sum(counts) + 1)
+    dist.all_gather(list(buf[:-1].split(counts)), data(RANK, (RANK + 1,), torch.float32))
+    uneven = torch.cat([data(r, (r + 1,), torch.float32) for r in range(SIZE)])
+    ok &= torch.equal(buf[:-1], uneven) and buf[-1] == 0
     buf = torch.zeros(SIZE * rows, 3)
     buf.chunk(SIZE)[RANK].copy_(x)
     dist.all_gather_into_tensor(buf, buf.chunk(SIZE)[RANK])
