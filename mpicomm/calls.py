@@ -30,7 +30,7 @@ from .tracking import live_count
 # (measured: docs/reliability.md, "How timeouts work").
 _FASTER_NONBLOCKING = {"Allgatherv"}
 # Methods that are not collectives: they neither send nor count arrival notices.
-_POINT_TO_POINT = {"Send", "Recv", "Mprobe"}
+_POINT_TO_POINT = {"Send", "Recv", "Sendrecv", "Mprobe"}
 # How long, after a timeout, to keep collecting notices that may still be in flight.
 _GRACE = 0.05
 # Waiting under a timeout: spin this long (seconds), then yield the core until _YIELD, then sleep.

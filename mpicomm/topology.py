@@ -91,22 +91,26 @@ class NodeSplit:
 
     ``local``: this node's ranks, in group order (local rank 0 is the node's lowest rank, its
     leader). ``leaders``: one rank per node in node order, ``MPI.COMM_NULL`` on non-leaders.
+    ``peers``: the ranks of every node with this rank's local rank, in node order (rank k there
+    is on node k; one per node when every node holds as many ranks: see :attr:`uniform`).
     ``node_of[r]``: node index of group rank ``r``.
     """
 
     comm: MPI.Comm
     local: MPI.Comm
     leaders: MPI.Comm
+    peers: MPI.Comm
     node_of: tuple[int, ...]
 
     @classmethod
     def create(cls, comm: MPI.Comm, node_of: tuple[int, ...]) -> NodeSplit:
-        """Collective over ``comm``: the node and leader communicators for ``node_of`` (from
-        :func:`node_labels`)."""
+        """Collective over ``comm``: the node, leader and peer communicators for ``node_of``
+        (from :func:`node_labels`)."""
         rank = comm.Get_rank()
         local = comm.Split(node_of[rank], rank)
         leaders = comm.Split(0 if local.Get_rank() == 0 else MPI.UNDEFINED, rank)
-        return cls(comm, local, leaders, tuple(node_of))
+        peers = comm.Split(local.Get_rank(), node_of[rank])
+        return cls(comm, local, leaders, peers, tuple(node_of))
 
     @property
     def rank(self) -> int:
@@ -134,12 +138,17 @@ class NodeSplit:
         return min(self.node_of.count(k) for k in range(self.num_nodes))
 
     @property
+    def uniform(self) -> bool:
+        """Whether every node holds as many ranks as the others."""
+        return self.smallest_node * self.num_nodes == len(self.node_of)
+
+    @property
     def is_leader(self) -> bool:
         return self.local_rank == 0
 
     def free(self) -> None:
-        """Free the node and leader communicators (collective over ``comm``)."""
-        for c in (self.leaders, self.local):
+        """Free the node, leader and peer communicators (collective over ``comm``)."""
+        for c in (self.peers, self.leaders, self.local):
             if c != MPI.COMM_NULL:
                 c.Free()
-        self.leaders = self.local = MPI.COMM_NULL
+        self.peers = self.leaders = self.local = MPI.COMM_NULL
