@@ -372,7 +372,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             if result is not None:
                 return _into(out, result)
         route = self._route(input_.device)
-        algo = self._plan(info, input_.nbytes)
+        algo = self._plan(info, input_.nbytes, route)
         comm, call = self.device_group, self._call
         if out is not None and algo == plan.NATIVE and input_.is_cpu and not route.staged:
             x = route.stage_in(input_)
@@ -390,9 +390,15 @@ class MPICommunicator(DeviceCommunicatorBase):
             )
         return _into(out, route.result(buf))
 
-    def _plan(self, info, nbytes: int) -> str:
+    def _plan(self, info, nbytes: int, route: Route) -> str:
+        host = route.staged or route.device.type == "cpu"
         return plan.all_reduce_algorithm(
-            info, nbytes, self.allreduce_algo, self.hierarchical, self._nodes
+            info,
+            nbytes,
+            self.allreduce_algo,
+            self.hierarchical,
+            self._nodes,
+            self._node_shm is not None and host,
         )
 
     def all_reduce_algorithm(self, input_: torch.Tensor) -> str:
@@ -401,7 +407,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         info = check_tensor(input_)
         if self._shm is not None and input_.is_cpu and self._shm.sums(input_.dtype):
             return plan.SHM
-        return self._plan(info, input_.nbytes)
+        return self._plan(info, input_.nbytes, self._route(input_.device))
 
     def all_gather(
         self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None

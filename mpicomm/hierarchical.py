@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from . import plan
 from ._mpi import MPI
 from .buffers import Workspace, mpi_spec, sync_device, vector_spec
 from .calls import Caller
@@ -59,7 +60,7 @@ def all_reduce(
         send.copy_(flat)
         sync_device(device)
     local = local if local is not None and device.type == "cpu" else None
-    if local is not None and split.uniform and local.sums(acc):
+    if plan.two_level(split, local is not None):
         _two_level(call, operation, split, send, out.view(-1), workspace, local)
     else:
         _through_leaders(call, operation, split, send, out, workspace, local)

@@ -39,12 +39,13 @@ BYTES_ALLREDUCE_FROM = 64 << 20
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
 _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 
-# The hierarchical all_reduce handles these; ``auto`` uses it for AUTO_DTYPES when the group spans
-# nodes, every node holds at least AUTO_MIN_PER_NODE ranks and the message has at least
-# HIERARCHICAL_FROM bytes. The flat bytes algorithm is not node-aware: measured on 2 simulated
-# hosts x 4 ranks it put 1.44x the hierarchy's bytes on the network; at 2 ranks per host the
-# hierarchy moved more (its leaders send float32) and was not faster. float32/float64 go to MPI's
-# own Allreduce, which moved the same bytes as the hierarchy: never automatic. docs/multinode.md.
+# The hierarchical all_reduce handles these. ``auto`` uses it for messages of at least
+# HIERARCHICAL_FROM bytes when the group spans nodes and either its two-dimensional sum runs (every
+# node holds as many ranks, at least 2, with a node segment, on host memory: it beat the flat sums
+# in time at 2 hosts x 2 ranks for float32 and bfloat16 without putting more bytes on the network)
+# or, for the leader algorithm, 16-bit floats where every node holds AUTO_MIN_PER_NODE ranks (the
+# flat bytes algorithm is not node-aware and moved 1.44x the hierarchy's bytes at 2 hosts x 4
+# ranks). Measurements: docs/multinode.md.
 HIERARCHICAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 AUTO_DTYPES = frozenset({torch.float16, torch.bfloat16})
 AUTO_MIN_PER_NODE = 4
@@ -63,26 +64,42 @@ def flat_algorithm(info: DtypeInfo, nbytes: int, algo: str) -> str:
     return algo
 
 
-def hierarchical_applies(info: DtypeInfo, nbytes: int, mode: str, nodes: NodeSplit | None) -> bool:
-    """Whether the hierarchical all_reduce should run (``mode``: ``MPICOMM_HIERARCHICAL``)."""
+def two_level(nodes: NodeSplit, node_memory: bool) -> bool:
+    """Whether the hierarchical all_reduce runs as the two-dimensional sum
+    (:mod:`mpicomm.hierarchical`): every node holds as many ranks, at least 2, and the node-local
+    steps run in shared memory (``node_memory``: this node's segment exists and the data is in
+    host memory)."""
+    return node_memory and nodes.uniform and nodes.smallest_node >= 2
+
+
+def hierarchical_applies(
+    info: DtypeInfo, nbytes: int, mode: str, nodes: NodeSplit | None, node_memory: bool = False
+) -> bool:
+    """Whether the hierarchical all_reduce should run (``mode``: ``MPICOMM_HIERARCHICAL``;
+    ``node_memory``: as in :func:`two_level`)."""
     if nodes is None or nodes.num_nodes < 2 or mode == "0":
         return False
     if info.dtype not in HIERARCHICAL_DTYPES:
         return False
     if mode == "1":
         return True
-    return (
-        info.dtype in AUTO_DTYPES
-        and nodes.smallest_node >= AUTO_MIN_PER_NODE
-        and nbytes >= HIERARCHICAL_FROM
+    if nbytes < HIERARCHICAL_FROM:
+        return False
+    return two_level(nodes, node_memory) or (
+        info.dtype in AUTO_DTYPES and nodes.smallest_node >= AUTO_MIN_PER_NODE
     )
 
 
 def all_reduce_algorithm(
-    info: DtypeInfo, nbytes: int, algo: str, mode: str, nodes: NodeSplit | None
+    info: DtypeInfo,
+    nbytes: int,
+    algo: str,
+    mode: str,
+    nodes: NodeSplit | None,
+    node_memory: bool = False,
 ) -> str:
     """The algorithm of one all_reduce: ``hierarchical``, ``native`` or ``bytes``."""
-    if hierarchical_applies(info, nbytes, mode, nodes):
+    if hierarchical_applies(info, nbytes, mode, nodes, node_memory):
         return HIERARCHICAL
     return flat_algorithm(info, nbytes, algo)
 

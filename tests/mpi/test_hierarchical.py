@@ -192,11 +192,13 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
         monkeypatch.setattr(plan, "AUTO_MIN_PER_NODE", 2)
         calls.clear()
         n = plan.HIERARCHICAL_FROM // 2
+        # the two-dimensional sum: two nodes of equal size (2+) with node segments
+        two_level = w >= 4 and w % 2 == 0 and c.transport is None and c._node_shm is not None
         for dtype in (torch.bfloat16, torch.float32):
             calls.clear()
             out = c.all_reduce(torch.full((n,), float(r), dtype=dtype))
             # auto: 16-bit floats, where every node holds AUTO_MIN_PER_NODE (here 2) ranks
-            assert len(calls) == (w >= 4 and dtype == torch.bfloat16), dtype
+            assert len(calls) == (w >= 4 and (dtype == torch.bfloat16 or two_level)), dtype
             assert torch.equal(out, torch.full((n,), w * (w - 1) / 2, dtype=dtype))
     finally:
         c.destroy()
@@ -231,3 +233,46 @@ def test_node_local_steps_use_shared_memory(comm, monkeypatch):
             assert shared == (shm == "auto" and r > 0), (shm, r)  # rank 0 is alone on its node
         finally:
             c.destroy()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("layout", ["blocks", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_two_level(comm, layout, dtype, monkeypatch):
+    """Nodes of 2 ranks, each with a segment: the two-dimensional sum runs (at 4 ranks two nodes,
+    at 6 three), for sizes that the ranks do not divide, below one element per rank, and large
+    enough for the segment's direct reads; special values keep identical bits everywhere."""
+    from mpicomm.shm import built
+
+    w, r = comm.Get_size(), comm.Get_rank()
+    if w % 2 or not built():
+        pytest.skip("needs an even number of ranks and the compiled core")
+    ran = []
+    real = hierarchical._two_level
+
+    def spy(*args, **kwargs):
+        ran.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hierarchical, "_two_level", spy)
+    c = hier_comm(comm, layout, "auto")
+    try:
+        for n in (1, 2, 3, 5, 7, 4097, 65537, 300_001):
+            ran.clear()
+            inputs = [make_input(i, (n,), dtype, seed=n) for i in range(w)]
+            out = c.all_reduce(inputs[r])
+            assert ran, n
+            exact = torch.stack([t.double() for t in inputs]).sum(0)
+            if dtype in (torch.float16, torch.bfloat16):
+                assert within_one_ulp(out, exact), n
+            else:
+                torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+            assert same_bits_everywhere(comm, out), n
+        x = make_input(r, (4101,), dtype, seed=1)
+        x[r :: 3 * w] = float("nan") if r % 2 else float("inf")
+        x[7 :: 5 * w] = -float("inf")
+        out = c.all_reduce(x)
+        assert same_bits_everywhere(comm, out)
+        assert out.isnan().any() and out.isinf().any()
+    finally:
+        c.destroy()

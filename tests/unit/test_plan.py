@@ -22,25 +22,38 @@ class FakeNodes(NodeSplit):
     """A node split without communicators: only ``node_of`` matters to the plan."""
 
     def __init__(self, node_of):
-        super().__init__(MPI.COMM_SELF, MPI.COMM_NULL, MPI.COMM_NULL, tuple(node_of))
+        null = MPI.COMM_NULL
+        super().__init__(MPI.COMM_SELF, null, null, null, tuple(node_of))
+
+
+TWO_BY_TWO, FOUR_BY_TWO = [0, 0, 1, 1], [0] * 4 + [1] * 4
 
 
 @pytest.mark.parametrize(
-    ("dtype", "nbytes", "mode", "node_of", "want"),
+    ("dtype", "nbytes", "mode", "node_of", "node_memory", "want"),
     [
-        (torch.bfloat16, 1 << 20, "auto", [0] * 4 + [1] * 4, plan.HIERARCHICAL),
-        (torch.bfloat16, 1 << 10, "auto", [0] * 4 + [1] * 4, plan.BYTES),  # too small
-        (torch.bfloat16, 1 << 20, "auto", [0, 0, 1, 1], plan.BYTES),  # too few per node
-        (torch.float32, 1 << 20, "auto", [0] * 4 + [1] * 4, plan.NATIVE),  # never automatic
-        (torch.float32, 8, "1", [0, 1], plan.HIERARCHICAL),
-        (torch.bfloat16, 1 << 20, "0", [0] * 4 + [1] * 4, plan.BYTES),
-        (torch.int64, 1 << 20, "1", [0, 1], plan.NATIVE),  # floats only
-        (torch.bfloat16, 1 << 20, "1", [0, 0], plan.BYTES),  # one node
+        (torch.bfloat16, 1 << 20, "auto", FOUR_BY_TWO, False, plan.HIERARCHICAL),
+        (torch.bfloat16, 1 << 10, "auto", FOUR_BY_TWO, False, plan.BYTES),  # too small
+        (torch.bfloat16, 1 << 20, "auto", TWO_BY_TWO, False, plan.BYTES),  # leaders: too few
+        (torch.float32, 1 << 20, "auto", FOUR_BY_TWO, False, plan.NATIVE),  # leaders: 16-bit only
+        # the two-dimensional sum: any float from 64 KiB, nodes of equal size (2+), node memory
+        (torch.bfloat16, 64 << 10, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
+        (torch.float32, 64 << 10, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
+        (torch.float64, 1 << 20, "auto", [0, 0, 1, 1, 2, 2], True, plan.HIERARCHICAL),
+        (torch.float32, (64 << 10) - 4, "auto", TWO_BY_TWO, True, plan.NATIVE),  # too small
+        (torch.float32, 1 << 20, "auto", [0, 0, 1, 1, 1], True, plan.NATIVE),  # unequal nodes
+        (torch.float32, 1 << 20, "auto", [0, 1], True, plan.NATIVE),  # one rank per node
+        (torch.float32, 8, "1", [0, 1], False, plan.HIERARCHICAL),
+        (torch.bfloat16, 1 << 20, "0", FOUR_BY_TWO, True, plan.BYTES),
+        (torch.int64, 1 << 20, "1", [0, 1], True, plan.NATIVE),  # floats only
+        (torch.int64, 1 << 20, "auto", TWO_BY_TWO, True, plan.NATIVE),
+        (torch.bfloat16, 1 << 20, "1", [0, 0], True, plan.BYTES),  # one node
     ],
 )
-def test_all_reduce_algorithm(dtype, nbytes, mode, node_of, want):
+def test_all_reduce_algorithm(dtype, nbytes, mode, node_of, node_memory, want):
     nodes = FakeNodes(node_of)
-    assert plan.all_reduce_algorithm(dtype_info(dtype), nbytes, "auto", mode, nodes) == want
+    got = plan.all_reduce_algorithm(dtype_info(dtype), nbytes, "auto", mode, nodes, node_memory)
+    assert got == want
 
 
 def test_no_split_means_flat():
