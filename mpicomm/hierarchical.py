@@ -53,17 +53,17 @@ def all_reduce(
     if n == 0:
         return
     flat = x.reshape(-1)
+    local = local if local is not None and device.type == "cpu" else None
+    if plan.two_level(split, local is not None):
+        _two_level(call, operation, split, flat, acc, out.view(-1), workspace, local)
+        return
     if acc is x.dtype:
         send = flat
     else:
         send = workspace.tensor("widen", (n,), acc, device)
         send.copy_(flat)
         sync_device(device)
-    local = local if local is not None and device.type == "cpu" else None
-    if plan.two_level(split, local is not None):
-        _two_level(call, operation, split, send, out.view(-1), workspace, local)
-    else:
-        _through_leaders(call, operation, split, send, out, workspace, local)
+    _through_leaders(call, operation, split, send, out, workspace, local)
 
 
 def _two_level(
@@ -71,17 +71,18 @@ def _two_level(
     operation: str,
     split: NodeSplit,
     send: torch.Tensor,
+    acc: torch.dtype,
     out: torch.Tensor,
     workspace: Workspace,
     local: Transport,
 ) -> None:
-    """The two-dimensional sum (module docstring) of ``send`` (n elements of the accumulation
-    dtype) into ``out`` (n elements of the result dtype), on host memory."""
-    acc, device = send.dtype, send.device
+    """The two-dimensional sum (module docstring) of ``send`` (n elements) into ``out`` (n
+    elements of send's dtype), summed in ``acc``, on host memory."""
+    device = send.device
     counts = split_evenly(send.numel(), split.local_size)
     size = counts[split.local_rank]
     part = workspace.tensor("parts", (size,), acc, device)
-    local.reduce_scatter(send, counts, (size,), operation, out=part)
+    local.reduce_scatter(send, counts, (size,), operation, out=part)  # 16-bit: into float32
     done = workspace.tensor("done", (size,), out.dtype, device)
     nodes, node = split.num_nodes, split.node_index
     if nodes == 2 and out.dtype is acc:

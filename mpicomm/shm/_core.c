@@ -524,13 +524,16 @@ static PyObject *seg_scatter_fresh(Segment *s, PyObject *const *a, Py_ssize_t na
     return result_of(out, rc, f);
 }
 
-/* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank */
+/* reduce_scatter(src, dst, counts, kind): counts in elements, one per rank; a wide kind (sums.h)
+   writes float32 results */
 static PyObject *seg_reduce_scatter(Segment *s, PyObject *const *a, Py_ssize_t nargs) {
     ARGS(4);
     size_t counts[MAXW];
     char *src = PyLong_AsVoidPtr(a[0]), *dst = PyLong_AsVoidPtr(a[1]);
     long kind = PyLong_AsLong(a[3]);
-    if (PyErr_Occurred() || !kind_ok(kind) || get_sizes(a[2], counts, s->world)) return NULL;
+    int wide = kind == KIND_BF16_WIDE || kind == KIND_F16_WIDE;
+    if (PyErr_Occurred() || !(wide || kind_ok(kind)) || get_sizes(a[2], counts, s->world))
+        return NULL;
     RUN(s, counts[s->rank] * kind_size[kind] * (size_t)s->world,
         do_reduce_scatter(s, src, dst, counts, (int)kind, f));
 }

@@ -224,7 +224,7 @@ static int direct_sum(Segment *s, const char *src, char *dst, size_t lo, size_t 
             if (peer_read(s, q, buf, addr_of(s, q)[0] + k * isz, m * isz, f)) return -1;
             parts[q] = buf;
         }
-        sum(dst + (k - lo) * isz, NULL, parts, w, m);
+        sum(dst + (k - lo) * out_size[kind], NULL, parts, w, m);
     }
     return 0;
 }
@@ -430,7 +430,7 @@ int finish_scatter_round(Segment *s, char *dst, const size_t *counts, size_t k, 
     if (counts[me] > k) {
         size_t m = counts[me] - k < per ? counts[me] - k : per;
         for (int r = 0; r < s->world; r++) parts[r] = slot_of(s, r, round) + (size_t)me * per * isz;
-        sum_of[kind](dst + k * isz, NULL, parts, s->world, m);
+        sum_of[kind](dst + k * out_size[kind], NULL, parts, s->world, m);
     }
     return 0;
 }

@@ -133,6 +133,29 @@ SUM_SAME(sum_f64, double, +)
 SUM_NARROW(sum_bf16, bf16_to_f32, f32_to_bf16)
 SUM_NARROW(sum_f16, f16_to_f32, f32_to_f16)
 
+/* SUM_NARROW without the rounding: float32 results (the wide kinds). */
+#define SUM_WIDE(NAME, TO32)                                                                    \
+    __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
+        void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
+        float *dst = (float *)dst_, *dst2 = (float *)dst2_;                                     \
+        const uint16_t **src = (const uint16_t **)src_;                                         \
+        float acc[BLK];                                                                         \
+        for (size_t i0 = 0; i0 < n; i0 += BLK) {                                                \
+            size_t m = n - i0 < BLK ? n - i0 : BLK;                                             \
+            const uint16_t *s0 = src[0] + i0;                                                   \
+            for (size_t j = 0; j < m; j++) acc[j] = TO32(s0[j]);                                \
+            for (int r = 1; r < w; r++) {                                                       \
+                const uint16_t *s = src[r] + i0;                                                \
+                for (size_t j = 0; j < m; j++) acc[j] += TO32(s[j]);                            \
+            }                                                                                   \
+            memcpy(dst + i0, acc, m * 4);                                                       \
+            if (dst2) memcpy(dst2 + i0, acc, m * 4);                                            \
+        }                                                                                       \
+    }
+
+SUM_WIDE(sum_bf16_wide, bf16_to_f32)
+SUM_WIDE(sum_f16_wide, f16_to_f32)
+
 /* The same sums written for AVX-512 (16 floats per instruction; compilers vectorise the portable
    ones above only 8 wide, and the narrow-float conversions dominate): the conversions are the ones
    above, lane for lane, so the bits are the same. Chosen at import where the CPU has AVX-512. */
@@ -200,8 +223,8 @@ SUM_512(sum_f16_512, uint16_t, load_f16, store_f16, f16_to_f32, f32_to_f16)
 SUM_512(sum_f32_512, float, load_f32, store_f32, as_f32, as_f32)
 #endif
 
-sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,
-                   sum_i64, sum_f32,  sum_f64, sum_bf16, sum_f16};
+sum_fn sum_of[] = {NULL,    sum_bool, sum_i8,  sum_i16,  sum_i32,       sum_i64,
+                   sum_f32, sum_f64,  sum_bf16, sum_f16, sum_bf16_wide, sum_f16_wide};
 
 void choose_sums(void) {
 #if defined(__x86_64__)

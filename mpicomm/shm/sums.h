@@ -9,11 +9,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Element kinds; transport.KINDS maps torch dtypes to them (integers of one width share one). */
+/* Element kinds; transport.KINDS maps torch dtypes to them (integers of one width share one).
+   The wide kinds (reduce_scatter only) sum bf16/fp16 elements into float32 results, unrounded. */
 enum { KIND_BOOL = 1, KIND_I8, KIND_I16, KIND_I32, KIND_I64, KIND_F32, KIND_F64, KIND_BF16,
-       KIND_F16 };
+       KIND_F16, KIND_BF16_WIDE, KIND_F16_WIDE };
 
-static const size_t kind_size[] = {0, 1, 1, 2, 4, 8, 4, 8, 2, 2};
+/* Bytes of an input element, and of a result element. */
+static const size_t kind_size[] = {0, 1, 1, 2, 4, 8, 4, 8, 2, 2, 2, 2};
+static const size_t out_size[] = {0, 1, 1, 2, 4, 8, 4, 8, 2, 2, 4, 4};
 
 /* dst (and dst2 when not NULL) = src[0] + src[1] + ... + src[w-1], n elements of one kind. */
 typedef void (*sum_fn)(void *dst, void *dst2, const void **src, int w, size_t n);

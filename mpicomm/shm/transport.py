@@ -63,7 +63,7 @@ GIL_FREE_FROM = 64 << 10
 # The compiled sums' element kinds: dtype -> (kind, kind elements per element). Integers of one
 # width share a kind (wrapping sums have the same bits signed or not); complex sums are sums of
 # (re, im) pairs. Other dtypes (8-bit floats) take the MPI path.
-_BOOL, _I8, _I16, _I32, _I64, _F32, _F64, _BF16, _F16 = range(1, 10)
+_BOOL, _I8, _I16, _I32, _I64, _F32, _F64, _BF16, _F16, _BF16_WIDE, _F16_WIDE = range(1, 12)
 KINDS: dict[torch.dtype, tuple[int, int]] = {
     torch.bool: (_BOOL, 1),
     torch.uint8: (_I8, 1),
@@ -81,6 +81,9 @@ KINDS: dict[torch.dtype, tuple[int, int]] = {
     torch.bfloat16: (_BF16, 1),
     torch.float16: (_F16, 1),
 }
+
+# 16-bit floats that :meth:`Transport.reduce_scatter` sums into float32 results, unrounded.
+_WIDE = {torch.bfloat16: _BF16_WIDE, torch.float16: _F16_WIDE}
 
 # The dtypes :meth:`Transport.sum_fresh` takes: real ones (one kind element per element).
 _REAL = {dtype: kind for dtype, (kind, per) in KINDS.items() if per == 1}
@@ -419,11 +422,17 @@ class Transport:
     ) -> torch.Tensor | None:
         """Rank r: the sum over ranks of elements ``[sum(counts[:r]), +counts[r])`` of the
         contiguous ``x``, as a fresh tensor of ``shape``, or in ``out`` (a contiguous host tensor
-        of ``shape`` and x's dtype sharing no memory with ``x``: the caller checks);
-        ``None`` for an uncovered dtype."""
+        of ``shape`` sharing no memory with ``x``: the caller checks; x's dtype, or float32 for a
+        float16/bfloat16 ``x``: then summed in float32 and not rounded); ``None`` for an
+        uncovered dtype."""
         if self._caller.broken is not None:
             raise self._refused(operation)
         kind = KINDS.get(x.dtype)
+        if out is not None and out.dtype != x.dtype:
+            wide = _WIDE.get(x.dtype) if out.dtype == torch.float32 else None
+            if wide is None:
+                raise TypeError(f"reduce_scatter: {x.dtype} into {out.dtype}")
+            kind = (wide, 1)
         if kind is None:
             return None
         x = readable(x).contiguous()

@@ -616,3 +616,22 @@ def test_ranks_that_disagree_raise_everywhere_and_stay_in_step(on, variant):
     big = torch.full((300_000,), float(rank + 1))
     ok = ok and torch.equal(on.all_reduce(big), torch.full((300_000,), world * (world + 1) / 2))
     assert everywhere(ok), f"rank {rank}: raised={raised} broken={on.broken}"
+
+
+@pytest.mark.parametrize("n", [1, 5, 4099, 300_001])
+@pytest.mark.parametrize("dtype", NARROW)
+def test_reduce_scatter_into_float32(on, dtype, n):
+    """A 16-bit reduce_scatter into float32 results (the hierarchical all_reduce's node step): the
+    rank-order float32 sum of this rank's elements, not rounded, through the slots and directly."""
+    w, r = on.world_size, on.rank
+    xs = [make_input(dtype, q, (n,), salt=n) for q in range(w)]
+    counts = [n // w + (q < n % w) for q in range(w)]
+    out = torch.empty(counts[r], dtype=torch.float32)
+    on.transport.reduce_scatter(xs[r], counts, out.shape, out=out)
+    lo = sum(counts[:r])
+    want = xs[0][lo : lo + counts[r]].float()
+    for x in xs[1:]:
+        want = want + x[lo : lo + counts[r]].float()
+    assert everywhere(torch.equal(out, want))
+    with pytest.raises(TypeError):
+        on.transport.reduce_scatter(xs[r], counts, out.shape, out=out.double())
