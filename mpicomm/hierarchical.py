@@ -104,7 +104,10 @@ def _two_level(
         got = workspace.tensor("tails", (halves[node],), acc, device)
         call(operation, split.peers, "Sendrecv", mpi_spec(theirs), other, 0, mpi_spec(got), other)
         first, second = (ours, got) if node == 0 else (got, ours)
-        torch.add(first, second, out=mine)  # summed in acc, rounded once into out's dtype
+        first.add_(
+            second
+        )  # in acc, then rounded by a copy: faster than a 16-bit out= (docs/multinode.md)
+        mine.copy_(first)  # the one rounding
         back = done[halves[0] :] if node == 0 else done[: halves[0]]
         call(operation, split.peers, "Sendrecv", mpi_spec(mine), other, 1, mpi_spec(back), other)
     else:
