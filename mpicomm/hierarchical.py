@@ -104,9 +104,8 @@ def _two_level(
         got = workspace.tensor("tails", (halves[node],), acc, device)
         call(operation, split.peers, "Sendrecv", mpi_spec(theirs), other, 0, mpi_spec(got), other)
         first, second = (ours, got) if node == 0 else (got, ours)
-        first.add_(
-            second
-        )  # in acc, then rounded by a copy: faster than a 16-bit out= (docs/multinode.md)
+        # summed in acc, then rounded by a copy: faster than a 16-bit out= (docs/multinode.md)
+        first.add_(second)
         mine.copy_(first)  # the one rounding
         back = done[halves[0] :] if node == 0 else done[: halves[0]]
         call(operation, split.peers, "Sendrecv", mpi_spec(mine), other, 1, mpi_spec(back), other)
