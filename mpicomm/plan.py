@@ -41,15 +41,18 @@ _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 
 # The hierarchical all_reduce handles these. ``auto`` uses it for messages of at least
 # HIERARCHICAL_FROM bytes when the group spans nodes and either its two-dimensional sum runs (every
-# node holds as many ranks, at least 2, with a node segment, on host memory: it beat the flat sums
-# in time at 2 hosts x 2 ranks for float32 and bfloat16 without putting more bytes on the network)
-# or, for the leader algorithm, 16-bit floats where every node holds AUTO_MIN_PER_NODE ranks (the
-# flat bytes algorithm is not node-aware and moved 1.44x the hierarchy's bytes at 2 hosts x 4
-# ranks). Measurements: docs/multinode.md.
+# node holds as many ranks, at least 2, with a node segment, on host memory), for 16-bit floats
+# only below NARROW_TWO_LEVEL_BELOW bytes, or, for the leader algorithm, 16-bit floats where every
+# node holds AUTO_MIN_PER_NODE ranks. Measured at 2 hosts x 2 ranks (docs/multinode.md): the
+# two-dimensional sum beat MPI's Allreduce for float32 from 64 KiB to 4 MiB and the bytes
+# algorithm for bfloat16 at 64 KiB and 1 MiB, but not at 4 MiB, with no more bytes on the
+# network; at 2 hosts x 4 ranks the bytes algorithm, not node-aware, moved 1.44x the leader
+# algorithm's bytes.
 HIERARCHICAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 AUTO_DTYPES = frozenset({torch.float16, torch.bfloat16})
 AUTO_MIN_PER_NODE = 4
 HIERARCHICAL_FROM = 64 << 10
+NARROW_TWO_LEVEL_BELOW = 4 << 20
 
 
 def flat_algorithm(info: DtypeInfo, nbytes: int, algo: str) -> str:
@@ -85,9 +88,10 @@ def hierarchical_applies(
         return True
     if nbytes < HIERARCHICAL_FROM:
         return False
-    return two_level(nodes, node_memory) or (
-        info.dtype in AUTO_DTYPES and nodes.smallest_node >= AUTO_MIN_PER_NODE
-    )
+    narrow = info.dtype in AUTO_DTYPES
+    if two_level(nodes, node_memory) and (not narrow or nbytes < NARROW_TWO_LEVEL_BELOW):
+        return True
+    return narrow and nodes.smallest_node >= AUTO_MIN_PER_NODE
 
 
 def all_reduce_algorithm(

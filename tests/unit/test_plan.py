@@ -38,6 +38,10 @@ TWO_BY_TWO, FOUR_BY_TWO = [0, 0, 1, 1], [0] * 4 + [1] * 4
         (torch.float32, 1 << 20, "auto", FOUR_BY_TWO, False, plan.NATIVE),  # leaders: 16-bit only
         # the two-dimensional sum: any float from 64 KiB, nodes of equal size (2+), node memory
         (torch.bfloat16, 64 << 10, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
+        (torch.bfloat16, (4 << 20) - 2, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
+        (torch.float16, 4 << 20, "auto", TWO_BY_TWO, True, plan.BYTES),  # 16-bit: below 4 MiB
+        (torch.bfloat16, 4 << 20, "auto", FOUR_BY_TWO, True, plan.HIERARCHICAL),  # 4 per node
+        (torch.float32, 4 << 20, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
         (torch.float32, 64 << 10, "auto", TWO_BY_TWO, True, plan.HIERARCHICAL),
         (torch.float64, 1 << 20, "auto", [0, 0, 1, 1, 2, 2], True, plan.HIERARCHICAL),
         (torch.float32, (64 << 10) - 4, "auto", TWO_BY_TWO, True, plan.NATIVE),  # too small
