@@ -1,9 +1,7 @@
 """Build of mpicomm's optional compiled core (the metadata is in setup.cfg).
 
-``mpicomm.shm._core`` (docs/shm.md) and ``mpicomm._blocks`` (recycled memory for large results,
-docs/architecture.md) are optional: where they do not compile, the package installs without them,
-the collectives use MPI alone and large results are new memory (``python -m mpicomm info`` says
-which).
+``mpicomm.shm._core`` (docs/shm.md) is optional: where it does not compile, the package installs
+without it and the collectives use MPI alone (``python -m mpicomm info`` says which).
 """
 
 from setuptools import Extension, setup
@@ -27,12 +25,6 @@ setup(
                 "-fvisibility=hidden",
             ],
             libraries=["rt"],
-            optional=True,
-        ),
-        Extension(
-            "mpicomm._blocks",
-            sources=["mpicomm/_blocks.c"],
-            extra_compile_args=["-O2", "-std=gnu11"],
             optional=True,
         ),
     ]

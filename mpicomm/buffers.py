@@ -14,16 +14,12 @@ import ctypes
 import functools
 import math
 import sys
+import threading
 
 import torch
 
 from ._mpi import MPI
 from .dtypes import DTYPES
-
-try:
-    from . import _blocks
-except ImportError:  # not compiled here: large results are new memory every time
-    _blocks = None
 
 _HOST = torch.device("cpu")
 _MAX_VIEWS = 64  # cached workspace views (shapes vary with token counts: keep the set bounded)
@@ -92,7 +88,7 @@ def _device_memory(tensor: torch.Tensor, carrier: torch.dtype) -> torch.Tensor:
 
 # Fresh host results from this size up are backed by transparent huge pages. New memory faults
 # once per page on its first write, and 2 MiB pages fault 512 times less (benchmarks/local_steps.py).
-# Recycled blocks gain too: peers read a result through process_vm_readv, which pins it page by
+# Recycled results gain too: peers read a result through process_vm_readv, which pins it page by
 # page (measured: benchmarks/results/history/2026-12-03-shared-memory.md).
 HUGE_PAGES_FROM = 4 << 20
 _HUGE_PAGE = 2 << 20
@@ -151,43 +147,97 @@ RECYCLE_FROM = 4 << 20
 # Host results below this many bytes are plain torch.empty_like: neither recycled nor advised.
 SMALL_RESULT = min(RECYCLE_FROM, HUGE_PAGES_FROM)
 
+_use_count = getattr(torch._C, "_storage_Use_Count", None)  # strong references to a storage
+
 
 class _Recycler:
-    """Process-wide free lists of host memory blocks, by exact size, for large results (the
-    compiled ``mpicomm._blocks``; without it every result is new memory).
+    """Process-wide memory for large host results: the storages of earlier results, taken back
+    once nothing uses them.
 
-    A result is a tensor over a block (``torch.frombuffer``) and owns it until its storage is
-    freed: torch then drops the block, whose memory goes back to the free list. Only then can it
-    serve another result, so every result is still fresh memory to its user (docs/contract.md,
-    "Results"). At most ``per_size`` blocks of one size and ``max_bytes`` in all wait to be
-    reused; the rest is unmapped.
+    A result is an ordinary ``torch.empty`` tensor (resizable, pinnable, picklable: everything a
+    fresh tensor allows, docs/contract.md "Results"). The recycler keeps a reference to its
+    storage, and a later result of the same size reuses that storage only when the reference is
+    the last one: no tensor, view or storage object of the user's still holds it, and its size is
+    unchanged (a user may have resized it). So every result is fresh memory to its user. At most
+    ``per_size`` storages of one size and ``max_bytes`` in all are held (in use or not); the least
+    recently reused sizes are let go first.
     """
 
-    available = _blocks is not None  # whether results are recycled here
-    per_size = _blocks.PER_SIZE if available else 0
-    max_bytes = _blocks.MAX_BYTES if available else 0
+    available = _use_count is not None  # whether results are recycled here
+    per_size = 4
+    max_bytes = 256 << 20
 
-    @property
-    def reused(self) -> int:
-        """Results served from a recycled block so far (for tests)."""
-        return _blocks.stats()[0] if _blocks is not None else 0
+    def __init__(self) -> None:
+        self._rings: dict[int, list] = {}  # by nbytes; least recently reused size first
+        self._held = 0  # bytes of the storages in _rings
+        self._lock = threading.Lock()  # threads share the rings
+        self._refs = 0
+        for storage in [torch.empty(1, dtype=torch.uint8).untyped_storage()]:
+            self._refs = self._count(storage)  # a storage only the recycler holds, as _idle sees it
+        self.reused = 0  # results served from a recycled storage so far (for tests)
+
+    @staticmethod
+    def _count(storage) -> int:
+        return sys.getrefcount(storage)
+
+    def _idle(self, storage, nbytes: int) -> bool:
+        """Whether only the recycler holds ``storage`` (no tensor, view or storage object of a
+        user's), still ``nbytes`` long."""
+        return (
+            _use_count(storage._cdata) == 1
+            and sys.getrefcount(storage) <= self._refs
+            and storage.nbytes() == nbytes
+        )
 
     @property
     def free_bytes(self) -> int:
-        """Bytes of blocks waiting to be reused."""
-        return _blocks.stats()[1] if _blocks is not None else 0
+        """Bytes of held storages that no result uses now."""
+        with self._lock:
+            return sum(
+                n for n, ring in self._rings.items() for storage in ring if self._idle(storage, n)
+            )
 
     def tensor(self, nbytes: int, shape, dtype: torch.dtype, huge: bool) -> torch.Tensor:
-        """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) over a
-        recycled or new block; huge pages under a new block when ``huge`` (only where
-        :attr:`available`)."""
-        block = _blocks.block(nbytes, huge and nbytes >= HUGE_PAGES_FROM)
-        return torch.frombuffer(block, dtype=dtype).view(shape)
+        """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) over an idle
+        held storage of ``nbytes``, or else new memory (huge pages asked for when ``huge``)."""
+        with self._lock:
+            ring = self._rings.get(nbytes)
+            if ring is not None:
+                for storage in ring:
+                    if self._idle(storage, nbytes):
+                        self.reused += 1
+                        self._rings[nbytes] = self._rings.pop(nbytes)  # most recently reused
+                        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        out = torch.empty(shape, dtype=dtype)
+        if huge:
+            huge_pages(out)
+        self._hold(out.untyped_storage(), nbytes)
+        return out
+
+    def _hold(self, storage, nbytes: int) -> None:
+        """Keep ``storage`` (a new result's) for reuse, letting go of what the bounds exclude:
+        storages resized by their users, the oldest of this size, the least recently reused
+        sizes."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            ring = [s for s in self._rings.pop(nbytes, ()) if s.nbytes() == nbytes]
+            ring = ring[len(ring) - self.per_size + 1 :] if len(ring) >= self.per_size else ring
+            ring.append(storage)
+            self._rings[nbytes] = ring
+            self._held = sum(n * len(r) for n, r in self._rings.items())
+            while self._held > self.max_bytes:
+                oldest = next(iter(self._rings))
+                del self._rings[oldest][0]
+                if not self._rings[oldest]:
+                    del self._rings[oldest]
+                self._held -= oldest
 
     def clear(self) -> None:
-        """Unmap every block waiting to be reused."""
-        if _blocks is not None:
-            _blocks.clear()
+        """Let go of every held storage (the memory of those no result uses is freed)."""
+        with self._lock:
+            self._rings.clear()
+            self._held = 0
 
 
 recycler = _Recycler()
@@ -195,8 +245,8 @@ recycler = _Recycler()
 
 class ResultMemory:
     """Where a communicator's fresh host results come from: ``torch.empty`` for small ones;
-    recycled blocks from ``RECYCLE_FROM`` bytes when ``recycle`` (``MPICOMM_RECYCLE``); huge
-    pages under large new blocks when ``huge`` (``MPICOMM_HUGE_PAGES``)."""
+    recycled storages from ``RECYCLE_FROM`` bytes when ``recycle`` (``MPICOMM_RECYCLE``); huge
+    pages under large new memory when ``huge`` (``MPICOMM_HUGE_PAGES``)."""
 
     __slots__ = ("huge", "recycle")
 

@@ -37,12 +37,12 @@ def huge_pages_report() -> str:
 
 
 def result_memory_report() -> str:
-    """Where large host results come from: recycled blocks, or new memory every time."""
+    """Where large host results come from: recycled storages, or new memory every time."""
     if not recycle_on():
         return "new memory every time (MPICOMM_RECYCLE=0)"
     if not recycler.available:
-        return "new memory every time (mpicomm._blocks is not built: pip install -e . builds it)"
-    return f"recycled blocks for host results >= {RECYCLE_FROM >> 20} MiB"
+        return "new memory every time (this torch cannot count a storage's users)"
+    return f"recycled storages for host results >= {RECYCLE_FROM >> 20} MiB"
 
 
 def _or_error(report_line) -> str:

@@ -251,3 +251,58 @@ def test_a_forked_child_is_refused_and_the_parent_stays_in_step():
         assert everywhere(ok), said
     finally:
         comm.destroy()
+
+
+def _large_results(comm: mpicomm.MPICommunicator) -> dict[str, torch.Tensor | None]:
+    """A result of at least ``RECYCLE_FROM`` bytes from every collective that returns one."""
+    from mpicomm.buffers import RECYCLE_FROM
+
+    n = RECYCLE_FROM // 4  # float32 elements of one large result
+    x = torch.full((n // 4, 4), float(RANK + 1))
+    big = torch.ones(W * n // 4, 4)
+    rows = [n // 4] * W
+    results = {
+        "all_reduce": comm.all_reduce(x),
+        "all_gather": comm.all_gather(x, 0),
+        "all_gatherv": comm.all_gatherv(x, 0),
+        "reduce_scatter": comm.reduce_scatter(big, 0),
+        "reduce_scatterv": comm.reduce_scatterv(big, 0),
+        "gather": comm.gather(x, 0, 0),
+        "broadcast": comm.broadcast(x, 0),
+        "all_to_allv": comm.all_to_allv(big, rows, rows),
+        "dispatch": comm.dispatch(x, x)[0],
+    }
+    if W > 1:
+        if RANK == 0:
+            comm.send(x, 1)
+        results["recv"] = comm.recv(x.shape, x.dtype, 0) if RANK == 1 else None
+    return results
+
+
+@pytest.mark.parametrize("shm", ["0", "auto"])
+def test_large_results_are_resizable(shm):
+    """Results of 4 MiB and more (recycled memory, docs/reliability.md) resize like any fresh
+    tensor: shrunk to nothing, grown, used, their storage freed; the second round's results take
+    recycled storages (before, made by ``torch.frombuffer``: 'not resizable')."""
+    from mpicomm.buffers import recycler
+
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="resize", shm=shm)
+    failed = []
+    try:
+        for _ in range(2):  # the first round's results are freed before the second's are made
+            for name, out in _large_results(comm).items():
+                if out is None:
+                    continue
+                try:
+                    n = out.numel()
+                    out.resize_(0)
+                    out.resize_(2 * n).fill_(2.0)
+                    if float(out.sum()) != 4.0 * n:
+                        failed.append(name)
+                    out.untyped_storage().resize_(0)
+                except RuntimeError as exc:
+                    failed.append(f"{name}: {exc}")
+        assert everywhere(not failed), failed
+        assert not recycler.available or recycler.reused > 0
+    finally:
+        comm.destroy()

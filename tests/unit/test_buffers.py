@@ -121,7 +121,7 @@ def test_large_fresh_results_get_huge_pages():
 
     n = max(HUGE_PAGES_FROM, 16 << 20) // 4 + 1024
     big = huge_pages(torch.empty(n, dtype=torch.float32))
-    recycled = ResultMemory(huge=True).empty((n,), torch.float32)  # a block, where built
+    recycled = ResultMemory(huge=True).empty((n,), torch.float32)  # held for reuse
     for result in (big, recycled):
         result.fill_(3.0)
         assert bool((result == 3.0).all())
@@ -135,26 +135,16 @@ def test_large_fresh_results_get_huge_pages():
 
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
-    """Fresh host results are offered huge pages (huge_pages() for new memory, a huge block for a
-    recycled one) unless MPICOMM_HUGE_PAGES=0."""
+    """Fresh host results are offered huge pages (huge_pages() for new memory, recycled or not)
+    unless MPICOMM_HUGE_PAGES=0."""
     from mpi4py import MPI
 
     import mpicomm
     import mpicomm.buffers as module
 
-    module.recycler.clear()  # a recycled block is not advised again
+    module.recycler.clear()  # a recycled storage is not advised again
     advised = []
     monkeypatch.setattr(module, "huge_pages", lambda t: advised.append(t.nbytes) or t)
-    if module._blocks is not None:
-        blocks = module._blocks
-
-        class Spy:
-            def block(self, nbytes, huge):
-                if huge:
-                    advised.append(nbytes)
-                return blocks.block(nbytes, huge)
-
-        monkeypatch.setattr(module, "_blocks", Spy())
     monkeypatch.setenv("MPICOMM_HUGE_PAGES", setting)
     comm = mpicomm.MPICommunicator(MPI.COMM_SELF)
     try:
@@ -170,14 +160,15 @@ def test_communicator_huge_pages_follow_the_setting(monkeypatch, setting):
 
 
 def test_large_results_reuse_freed_memory_only():
-    """A large result's block serves a later result only once the first result's storage is
-    gone: live results (and views keeping one alive) never share memory."""
+    """A large result's storage serves a later result only once nothing else holds it: live
+    results, views and storage objects keeping one alive never share memory; a storage its user
+    resized is not reused."""
     import gc
 
     from mpicomm.buffers import RECYCLE_FROM, ResultMemory, recycler
 
     if not recycler.available:
-        pytest.skip("mpicomm._blocks is not built: large results are new memory")
+        pytest.skip("this torch cannot count a storage's users: large results are new memory")
     recycler.clear()
     memory = ResultMemory(huge=False)
     n = RECYCLE_FROM // 4 + 16
@@ -207,8 +198,15 @@ def test_large_results_reuse_freed_memory_only():
     assert recycler.free_bytes == 0
     del b, c, d, f, storage
     gc.collect()
-    # five blocks of 4n bytes were freed: per_size of them wait to be reused
+    # five results of 4n bytes were freed: the per_size newest storages wait to be reused
     assert recycler.free_bytes == recycler.per_size * n * 4 <= recycler.max_bytes
+    g = memory.empty((n,), torch.float32)
+    address = g.data_ptr()
+    g.resize_(2 * n)  # new memory: the held storage grows with it
+    del g
+    gc.collect()
+    h = memory.empty((n,), torch.float32)
+    assert h.data_ptr() != address and h.untyped_storage().nbytes() == 4 * n
 
 
 def test_recycling_off_gives_new_memory(monkeypatch):

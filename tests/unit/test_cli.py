@@ -55,7 +55,7 @@ def test_info_reports_library_cuda_awareness_and_placement():
     assert "CUDA-aware MPI   no" in out and "staged through pinned host memory" in out
     assert "ranks            2 on 1 node(s)" in out
     assert "huge pages       on for host results >= 4 MiB" in out
-    assert "large results    recycled blocks for host results >= 4 MiB" in out
+    assert "large results    recycled storages for host results >= 4 MiB" in out
     assert out.count(" cpu") >= 2
 
 

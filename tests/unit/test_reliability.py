@@ -258,17 +258,21 @@ def test_cli_reports_a_bad_variable_in_one_line():
             assert "MPI library" in proc.stdout
 
 
-def test_large_results_resize_only_without_recycling():
-    """Results of 4 MiB and more in recycled blocks have storage torch cannot resize (documented
-    in docs/reliability.md); with recycling off they are ordinary, resizable tensors."""
+@pytest.mark.parametrize("recycle", [True, False])
+def test_large_results_are_resizable(recycle):
+    """Results of 4 MiB and more, new or recycled, are ordinary resizable tensors (before,
+    recycled ones were ``torch.frombuffer`` views: 'not resizable'; docs/reliability.md)."""
     from mpicomm.buffers import RECYCLE_FROM, ResultMemory, recycler
 
+    memory = ResultMemory(recycle=recycle)
     n = RECYCLE_FROM // 4
-    plain = ResultMemory(recycle=False).empty((n,), torch.float32)
-    plain.resize_(2 * n)
-    plain.untyped_storage().resize_(0)
-    if recycler.available:
-        kept = ResultMemory(recycle=True).empty((n,), torch.float32)
-        with pytest.raises(RuntimeError, match="not resizable"):
-            kept.resize_(2 * n)
-        kept.resize_(0)  # shrinking needs no new memory
+    first = memory.empty((n,), torch.float32)
+    del first
+    reused = recycler.reused
+    out = memory.empty((n,), torch.float32)  # the first's storage, when recycling
+    assert recycler.reused == reused + (recycle and recycler.available)
+    out.resize_(0)
+    out.resize_(2 * n).fill_(1.0)
+    assert float(out.sum()) == 2 * n
+    out.untyped_storage().resize_(0)
+    assert out.untyped_storage().nbytes() == 0
