@@ -784,7 +784,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         recv_rows = check_sizes(recv_rows, self.world_size, "recv_rows")
         self.agree(
             "all_to_allv",
-            lambda: consistency.fingerprint("all_to_allv", input_, 0, rows_vary=True),
+            lambda: consistency.fingerprint(
+                "all_to_allv", input_, 0, rows_vary=True, splits=(send_rows, recv_rows)
+            ),
         )
         route = self._route(input_.device)
         x, out = route.stage_in_and_output(input_, (sum(recv_rows), *input_.shape[1:]))

@@ -53,11 +53,13 @@ _FIELDS = ("operation", "dtype", "number of dimensions", "dim", "root", "sizes")
 
 
 class Fingerprint(NamedTuple):
-    """One rank's call in numbers: ``row`` (fixed width, exchanged every time) and ``sizes``
-    (exchanged only to explain a disagreement)."""
+    """One rank's call in numbers: ``row`` (fixed width, exchanged every time), ``sizes``
+    (exchanged only to explain a disagreement) and, for an all-to-all, ``splits``: the rows this
+    rank sends to each rank and expects from each (exchanged once the rows agree)."""
 
     row: np.ndarray
     sizes: list[int] | None
+    splits: tuple[list[int], list[int]] | None = None
 
 
 def fingerprint(
@@ -67,8 +69,11 @@ def fingerprint(
     sizes: list[int] | None = None,
     root: int = -1,
     rows_vary: bool = False,
+    splits: tuple[list[int], list[int]] | None = None,
 ) -> Fingerprint:
-    """What every rank of a call must share: operation, dtype, shape, dim, sizes, root.
+    """What every rank of a call must share: operation, dtype, shape, dim, sizes, root; and, with
+    ``splits`` (an all-to-all's ``(send_rows, recv_rows)``), that what each rank sends each peer
+    is what that peer expects from it.
 
     ``tensor`` may be a list (``all_gatherv`` of several tensors, ``dispatch``): the first entry
     fills the dtype and shape fields, and the list's length with every entry's dtype and shape
@@ -88,7 +93,8 @@ def fingerprint(
     row = [_OP_CODE[operation], _DTYPE_CODE[tensor.dtype], ndim, dim, root, sizes_key, *shape]
     row += _PAD[: _LIST - len(row)]
     row.append(_list_key(tensors, rows_vary))
-    return Fingerprint(np.array(row, dtype=np.int64), None if sizes is None else list(sizes))
+    sizes = None if sizes is None else list(sizes)
+    return Fingerprint(np.array(row, dtype=np.int64), sizes, splits)
 
 
 def _list_key(tensors: list[torch.Tensor], rows_vary: bool) -> int:
@@ -137,13 +143,16 @@ def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> No
 
     One ``Allgather`` of ``WIDTH`` int64 per rank when the ranks agree. When they disagree on the
     sizes, a second ``Allgather`` brings every rank's sizes list for the message (every rank sees
-    the same rows, so all of them take part in it).
+    the same rows, so all of them take part in it). An all-to-all whose rows agree takes a second
+    ``Allgather`` too: its per-peer splits (:func:`_agree_splits`).
     """
     world = comm.Get_size()
     rows = np.empty((world, WIDTH), dtype=np.int64)
     call(operation, comm, "Allgather", mine.row, rows)
     every = rows.tobytes()
     if every == every[: len(every) // world] * world:
+        if mine.splits is not None:  # the same operation everywhere: every rank has splits
+            _agree_splits(call, comm, operation, mine.splits)
         return
     fields = differences(rows)
     every_sizes: list[list[int] | None] = [None] * world
@@ -160,6 +169,30 @@ def agree(call: Caller, comm: MPI.Comm, operation: str, mine: Fingerprint) -> No
     )
     raise ValueError(
         f"{operation} on group {call.group!r}: the ranks disagree on {', '.join(fields)}: {calls}"
+    )
+
+
+def _agree_splits(
+    call: Caller, comm: MPI.Comm, operation: str, splits: tuple[list[int], list[int]]
+) -> None:
+    """Rank s's ``send_rows[d]`` must be rank d's ``recv_rows[s]`` for every pair; else the same
+    ``ValueError`` on every rank (all see the same table), naming the first pairs that differ."""
+    world = comm.Get_size()
+    table = np.empty((world, 2 * world), dtype=np.int64)
+    call(operation, comm, "Allgather", np.array([*splits[0], *splits[1]], dtype=np.int64), table)
+    sent, expected = table[:, :world], table[:, world:].T  # both [sender, receiver]
+    wrong = np.argwhere(sent != expected)
+    if not len(wrong):
+        return
+    pairs = [
+        f"rank {s}'s send_rows[{d}]={sent[s, d]} but rank {d}'s recv_rows[{s}]={expected[s, d]}"
+        for s, d in wrong[:4].tolist()
+    ]
+    more = f" (and {len(wrong) - 4} more pairs)" if len(wrong) > 4 else ""
+    raise ValueError(
+        f"{operation} on group {call.group!r}: the ranks disagree on the per-peer sizes: "
+        f"{'; '.join(pairs)}{more}. Each rank's send_rows[d] must be what rank d passes as "
+        f"recv_rows for it"
     )
 
 

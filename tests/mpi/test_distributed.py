@@ -524,6 +524,24 @@ def _mismatched_calls():
         "all_to_all_single",
         lambda g: dist.all_to_all_single(torch.empty(SIZE, n), torch.ones(SIZE, n), group=g),
     )
+    # the per-peer sizes: rank 0 expects two rows (elements) from the last rank, which sends one
+    expect = [1] * (SIZE - 1) + [1 + (RANK == 0)]
+    yield (
+        "all_to_all_single splits",
+        lambda g: dist.all_to_all_single(
+            torch.empty(sum(expect), 2),
+            torch.ones(SIZE, 2),
+            output_split_sizes=expect,
+            input_split_sizes=[1] * SIZE,
+            group=g,
+        ),
+    )
+    yield (
+        "all_to_all sizes",
+        lambda g: dist.all_to_all(
+            [torch.empty(e) for e in expect], [torch.ones(1)] * SIZE, group=g
+        ),
+    )
     yield (
         "barrier against all_reduce",
         lambda g: dist.barrier(group=g) if RANK == 0 else dist.all_reduce(torch.ones(1), group=g),

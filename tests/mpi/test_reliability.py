@@ -306,3 +306,31 @@ def test_large_results_are_resizable(shm):
         assert not recycler.available or recycler.reused > 0
     finally:
         comm.destroy()
+
+
+@pytest.mark.skipif(W < 2, reason="needs ranks whose sizes differ")
+def test_all_to_allv_per_peer_sizes_that_disagree_raise_everywhere():
+    """Under validation, rank s's send_rows[d] must be rank d's recv_rows[s]: the last rank
+    expects one row more from rank 0 than rank 0 sends. Every rank raises the same ValueError
+    before any payload moves (the torch backend's all_to_all and the MoE routers reach MPI through
+    this call), and the communicator stays usable."""
+    comm = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="a2a", validate=True, timeout=60)
+    try:
+        send = [d + 1 for d in range(W)]  # rows to each rank
+        recv = [RANK + 1] * W
+        x = torch.arange(sum(send) * 2, dtype=torch.float32).reshape(-1, 2)
+        if RANK == W - 1:
+            recv[0] += 1
+        with pytest.raises(ValueError) as caught:
+            comm.all_to_allv(x, send, recv)
+        message = str(caught.value)
+        named = f"rank 0's send_rows[{W - 1}]={W} but rank {W - 1}'s recv_rows[0]={W + 1}"
+        ok = "the ranks disagree on the per-peer sizes" in message and named in message
+        assert everywhere(ok), message
+        assert len(set(MPI.COMM_WORLD.allgather(message))) == 1, message
+        assert comm.broken is None
+        recv[0] = RANK + 1
+        got = comm.all_to_allv(x, send, recv)
+        assert everywhere(got.shape == (W * (RANK + 1), 2))
+    finally:
+        comm.destroy()
