@@ -79,7 +79,7 @@ class DeviceCommunicatorBase:
         """Sum over the group, then this rank's equal chunk along ``dim``."""
         dim = normalize_dim(dim, input_.dim())
         total = input_.shape[dim] if input_.dim() else 1
-        even_sizes(total, self.world_size)
+        even_sizes(total, self.world_size, dim)
         return self.reduce_scatterv(input_, dim, None)
 
     def reduce_scatterv(
@@ -89,8 +89,8 @@ class DeviceCommunicatorBase:
         dim = normalize_dim(dim, input_.dim())
         total = input_.shape[dim] if input_.dim() else 1
         if sizes is None:
-            sizes = even_sizes(total, self.world_size)
-        sizes = check_sizes(sizes, self.world_size, total=total)
+            sizes = even_sizes(total, self.world_size, dim)
+        sizes = check_sizes(sizes, self.world_size, total=total, whole=f"input_.shape[{dim}]")
         start = sum(sizes[: self.rank])
         summed = self.all_reduce(input_)
         return summed.narrow(dim, start, sizes[self.rank]).contiguous()

@@ -596,9 +596,9 @@ class MPICommunicator(DeviceCommunicatorBase):
             moved = input_ if dim == 0 else input_.movedim(dim, 0)
         total = moved.shape[0]
         if sizes is None:
-            sizes = even_sizes(total, self.world_size)
+            sizes = even_sizes(total, self.world_size, dim)
         else:
-            sizes = check_sizes(sizes, self.world_size, total=total)
+            sizes = check_sizes(sizes, self.world_size, total=total, whole=f"input_.shape[{dim}]")
         if out is not None:
             mine = () if input_.dim() == 0 else _grown(input_.shape, dim, sizes[self.rank])
             check_out(out, input_, mine)
@@ -780,7 +780,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         check_device(input_, self.device)
         if input_.dim() == 0:
             raise ValueError("all_to_allv needs a tensor with at least one dimension (rows)")
-        send_rows = check_sizes(send_rows, self.world_size, "send_rows", total=input_.shape[0])
+        send_rows = check_sizes(
+            send_rows, self.world_size, "send_rows", input_.shape[0], "input_.shape[0]"
+        )
         recv_rows = check_sizes(recv_rows, self.world_size, "recv_rows")
         self.agree(
             "all_to_allv",

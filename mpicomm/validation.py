@@ -96,9 +96,14 @@ def check_peer(value: object, world_size: int, rank: int, argument: str) -> int:
 
 
 def check_sizes(
-    sizes: object, world_size: int, argument: str = "sizes", total: int | None = None
+    sizes: object,
+    world_size: int,
+    argument: str = "sizes",
+    total: int | None = None,
+    whole: str = "the tensor's size along dim",
 ) -> list[int]:
-    """``sizes`` must be ``world_size`` non-negative ints, adding up to ``total`` when given."""
+    """``sizes`` must be ``world_size`` non-negative ints, adding up to ``total`` when given
+    (``whole`` names it in the message, e.g. ``input_.shape[0]``)."""
     if isinstance(sizes, torch.Tensor):
         sizes = sizes.tolist()
     if isinstance(sizes, np.ndarray):
@@ -114,16 +119,19 @@ def check_sizes(
     if len(out) != world_size:
         raise ValueError(f"{argument} has {len(out)} entries, the group has {world_size} ranks")
     if total is not None and sum(out) != total:
-        raise ValueError(f"{argument} adds up to {sum(out)}, the tensor has {total} along dim")
+        raise ValueError(
+            f"{argument} adds up to {sum(out)}, but {whole} is {total}: they must be equal"
+        )
     return out
 
 
-def even_sizes(total: int, world_size: int, argument: str = "input_") -> list[int]:
-    """An even split of ``total`` rows over the group; ``ValueError`` if it does not divide."""
+def even_sizes(total: int, world_size: int, dim: int, argument: str = "input_") -> list[int]:
+    """An even split of ``total`` rows (``argument``'s size along ``dim``) over the group;
+    ``ValueError`` if it does not divide."""
     if total % world_size:
         raise ValueError(
-            f"{argument} has {total} elements along dim, not divisible by the group size "
-            f"{world_size}"
+            f"{argument}.shape[{dim}]={total} is not divisible by the group size {world_size}: "
+            f"an even split needs a multiple of {world_size} (reduce_scatterv takes sizes)"
         )
     return [total // world_size] * world_size
 

@@ -45,6 +45,11 @@ class AllGatherReduceScatter:
         In consistency mode the ranks also agree on the number of tensors and on each one's
         dtype and trailing shape (the fingerprint of the list that ``all_gatherv`` takes)."""
         self.comm.agree("dispatch")  # a destroyed communicator says so, naming dispatch
+        if extra_tensors is not None and not isinstance(extra_tensors, list | tuple):
+            raise TypeError(
+                f"extra_tensors must be a list of tensors or None, got "
+                f"{type(extra_tensors).__name__}"
+            )
         tensors = [hidden_states, router_logits, *(extra_tensors or [])]
         names = ["hidden_states", "router_logits"]
         names += [f"extra_tensors[{i}]" for i in range(len(tensors) - 2)]
@@ -76,6 +81,13 @@ class AllGatherReduceScatter:
         self.comm.agree("combine")  # after destroy(): "destroyed", not "before dispatch"
         if self.sizes is None:
             raise ValueError("combine() called before dispatch(): no token counts to return to")
+        check_tensor(hidden_states, "hidden_states")
+        rows = hidden_states.shape[0] if hidden_states.dim() else 1  # as reduce_scatterv counts
+        if rows != sum(self.sizes):
+            raise ValueError(
+                f"hidden_states has {rows} rows, but the last dispatch returned "
+                f"{sum(self.sizes)} (every rank's tokens): combine takes one row per dispatched row"
+            )
         return self.comm.reduce_scatterv(hidden_states, 0, self.sizes)
 
     def router(self, num_experts: int):

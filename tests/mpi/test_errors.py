@@ -51,6 +51,34 @@ def test_reduce_scatterv_bad_sizes(comm):
     assert everywhere(raises(TypeError, comm.reduce_scatterv, x, 0, "abc", match="sizes"))
 
 
+def test_size_errors_name_the_argument_the_expected_and_the_given(comm):
+    """Sizes that do not fit the tensor say which argument, what it should be and what it is."""
+    w = comm.world_size
+    x = torch.zeros(4, 2 * w)
+    if w > 1:
+        uneven = torch.zeros(2, w + 1)
+        text = f"input_.shape[1]={w + 1} is not divisible by the group size {w}"
+        assert everywhere(raises(ValueError, comm.reduce_scatter, uneven, 1, match=text))
+    text = f"sizes adds up to {w}, but input_.shape[1] is {2 * w}: they must be equal"
+    assert everywhere(raises(ValueError, comm.reduce_scatterv, x, -1, [1] * w, match=text))
+    text = f"send_rows adds up to {3 * w}, but input_.shape[0] is 4"
+    assert everywhere(raises(ValueError, comm.all_to_allv, x, [3] * w, [4] * w, match=text))
+
+
+def test_dispatch_and_combine_name_their_bad_arguments():
+    c = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="moe_errors")
+    try:
+        x = torch.ones(4, 3)
+        text = "extra_tensors must be a list of tensors or None, got Tensor"
+        assert everywhere(raises(TypeError, c.dispatch, x, x, extra_tensors=x, match=text))
+        c.dispatch(x, x)
+        text = f"hidden_states has 3 rows, but the last dispatch returned {4 * c.world_size}"
+        assert everywhere(raises(ValueError, c.combine, torch.ones(3, 3), match=text))
+        assert everywhere(torch.equal(c.combine(torch.ones(4 * c.world_size, 3)), x * c.world_size))
+    finally:
+        c.destroy()
+
+
 def test_all_gatherv_bad_arguments(comm):
     w, r = comm.world_size, comm.rank
     x = torch.zeros(2, 3)

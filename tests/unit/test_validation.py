@@ -29,9 +29,11 @@ def test_check_sizes():
 
 
 def test_even_sizes_and_split():
-    assert even_sizes(6, 3) == [2, 2, 2]
-    with pytest.raises(ValueError, match="not divisible"):
-        even_sizes(7, 3)
+    assert even_sizes(6, 3, 0) == [2, 2, 2]
+    with pytest.raises(
+        ValueError, match=r"input_.shape\[1\]=7 is not divisible by the group size 3"
+    ):
+        even_sizes(7, 3, 1)
     assert split_evenly(7, 3) == [3, 2, 2] and sum(split_evenly(10**9 + 7, 4)) == 10**9 + 7
 
 
