@@ -146,6 +146,8 @@ def huge_pages(tensor: torch.Tensor) -> torch.Tensor:
 RECYCLE_FROM = 4 << 20
 # Host results below this many bytes are plain torch.empty_like: neither recycled nor advised.
 SMALL_RESULT = min(RECYCLE_FROM, HUGE_PAGES_FROM)
+# Extra bytes of a recycled storage whose result starts at a 2 MiB boundary (_Recycler.tensor).
+_ALIGN_PAD = _HUGE_PAGE - 64
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # strong references to a storage
 
@@ -158,7 +160,9 @@ class _Recycler:
     fresh tensor allows, docs/contract.md "Results"). The recycler keeps a reference to its
     storage, and a later result of the same size reuses that storage only when the reference is
     the last one: no tensor, view or storage object of the user's still holds it, and its size is
-    unchanged (a user may have resized it). So every result is fresh memory to its user. At most
+    unchanged (a user may have resized it). So every result is fresh memory to its user (with
+    huge pages, its storage is up to 2 MiB longer than the result, which starts at a 2 MiB
+    boundary: ``storage_offset()`` > 0). At most
     ``per_size`` storages of one size and ``max_bytes`` in all are held (in use or not); the least
     recently reused sizes are let go first.
     """
@@ -182,7 +186,7 @@ class _Recycler:
 
     def _idle(self, storage, nbytes: int) -> bool:
         """Whether only the recycler holds ``storage`` (no tensor, view or storage object of a
-        user's), still ``nbytes`` long."""
+        user's), still ``nbytes`` long (as it was made)."""
         return (
             _use_count(storage._cdata) == 1
             and sys.getrefcount(storage) <= self._refs
@@ -198,20 +202,27 @@ class _Recycler:
             )
 
     def tensor(self, nbytes: int, shape, dtype: torch.dtype, huge: bool) -> torch.Tensor:
-        """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) over an idle
-        held storage of ``nbytes``, or else new memory (huge pages asked for when ``huge``)."""
+        """A fresh contiguous tensor of ``shape`` and ``dtype`` (``nbytes`` bytes) in an idle
+        held storage of its size, or else in new memory. With ``huge`` (from
+        ``HUGE_PAGES_FROM`` bytes) the storage is ``_ALIGN_PAD`` bytes longer and the tensor
+        starts at its first 2 MiB boundary, advised onto huge pages: torch's memory starts
+        anywhere in a 2 MiB frame, and only whole aligned frames can be huge pages (a 4 MiB
+        result would get one of its two)."""
+        pad = _ALIGN_PAD if huge and nbytes >= HUGE_PAGES_FROM else 0
+        size = nbytes + pad
         with self._lock:
-            ring = self._rings.get(nbytes)
+            ring = self._rings.get(size)
             if ring is not None:
                 for storage in ring:
-                    if self._idle(storage, nbytes):
+                    if self._idle(storage, size):
                         self.reused += 1
-                        self._rings[nbytes] = self._rings.pop(nbytes)  # most recently reused
-                        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-        out = torch.empty(shape, dtype=dtype)
-        if huge:
+                        self._rings[size] = self._rings.pop(size)  # most recently reused
+                        return _at_boundary(storage, pad, shape, dtype)
+        storage = torch.empty(size, dtype=torch.uint8).untyped_storage()
+        out = _at_boundary(storage, pad, shape, dtype)
+        if pad:
             huge_pages(out)
-        self._hold(out.untyped_storage(), nbytes)
+        self._hold(storage, size)
         return out
 
     def _hold(self, storage, nbytes: int) -> None:
@@ -238,6 +249,15 @@ class _Recycler:
         with self._lock:
             self._rings.clear()
             self._held = 0
+
+
+def _at_boundary(storage, pad: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous ``shape``/``dtype`` tensor in ``storage``: at its start, or with ``pad``, at
+    its first 2 MiB boundary (within ``pad`` bytes of the start: torch aligns memory to 64)."""
+    offset = -storage.data_ptr() % _HUGE_PAGE if pad else 0
+    if offset > pad or offset % dtype.itemsize:
+        offset = 0  # not where torch's alignment puts it: valid, only not aligned
+    return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
 
 
 recycler = _Recycler()
