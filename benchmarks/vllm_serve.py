@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -107,17 +108,17 @@ def server_commands(
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
         return [cmd + ["--port", str(port), "-tp", "2", *COMMON]], env
+    # vLLM finds its own address through a default route, which the simulated hosts lack
+    ip = [f"VLLM_HOST_IP={socket.gethostbyname(h)}" for h in hosts]
     serve = [sys.executable, "-c", VLLM_CLI, "serve", model, "-tp", "2", "--nnodes", "2"]
-    serve += ["--master-addr", hosts[0], "--master-port", str(port + 1), *COMMON]
-    head = [str(MULTINODE / "hostexec"), hosts[0], *serve, "--node-rank", "0"]
+    serve += ["--master-addr", ip[0].split("=")[1], "--master-port", str(port + 1), *COMMON]
+    head = [str(MULTINODE / "hostexec"), hosts[0], "env", ip[0], *serve, "--node-rank", "0"]
     head += ["--host", "0.0.0.0", "--port", str(port)]
-    worker = [str(MULTINODE / "hostexec"), hosts[1], *serve, "--node-rank", "1", "--headless"]
-    return [worker, head], env
+    worker = [str(MULTINODE / "hostexec"), hosts[1], "env", ip[1], *serve, "--node-rank", "1"]
+    return [worker + ["--headless"], head], env
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
