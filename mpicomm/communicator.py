@@ -808,6 +808,8 @@ class MPICommunicator(DeviceCommunicatorBase):
 
         Only does something where CUDA tensors are staged (no CUDA-aware MPI) or staging is forced.
         """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         tensors = [*model.parameters(), *model.buffers()]
         if not tensors or not self.staged(self.device):
             return

@@ -17,7 +17,7 @@ from ._mpi import MPI
 from .calls import created
 from .communicator import MPICommunicator
 from .topology import Topology, default_device, node_topology
-from .validation import as_int, check_comm
+from .validation import as_int, check_comm, check_flag
 
 _TAG_UB = 32767  # the smallest MPI_TAG_UB the MPI standard allows
 
@@ -68,7 +68,8 @@ def _agreed_sizes(comm: MPI.Comm, sizes: dict[str, object]) -> tuple[int, ...]:
     """
     try:
         mine: tuple[int, ...] | str = tuple(
-            int(bool(v)) if k.startswith("enable") else _positive(k, v) for k, v in sizes.items()
+            int(check_flag(v, k)) if k.startswith("enable") else _positive(k, v)
+            for k, v in sizes.items()
         )
         error = None
     except (TypeError, ValueError) as exc:

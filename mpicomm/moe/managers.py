@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..validation import check_sizes, check_tensor
+from ..validation import check_flag, check_sizes, check_tensor
 from .routers import make_router
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class AllGatherReduceScatter:
         In consistency mode the ranks also agree on the number of tensors and on each one's
         dtype and trailing shape (the fingerprint of the list that ``all_gatherv`` takes)."""
         self.comm.agree("dispatch")  # a destroyed communicator says so, naming dispatch
+        check_flag(is_sequence_parallel, "is_sequence_parallel")
         if extra_tensors is not None and not isinstance(extra_tensors, list | tuple):
             raise TypeError(
                 f"extra_tensors must be a list of tensors or None, got "
@@ -79,6 +80,7 @@ class AllGatherReduceScatter:
     def combine(self, hidden_states: torch.Tensor, is_sequence_parallel: bool = False):
         """(sum_r tokens_r, H) expert outputs -> this rank's (tokens_r, H), summed over ranks."""
         self.comm.agree("combine")  # after destroy(): "destroyed", not "before dispatch"
+        check_flag(is_sequence_parallel, "is_sequence_parallel")
         if self.sizes is None:
             raise ValueError("combine() called before dispatch(): no token counts to return to")
         check_tensor(hidden_states, "hidden_states")

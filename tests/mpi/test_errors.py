@@ -71,10 +71,21 @@ def test_dispatch_and_combine_name_their_bad_arguments():
         x = torch.ones(4, 3)
         text = "extra_tensors must be a list of tensors or None, got Tensor"
         assert everywhere(raises(TypeError, c.dispatch, x, x, extra_tensors=x, match=text))
+        # bool("maybe") would be True: a yes/no argument takes a bool or a flag's spelling
+        text = "is_sequence_parallel"
+        assert everywhere(
+            raises(ValueError, c.dispatch, x, x, is_sequence_parallel="maybe", match=text)
+        )
+        assert everywhere(raises(TypeError, c.dispatch, x, x, is_sequence_parallel=[], match=text))
         c.dispatch(x, x)
         text = f"hidden_states has 3 rows, but the last dispatch returned {4 * c.world_size}"
         assert everywhere(raises(ValueError, c.combine, torch.ones(3, 3), match=text))
-        assert everywhere(torch.equal(c.combine(torch.ones(4 * c.world_size, 3)), x * c.world_size))
+        text = "is_sequence_parallel"
+        rows = torch.ones(4 * c.world_size, 3)
+        assert everywhere(
+            raises(ValueError, c.combine, rows, is_sequence_parallel="maybe", match=text)
+        )
+        assert everywhere(torch.equal(c.combine(rows, is_sequence_parallel="no"), x * c.world_size))
     finally:
         c.destroy()
 
@@ -153,3 +164,26 @@ def test_bad_constructor_arguments():
     assert everywhere(
         raises(ValueError, mpicomm.MPICommunicator, MPI.COMM_WORLD, all2all_backend="nccl")
     )
+
+
+def test_yes_no_and_model_arguments_are_checked():
+    # bool("no") is True: initialize_model_parallel takes a bool or a flag's spelling, alike on
+    # every rank (its arguments are exchanged before any group is made)
+    text = "enable_expert_parallel"
+    assert everywhere(
+        raises(
+            ValueError,
+            mpicomm.initialize_model_parallel,
+            enable_expert_parallel="maybe",
+            match=text,
+        )
+    )
+    c = mpicomm.MPICommunicator(MPI.COMM_WORLD, unique_name="prepare_errors")
+    try:
+        text = "model must be a torch.nn.Module, got int"
+        assert everywhere(
+            raises(TypeError, c.prepare_communication_buffer_for_model, 3, match=text)
+        )
+        c.prepare_communication_buffer_for_model(torch.nn.Linear(2, 2))
+    finally:
+        c.destroy()
