@@ -35,6 +35,19 @@ def make_input(rank: int, shape, dtype, seed: int) -> torch.Tensor:
     return torch.randint(-100, 100, shape, generator=g).to(dtype)
 
 
+def record_calls(monkeypatch, name: str, what=lambda args, kwargs: 1) -> list:
+    """Wrap ``hierarchical.<name>`` for the test: each call appends ``what(args, kwargs)`` to the
+    returned list, then runs the real function."""
+    calls, real = [], getattr(hierarchical, name)
+
+    def spy(*args, **kwargs):
+        calls.append(what(args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hierarchical, name, spy)
+    return calls
+
+
 def within_one_ulp(result: torch.Tensor, exact: torch.Tensor) -> bool:
     """``result`` (16-bit float) is within one ulp of ``exact`` (float64)."""
     _, exp = torch.frexp(exact)
@@ -168,14 +181,7 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
     (``hierarchical`` is what MPICOMM_HIERARCHICAL sets at construction)."""
     import mpicomm
 
-    calls = []
-    real = hierarchical.all_reduce
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hierarchical, "all_reduce", spy)
+    calls = record_calls(monkeypatch, "all_reduce")
     interleaved = node_of("interleaved", comm.Get_size())  # 2 nodes at any size
     c = mpicomm.MPICommunicator(cpu_group=comm, node_of=interleaved)
     try:
@@ -212,14 +218,10 @@ def test_node_local_steps_use_shared_memory(comm, monkeypatch):
 
     if not built():
         pytest.skip("the compiled core mpicomm.shm._core is not built")
-    seen = []
-    real = hierarchical.all_reduce
-
-    def spy(*args, **kwargs):
-        seen.append(args[-1] if len(args) > 7 else kwargs.get("local"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hierarchical, "all_reduce", spy)
+    # the node's transport: all_reduce's last parameter, ``local``
+    seen = record_calls(
+        monkeypatch, "all_reduce", lambda a, k: a[-1] if len(a) > 7 else k.get("local")
+    )
     w, r = comm.Get_size(), comm.Get_rank()
     for shm, layout in (("auto", "lonely-first"), ("0", "lonely-first")):
         c = hier_comm(comm, layout, shm)
@@ -247,14 +249,7 @@ def test_two_level(comm, layout, dtype, monkeypatch):
     w, r = comm.Get_size(), comm.Get_rank()
     if w % 2 or not built():
         pytest.skip("needs an even number of ranks and the compiled core")
-    ran = []
-    real = hierarchical._two_level
-
-    def spy(*args, **kwargs):
-        ran.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hierarchical, "_two_level", spy)
+    ran = record_calls(monkeypatch, "_two_level")
     c = hier_comm(comm, layout, "auto")
     try:
         for n in (1, 2, 3, 5, 7, 4097, 65537, 300_001):
