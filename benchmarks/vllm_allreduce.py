@@ -52,6 +52,7 @@ def main() -> None:
 
     from mpicomm.vllm.launch import export_torch_env
 
+    os.environ["MPICOMM_VLLM"] = "0"  # vLLM's own communicator first; ours is built beside it
     env = export_torch_env()
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     import torch
