@@ -44,6 +44,7 @@ from mpi4py import MPI
 from torch._C import _distributed_c10d as c10d
 
 import mpicomm
+from mpicomm.bench.env import cpu_line
 
 WORLD = MPI.COMM_WORLD
 SIZES = [8, 64, 512, 4096, 32768, 262144, 2 << 20, 16 << 20, 64 << 20]
@@ -322,7 +323,7 @@ def adapter_cost(path: str | None) -> None:
     if path:
         meta = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _cpu(),
+            "cpu": cpu_line(),
             "load": os.getloadavg()[0],
         }
         with open(path, "w") as f:
@@ -384,7 +385,7 @@ def main() -> None:
             "ranks": WORLD.Get_size(),
             "torch": torch.__version__,
             "mpi": MPI.Get_library_version().splitlines()[0],
-            "cpu": _cpu(),
+            "cpu": cpu_line(),
             "load": os.getloadavg()[0],
             "rounds": rounds,
         }
@@ -393,18 +394,6 @@ def main() -> None:
     comm.destroy()
     raw.Free()
     dist.destroy_process_group()
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return "unknown"
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "model name" in ln), ""
-    )
-    return f"{model} ({'AVX-512' if 'avx512f' in text else 'no AVX-512'})"
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import re
 import signal
 import socket
 import statistics
@@ -53,6 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mpicomm.bench.env import cpu_line  # noqa: E402
 from mpicomm.vllm import tiny  # noqa: E402
 
 COMMON = ["--dtype", "float32", "--seed", "0", "--max-model-len", "1024", "--enforce-eager"]
@@ -204,15 +203,6 @@ async def load(url: str, model: str, clients: int, args) -> dict:
     return {"wall_s": wall, "requests": clients * args.requests, "tokens": tokens, "ttft": ttft}
 
 
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"model name\s*:\s*(.*)", info)
-    avx512 = " avx512f " in info.replace("\n", " ") or "avx512f" in info.split()
-    return (
-        f"{name.group(1) if name else platform.processor()}, AVX-512: {'yes' if avx512 else 'no'}"
-    )
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
@@ -262,7 +252,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def report(args, samples, counts, loads) -> None:
     print(
-        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu()}; "
+        f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU: {cpu_line()}; "
         f"{os.cpu_count()} cores; load average (1 min) {min(lo[0] for lo in loads):.1f}-"
         f"{max(lo[0] for lo in loads):.1f}; model: Llama h{args.hidden} x{args.layers} layers, "
         f"fp32, TP=2 {'across ' + args.hosts if args.hosts else 'on one node'}; "
@@ -286,7 +276,8 @@ def report(args, samples, counts, loads) -> None:
     if args.out:
         Path(args.out).write_text(
             json.dumps(
-                {"args": vars(args), "cpu": cpu(), "loads": loads, "samples": samples}, indent=1
+                {"args": vars(args), "cpu": cpu_line(), "loads": loads, "samples": samples},
+                indent=1,
             )
         )
 

@@ -63,6 +63,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mpicomm.bench.env import cpu_line  # noqa: E402
 from mpicomm.vllm import tiny  # noqa: E402
 
 GENERATE = ROOT / "examples" / "vllm_generate.py"
@@ -154,20 +155,6 @@ def configs_binding(args) -> list[tuple[str, list[str], dict[str, str]]]:
             (f"mpicomm TP=2 {label}", [*launch, str(GENERATE), *common], {"MPICOMM_VLLM": "1"}),
         ]
     return out
-
-
-def cpu_line() -> str:
-    """The CPU model and whether it has AVX-512 (vLLM CPU's own shared-memory all-reduce needs
-    it; without it vLLM's TP groups use gloo)."""
-    model, avx512 = platform.processor() or "unknown CPU", False
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        avx512 = " avx512f" in text
-    return f"{model}, {'AVX-512' if avx512 else 'no AVX-512'}"
 
 
 def configs_across_hosts(args) -> list[tuple[str, list[str], dict[str, str]]]:

@@ -106,6 +106,17 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_line() -> str:
+    """The CPU model and whether it has AVX-512, for every benchmark's header (vLLM CPU's own
+    shared-memory all-reduce needs AVX-512; without it vLLM's TP groups use gloo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx512 = "avx512f" in f.read().split()
+    except OSError:
+        avx512 = False
+    return f"{_cpu_model()}, {'AVX-512' if avx512 else 'no AVX-512'}"
+
+
 def _memory_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
