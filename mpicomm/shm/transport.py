@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .._mpi import MPI
-from ..buffers import HUGE_PAGES_FROM, SMALL_RESULT, ResultMemory
+from ..buffers import SMALL_RESULT, ResultMemory
 from ..calls import Caller
 from ..dtypes import DTYPES
 from ..errors import CollectiveTimeoutError, CommunicationError
@@ -50,10 +50,10 @@ ONESHOT_PEER_BYTES = 128 << 10
 ONESHOT_NARROW_MAX = 16 << 10
 # Messages of at least this many bytes (all_reduce, reduce_scatter: the whole input; gathers: the
 # whole output; broadcast: the tensor) skip the slots where peers can read each other's memory
-# (process_vm_readv): one copy per byte instead of two, but every read pins the peer's pages one by
-# one, which only pays from the size where results sit on 2 MiB pages (buffers.HUGE_PAGES_FROM).
-# Measured side by side with benchmarks/shm_direct.py (docs/shm.md, "Direct reads").
-DIRECT_FROM = HUGE_PAGES_FROM
+# (process_vm_readv): one copy per byte instead of two, but every read pins the peer's pages, which
+# costs more than the second copy until messages are tens of MiB. Measured side by side with
+# benchmarks/shm_direct.py (docs/shm.md, "Measured").
+DIRECT_FROM = 32 << 20
 # Calls moving at least this many bytes release the GIL for the whole call (other threads run
 # while it copies and sums). Smaller ones keep it unless a wait outlasts the first spins (about
 # 10 us): then they release it too, since a wait that holds it stops this process's other threads,
