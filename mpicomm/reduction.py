@@ -54,7 +54,7 @@ def sum_in_rank_order(
     buffer: a mixed-dtype ``add_`` is about twice as slow (measured, docs/benchmarks.md).
     """
     if info.accumulate is info.dtype:
-        rows = parts.unbind(0)  # one call: indexing row by row costs ~1 us a row
+        rows = parts.unbind(0)  # one call, where indexing costs a call per row
         if len(rows) == 1:
             out.copy_(rows[0])
             return
@@ -134,7 +134,7 @@ def all_reduce_bytes(
     world = comm.Get_size()
     flat_x, flat_out = x.reshape(-1), out.view(-1)
     if x.nbytes * world <= GATHER_ALL_BELOW:
-        # One Allgather beats three calls for small sums (no slicing either: ~1 us a slice).
+        # One Allgather beats three calls for small sums, and needs no slicing.
         _gather_and_sum(call, operation, comm, flat_x, flat_out, info, workspace)
         return
     rank = comm.Get_rank()

@@ -55,10 +55,10 @@ ONESHOT_NARROW_MAX = 16 << 10
 # benchmarks/shm_direct.py (docs/shm.md, "Measured").
 DIRECT_FROM = 32 << 20
 # Calls moving at least this many bytes release the GIL for the whole call (other threads run
-# while it copies and sums). Smaller ones keep it unless a wait outlasts the first spins (about
-# 10 us): then they release it too, since a wait that holds it stops this process's other threads,
-# one of which may be the peer a rank is waiting for in another communicator (docs/reliability.md,
-# "Threads"). Releasing and taking it back costs ~0.07 us, a tenth of a small call.
+# while it copies and sums). Smaller ones keep it unless a wait outlasts the first spins: then
+# they release it too, since a wait that holds it stops this process's other threads, one of which
+# may be the peer a rank is waiting for in another communicator (docs/reliability.md, "Threads").
+# Releasing and taking it back would cost a small call a tenth of its time.
 GIL_FREE_FROM = 64 << 10
 
 # The compiled sums' element kinds: dtype -> (kind, kind elements per element). Integers of one
