@@ -25,6 +25,10 @@ from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = ROOT / "tests" / "programs"
+# The benchmark targets file the harness reads (``--targets``), and the first bytes of a PNG (the
+# bench tests check the plots by them).
+BENCH_TARGETS = ROOT / "benchmarks" / "targets.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Prefixes of the variables an MPI launcher sets for its ranks: a child job started from inside
 # one must not see them (``drop=`` of child_env and run_mpi).
 MPI_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")

@@ -84,7 +84,7 @@ if [[ "$PHASE" != tests ]]; then
     BENCH_MAX="${BENCH_MAX:-256m}"
     [[ "${QUICK:-0}" == 1 ]] && BENCH_MAX=4m
     for n in 2 4; do
-        # The engine's CUDA mode (tests/unit/test_bench.py runs it on CPU with --cuda-dry-run):
+        # The engine's CUDA mode (tests/jobs/test_bench.py runs it on CPU with --cuda-dry-run):
         # mpicomm and gloo on the same CUDA tensors, d2h/h2d copy references, staging floors.
         step "bench_n$n" 270 mpiexec -n "$n" "$PY" -m mpicomm bench --device cuda \
             --collectives all_reduce,all_gather,reduce_scatter --backends mpicomm,gloo \
