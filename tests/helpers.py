@@ -159,6 +159,29 @@ def run_reporting(
     return out
 
 
+def mpicomm_info(env: Mapping[str, str | None], ranks: int = 1) -> str:
+    """The output of ``python -m mpicomm info`` (under mpiexec for ``ranks`` > 1) with ``env`` set
+    and no launcher or ``MPICOMM_`` variables otherwise, so the child starts its own MPI; asserts
+    that it exited 0."""
+    cmd = [sys.executable, "-m", "mpicomm", "info"]
+    drop = (*MPI_LAUNCHER_PREFIXES, "MPICOMM_")
+    if ranks > 1:
+        done = run_mpi(ranks, *cmd[1:], timeout=100, env=env, drop=drop)
+    else:
+        env = child_env(env, drop=drop)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def report_line(text: str, key: str) -> str:
+    """What follows ``key`` on the one line of ``text`` (a ``python -m mpicomm info`` report) that
+    starts with it; fails unless exactly one line does."""
+    lines = [line for line in text.splitlines() if line.startswith(key)]
+    assert len(lines) == 1, text
+    return lines[0][len(key) :].strip()
+
+
 # --- for tests that run on every rank of a job (tests/mpi/) -----------------------------------
 
 

@@ -73,7 +73,7 @@ if [[ "$PHASE" != bench ]]; then
     step info_n1 30 "$PY" -m mpicomm info
     step info_n2 30 mpiexec -n 2 "$PY" -m mpicomm info
     cat "$LOGS/info_n2.log" >>"$SUMMARY"
-    step detect 120 "${PYTEST[@]}" tests/unit/test_cuda_detect.py
+    step detect 120 "${PYTEST[@]}" tests/unit/test_cuda_detect.py tests/jobs/test_cuda_detect.py
     step cuda_n2 150 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/mpi/test_cuda.py
     step cuda_n4 150 mpiexec -n 4 "${PYTEST[@]}" --with-mpi tests/mpi/test_cuda.py
     step staging_n2 60 mpiexec -n 2 "${PYTEST[@]}" --with-mpi tests/mpi/test_staging.py

@@ -1,5 +1,6 @@
 """Detection of CUDA-aware MPI: the library's own answer, the MPICOMM_CUDA_AWARE override, and what
-``python -m mpicomm info`` reports. No GPU needed.
+``python -m mpicomm info`` reports in one process (under mpiexec: tests/jobs/test_cuda_detect.py).
+No GPU needed.
 
     python -m pytest tests/unit/test_cuda_detect.py
 """
@@ -9,16 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 from mpi4py import MPI
 
 from mpicomm import MPICommunicator, cuda
-from tests.helpers import MPI_LAUNCHER_PREFIXES, ROOT, child_env, run_mpi
-
-_LAUNCHER_VARS = (*MPI_LAUNCHER_PREFIXES, "MPICOMM_")
+from tests.helpers import mpicomm_info, report_line
 
 
 @pytest.fixture
@@ -106,56 +104,31 @@ def test_pypi_mpich_answers_no():
     assert cuda.library_cuda_support() is False
 
 
-def _info(env: dict[str, str], ranks: int = 1) -> str:
-    """``python -m mpicomm info`` (under mpiexec for ``ranks`` > 1) with ``env`` set and no
-    launcher or MPICOMM variables otherwise, so the child starts its own MPI."""
-    cmd = [sys.executable, "-m", "mpicomm", "info"]
-    if ranks > 1:
-        done = run_mpi(ranks, *cmd[1:], timeout=100, env=env, drop=_LAUNCHER_VARS)
-    else:
-        env = child_env(env, drop=_LAUNCHER_VARS)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 @pytest.fixture
 def single_process():
     if MPI.COMM_WORLD.Get_size() > 1:
         pytest.skip("starts its own MPI processes: run in a single-process pytest")
 
 
-def _line(text: str, key: str) -> str:
-    lines = [line for line in text.splitlines() if line.startswith(key)]
-    assert len(lines) == 1, text
-    return lines[0][len(key) :].strip()
-
-
 def test_info_reports_the_answer_and_path(single_process):
-    text = _info({})
+    text = mpicomm_info({})
     answer = cuda.library_cuda_support()
-    line = _line(text, "CUDA-aware MPI")
+    line = report_line(text, "CUDA-aware MPI")
     if answer:
         assert line == "yes (library says yes); CUDA tensors: direct (device buffers to MPI)"
     else:
         source = "library says no" if answer is False else "library has no MPIX_Query_cuda_support"
         assert line == f"no ({source}); CUDA tensors: staged through pinned host memory"
-    assert _line(text, "libmpi") == cuda.loaded_libmpi()
+    assert report_line(text, "libmpi") == cuda.loaded_libmpi()
 
 
 @pytest.mark.parametrize("override", ["0", "1"])
 def test_info_reports_the_override(single_process, override):
-    line = _line(_info({"MPICOMM_CUDA_AWARE": override}), "CUDA-aware MPI")
+    line = report_line(mpicomm_info({"MPICOMM_CUDA_AWARE": override}), "CUDA-aware MPI")
     assert line.startswith("yes" if override == "1" else "no")
     assert f"overridden by MPICOMM_CUDA_AWARE={override}" in line
     path = "direct (device buffers to MPI)" if override == "1" else "staged through pinned host"
     assert path in line
-
-
-def test_info_under_mpiexec_reports_once(single_process):
-    text = _info({}, ranks=2)
-    assert _line(text, "CUDA-aware MPI").startswith(("yes", "no"))
-    assert _line(text, "ranks") == "2 on 1 node(s)"
 
 
 _FAKES = {
