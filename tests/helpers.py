@@ -37,6 +37,27 @@ MPI_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# Programs that start a job of ranks, and what below runs or finds one: tests/unit (one process)
+# uses none of them (its conftest refuses a launch; its test_architecture scans its files).
+LAUNCHERS = ("mpiexec", "mpirun", "srun")
+LAUNCHING_HELPERS = (
+    "run_mpi",
+    "start_mpi",
+    "mpi_command",
+    "run_reporting",
+    "find_mpiexec",
+    "MPIEXEC",
+)
+
+
+def starts_a_job(args: str | bytes | os.PathLike | Iterable) -> bool:
+    """Whether a ``subprocess`` command (``args`` as ``Popen`` takes them, a shell line too)
+    runs one of :data:`LAUNCHERS`, directly or under another program such as ``timeout``."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = os.fsdecode(args).split()
+    return any(os.path.basename(os.fsdecode(a)) in LAUNCHERS for a in args)
+
+
 def find_mpiexec() -> str | None:
     """The ``mpiexec`` beside ``sys.executable`` (the venv's MPI), else the first on ``PATH``."""
     beside = Path(sys.executable).with_name("mpiexec")

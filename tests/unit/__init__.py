@@ -1,2 +1,2 @@
-"""One-process tests, one file per mpicomm module. (Some files still start tests/programs/ under
-mpiexec; the tests that do so are moving to tests/jobs/.)"""
+"""One-process tests, one file per mpicomm module; none starts mpiexec (conftest.py fails a test
+that does: such tests go to tests/jobs/)."""

@@ -6,8 +6,13 @@ import ast
 import os
 import pathlib
 import re
+import subprocess
+import sys
+
+import pytest
 
 import mpicomm
+from tests.helpers import LAUNCHERS, LAUNCHING_HELPERS, mpicomm_info
 
 PACKAGE = pathlib.Path(mpicomm.__file__).parent
 
@@ -180,6 +185,71 @@ def test_module_table_check_can_fail(tmp_path):
     (tmp_path / "other.py").write_text("")
     doc = "# A\n\n## Modules\n\n| module | what |\n|---|---|\n| `sub/` | x |\n| `other.py` | y |\n\n## Next\n"
     assert _tree_modules(tmp_path) - _documented_modules(doc) == {"sub/thing.py"}
+
+
+# docs/architecture.md, "Tests": tests/unit runs in one process. Its conftest refuses a launch when
+# a test runs; this scan also sees the tests that are skipped here (a missing extra, no mpiexec).
+UNIT = PACKAGE.parent / "tests" / "unit"
+_LAUNCHING = {*LAUNCHING_HELPERS, *LAUNCHERS}
+
+
+def _launches(source: str) -> set[str]:
+    """What in ``source`` would start a job of ranks: a launching helper of tests/helpers.py
+    imported, called or looked up, or a launcher's name as a string of its own (a command's
+    argument)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.Name):
+            names = [node.id]
+        elif isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [os.path.basename(node.value)]
+        else:
+            continue
+        found.update(f"line {node.lineno}: {n}" for n in names if n in _LAUNCHING)
+    return found
+
+
+def test_unit_tests_start_no_job():
+    found = [
+        f"{p.name} {hit}" for p in sorted(UNIT.glob("*.py")) for hit in _launches(p.read_text())
+    ]
+    assert not found, "tests/unit runs in one process; move to tests/jobs/:\n" + "\n".join(found)
+
+
+def test_launch_scan_can_fail():
+    """The scan above notices a helper imported or looked up, and a launcher as an argument."""
+    source = (
+        "from tests.helpers import ROOT, run_mpi\n"
+        'proc = subprocess.run(["timeout", "9", "mpiexec", "-n", "2", "x.py"])\n'
+        "helpers.start_mpi(2, output=ROOT)\n"
+        '"""A docstring that says mpiexec is fine."""\n'
+    )
+    assert _launches(source) == {"line 1: run_mpi", "line 2: mpiexec", "line 3: start_mpi"}
+
+
+def test_a_unit_test_cannot_start_a_job():
+    """tests/unit/conftest.py fails a test that starts a launcher, before it starts: directly,
+    under ``timeout``, as a shell line; one process still runs."""
+    launcher = LAUNCHERS[0]
+    commands = [
+        [launcher, "-n", "2", sys.executable, "-c", "pass"],
+        ["timeout", "5", f"/usr/bin/{launcher}", "-n", "2", "true"],
+        f"timeout 5 {launcher} -n 2 true",
+    ]
+    for command in commands:
+        with pytest.raises(pytest.fail.Exception, match="tests/unit runs in one process"):
+            subprocess.run(command, shell=isinstance(command, str), timeout=30)
+    subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+
+
+def test_a_unit_test_cannot_start_a_job_through_the_helpers():
+    """The same through ``run_mpi`` (here by ``mpicomm_info`` on 2 ranks)."""
+    with pytest.raises(pytest.fail.Exception, match="Move it to tests/jobs/"):
+        mpicomm_info({}, ranks=2)
 
 
 if __name__ == "__main__":  # pragma: no cover

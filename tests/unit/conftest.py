@@ -1,0 +1,31 @@
+"""tests/unit runs in one process: a test here that starts a job of ranks (``mpiexec`` and the
+other :data:`tests.helpers.LAUNCHERS`, directly, under ``timeout``, or through ``run_mpi`` and the
+other launching helpers) fails before the job starts, saying where such a test belongs."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.helpers import starts_a_job
+
+
+class OneProcessPopen(subprocess.Popen):
+    """``subprocess.Popen`` that refuses to start a launcher (``subprocess.run`` and
+    ``check_output`` go through it)."""
+
+    def __init__(self, args, *rest, **kwargs):
+        if starts_a_job(args):
+            command = args if isinstance(args, str) else " ".join(map(str, args))
+            pytest.fail(
+                f"tests/unit runs in one process, but this test starts a job: {command}\n"
+                "Move it to tests/jobs/ (the file named like this one; docs/architecture.md, "
+                '"Tests").'
+            )
+        super().__init__(args, *rest, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    monkeypatch.setattr(subprocess, "Popen", OneProcessPopen)
