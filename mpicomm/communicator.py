@@ -2,13 +2,13 @@
 
 Every collective follows the same order (docs/architecture.md, "One call"): validate the arguments
 (no MPI yet), optionally check that all ranks agree (consistency mode, on the cpu communicator),
-look up the call's :class:`~mpicomm.staging.Route` (direct or staged), bring the input to memory
-MPI can read, run MPI on the device communicator, and return a fresh tensor on the input's device.
-Sums take the algorithm :mod:`mpicomm.plan` chooses.
+then hand the data movement to the group's engine (:mod:`mpicomm.engines`: MPI, shared memory, or
+hierarchical; chosen once at construction by :func:`mpicomm.plan.engine_for`), which returns a
+fresh tensor on the input's device. The communicator never asks which engine it holds.
 
 Longer than ~400 lines on purpose: this module is the public class, one short method per operation
-of docs/contract.md, each in the order above; what the methods share (staging, planning, the sums,
-argument checks) lives in its own module.
+of docs/contract.md, each in the order above; what the methods share (the engines, staging,
+planning, argument checks) lives in its own module.
 """
 
 from __future__ import annotations
@@ -21,27 +21,20 @@ import weakref
 import numpy as np
 import torch
 
-from . import aborts, consistency, hierarchical, logs, plan, reduction, tracking
+from . import aborts, consistency, engines, logs, plan, tracking
 from ._mpi import MPI
 from .base import DeviceCommunicatorBase
-from .buffers import ResultMemory, Workspace, byte_spec, mpi_spec, sync_device, vector_spec
+from .buffers import ResultMemory, Workspace, byte_spec, vector_spec
 from .calls import Caller, created, duplicate
 from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
 from .dtypes import dtype_info
 from .errors import CommunicationError
 from .moe import MANAGERS, make_manager, make_router
-from .shm import Transport, open_transport
+from .shm import Transport
 from .shm import built as shm_built
-from .staging import (
-    Route,
-    overlaps_partly,
-    readable,
-    stacked_shape,
-    staging_needs,
-    writable_into,
-)
-from .topology import NodeSplit, node_labels
+from .staging import staging_needs
+from .topology import node_labels
 from .validation import (
     check_choice,
     check_comm,
@@ -133,13 +126,15 @@ class MPICommunicator(DeviceCommunicatorBase):
         cpu_group = MPI.COMM_WORLD if cpu_group is None else cpu_group
         check_comm(cpu_group, "cpu_group")  # no group, no one to agree with
         label = unique_name if isinstance(unique_name, str) and unique_name else None
-        seconds = None
+        seconds = algo = mode = None
         try:
             env = settings()
             seconds = env.timeout if timeout is None else check_seconds(timeout, "timeout")
             super().__init__(cpu_group, device, device_group, unique_name)
             label = label or f"comm{self.ranks}"
-            self._check_arguments(env, allreduce_algo, validate, staging, shm, all2all_backend)
+            algo, mode = self._check_arguments(
+                env, allreduce_algo, validate, staging, shm, all2all_backend
+            )
             error = None
         except (TypeError, ValueError) as exc:
             error = exc
@@ -148,7 +143,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             label or "?",
             seconds,
             error,
-            None if error is not None else self._must_match(seconds),
+            None if error is not None else self._must_match(seconds, algo, mode),
         )
         self._pid = os.getpid()
         self.cuda_aware = cuda_aware()
@@ -157,9 +152,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._call = Caller(label, seconds)
         self._call.validating = self.validate
         self._workspace = Workspace()
-        self._routes: dict[torch.device, Route] = {}
         self._destroyed = False
-        self._nodes: NodeSplit | None = None
         self._owns_device_group = device_group is None
         self._control = duplicate(self.cpu_group, label, "its control communicator", seconds)
         if device_group is None and own_cpu_group:
@@ -175,58 +168,78 @@ class MPICommunicator(DeviceCommunicatorBase):
         self._call.prepare(self._control)
         self.all2all_manager = make_manager(all2all_backend, self)
         # The node split is made here, where every rank is already in a collective: a data call
-        # never runs an untimed one. Node and leader communicators exist only for groups that
-        # span nodes and may use the hierarchical all_reduce.
+        # never runs an untimed one.
         self.node_of = (0,)
         if self.world_size > 1:
             self.node_of = created(
                 label, lambda: node_labels(self.device_group, node_of), "the node split"
             )
-        if max(self.node_of) > 0 and self.hierarchical != "0":
-            self._nodes = created(
-                label, lambda: NodeSplit.create(self.device_group, self.node_of), "node groups"
+        built = shm_built()
+        kind = plan.engine_for(self.shm, built, self.node_of, mode, self.staging)
+        parts = engines.Parts(
+            self._call,
+            self.device_group,
+            self.rank,
+            self.world_size,
+            self._workspace,
+            self._results,
+            self.cuda_aware,
+            self.staging,
+        )
+        self._use(
+            engines.open_engine(
+                kind,
+                parts,
+                algo,
+                mode,
+                control=self._control,
+                node_of=self.node_of,
+                shm=self.shm,
+                built=built,
+                direct=env.shm_direct,
             )
-        self._shm: Transport | None = None
-        self._node_shm: Transport | None = None  # this node's ranks, for hierarchical steps
-        if self._nodes is not None and plan.node_shm_wanted(
-            self.shm, shm_built(), self._nodes.local_size, self.staging
-        ):
-            self._node_shm = open_transport(
-                self._nodes.local, self._call, self._results, env.shm_direct
-            )
-        if plan.shm_wanted(
-            self.shm, shm_built(), self.world_size, max(self.node_of) == 0, self.staging
-        ):
-            self._shm = open_transport(self._control, self._call, self._results, env.shm_direct)
-            if self._shm is None and self.shm == "1":
-                raise CommunicationError(f"{label}: MPICOMM_SHM=1, but no segment could be made")
+        )
         log.debug(
-            "%s: rank %d of %d on %s; CUDA tensors %s",
+            "%s: rank %d of %d on %s, %s engine; CUDA tensors %s",
             label,
             self.rank,
             self.world_size,
             self.device,
+            self._engine.kind,
             "go to MPI directly" if self.cuda_aware else "are staged through pinned host memory",
         )
         tracking.track(self, label)  # warned about at exit unless destroyed
         _instances.add(self)
 
+    def _use(self, engine: engines.MPIEngine) -> None:
+        """Hold ``engine`` and bind its hot paths once (docs/shm.md, "Per call"): each is the
+        engine's bound method or ``None``, and always ``None`` in consistency mode (every call
+        then validates first)."""
+        self._engine = engine
+        fast = not self.validate
+        self._sum_fresh = engine.sum_fresh if fast else None
+        self._sum_into = engine.sum_into if fast else None
+        self._gather_fresh = engine.gather_fresh if fast else None
+        self._gatherv_fresh = engine.gatherv_fresh if fast else None
+        self._scatter_fresh = engine.scatter_fresh if fast else None
+
     def _forked(self) -> None:
-        """In a child made by ``fork()``: this process is not a rank of the group. Drop the
-        shared-memory transports (their hot paths must not run here: the parent's ranks use the
+        """In a child made by ``fork()``: this process is not a rank of the group. Keep the
+        engine's MPI parts alone (the hot paths must not run here: the parent's ranks use the
         segment) and refuse every later call."""
-        self._shm = self._node_shm = None
+        self._use(self._engine.plain())
         self._call.broken = _forked_text(self._pid)
         tracking.untrack(self)
 
     def _check_arguments(self, env, allreduce_algo, validate, staging, shm, all2all_backend):
-        """The checks each rank makes alone at construction (``TypeError``/``ValueError``)."""
+        """The checks each rank makes alone at construction (``TypeError``/``ValueError``).
+        Returns the sums' settings, which the engine holds: ``allreduce_algo`` and
+        ``MPICOMM_HIERARCHICAL`` (auto, 0 or 1)."""
         check_device_type(self.device)
         algo = env.allreduce_algo if allreduce_algo is None else allreduce_algo
-        self.allreduce_algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
+        algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
         self.validate = env.validate if validate is None else check_flag(validate, "validate")
         self.staging = env.staging if staging is None else check_flag(staging, "staging")
-        self.hierarchical = env.hierarchical  # MPICOMM_HIERARCHICAL: auto, 0 or 1
         shm = env.shm if shm is None else shm
         if isinstance(shm, str) and shm.strip().lower() != "auto":
             shm = check_flag(shm, "shm")
@@ -249,15 +262,18 @@ class MPICommunicator(DeviceCommunicatorBase):
                 raise ValueError(
                     "device_group must have the members of cpu_group in the same order"
                 )
+        return algo, env.hierarchical
 
-    def _must_match(self, seconds: float | None) -> dict[str, tuple[object, str]]:
+    def _must_match(
+        self, seconds: float | None, algo: str, mode: str
+    ) -> dict[str, tuple[object, str]]:
         """Settings every rank of the group must share (compared once, at construction)."""
         timed = "off" if seconds is None else f"{seconds:g} s"
         return {
             "timeout (MPICOMM_TIMEOUT)": (seconds is None, timed),
             "validate (MPICOMM_VALIDATE)": (self.validate, str(int(self.validate))),
-            "allreduce_algo (MPICOMM_ALLREDUCE_ALGO)": (self.allreduce_algo, self.allreduce_algo),
-            "MPICOMM_HIERARCHICAL": (self.hierarchical, self.hierarchical),
+            "allreduce_algo (MPICOMM_ALLREDUCE_ALGO)": (algo, algo),
+            "MPICOMM_HIERARCHICAL": (mode, mode),
             "shm (MPICOMM_SHM)": (self.shm, self.shm),
             "staging (MPICOMM_STAGING)": (self.staging, str(int(self.staging))),
             "all2all_backend": (self.all2all_backend, self.all2all_backend),
@@ -265,8 +281,6 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     def _free_groups(self) -> None:
         """Free the communicators this object made (collective)."""
-        if self._nodes is not None:
-            self._nodes.free()
         self._control.Free()
         if self._owns_device_group and self.device_group != MPI.COMM_NULL:
             self.device_group.Free()
@@ -279,9 +293,27 @@ class MPICommunicator(DeviceCommunicatorBase):
     @timeout.setter
     def timeout(self, seconds: float | None) -> None:
         self._call.timeout = None if seconds is None else check_seconds(seconds, "timeout")
-        for transport in (self._shm, self._node_shm):
-            if transport is not None:
-                transport.timeout = self._call.timeout
+        self._engine.timeout_changed()
+
+    @property
+    def allreduce_algo(self) -> str:
+        """``auto``, ``native`` or ``bytes``: the flat sums' algorithm (:mod:`mpicomm.plan`)."""
+        return self._engine.algo
+
+    @allreduce_algo.setter
+    def allreduce_algo(self, algo: str) -> None:
+        self._engine.algo = check_choice(algo, ALLREDUCE_ALGOS, "allreduce_algo")
+
+    @property
+    def hierarchical(self) -> str:
+        """``MPICOMM_HIERARCHICAL`` of this group (``auto``, ``0`` or ``1``): whether the sums of
+        a group that spans nodes take the node-aware algorithm (:mod:`mpicomm.plan`). Tests
+        assign it to force either way."""
+        return self._engine.mode
+
+    @hierarchical.setter
+    def hierarchical(self, mode: str) -> None:
+        self._engine.mode = check_choice(mode, HIERARCHICAL_MODES, "hierarchical")
 
     @property
     def broken(self) -> str | None:
@@ -298,7 +330,7 @@ class MPICommunicator(DeviceCommunicatorBase):
     def transport(self) -> Transport | None:
         """The shared-memory transport of this group (host tensors, :mod:`mpicomm.shm`), or
         ``None`` where collectives use MPI alone."""
-        return self._shm
+        return self._engine.transport
 
     @property
     def workspace(self) -> Workspace:
@@ -307,15 +339,7 @@ class MPICommunicator(DeviceCommunicatorBase):
 
     def staged(self, device: torch.device | str) -> bool:
         """Whether tensors on ``device`` travel through host staging memory."""
-        return self._route(torch.device(device)).staged
-
-    def _route(self, device: torch.device) -> Route:
-        route = self._routes.get(device)
-        if route is None:
-            staged = Route.needs_staging(device, self.cuda_aware, self.staging)
-            route = Route(device, staged, self._workspace, self._results)
-            self._routes[device] = route
-        return route
+        return self._engine.route(torch.device(device)).staged
 
     def agree(self, operation: str, fingerprint=None) -> None:
         """Refuse a destroyed communicator; in consistency mode, make all ranks agree first.
@@ -350,64 +374,29 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``out`` (input's shape, dtype and device; ``input_`` itself for an in-place sum, as
         torch.distributed's all_reduce), written into ``out``, which is returned.
         """
-        if self._shm is not None and not self.validate:
-            if out is None:
-                result = self._shm.sum_fresh(input_)  # the hot path of a plain host tensor
+        if out is None:
+            hot = self._sum_fresh  # the hot path of a plain host tensor
+            if hot is not None:
+                result = hot(input_)
                 if result is not None:
                     return result
-            elif out is input_:  # an in-place sum (torch.distributed's)
-                result = self._shm.sum_into(input_)
+        elif out is input_:  # an in-place sum (torch.distributed's)
+            hot = self._sum_into
+            if hot is not None:
+                result = hot(input_)
                 if result is not None:
                     return result
         info = check_tensor(input_)
         check_device(input_, self.device)
-        target = out
         if out is not None:
             check_out(out, input_)
-            if overlaps_partly(out, input_):
-                target = None  # summed into fresh memory, then copied into out
         self.agree("all_reduce", lambda: consistency.fingerprint("all_reduce", input_))
-        if self._shm is not None and input_.is_cpu:
-            result = self._shm.all_reduce(input_, target)
-            if result is not None:
-                return _into(out, result)
-        route = self._route(input_.device)
-        algo = self._plan(info, input_.nbytes, route)
-        comm, call = self.device_group, self._call
-        if out is not None and algo == plan.NATIVE and input_.is_cpu and not route.staged:
-            x = route.stage_in(input_)
-            if writable_into(out, x):
-                reduction.all_reduce_native(call, "all_reduce", comm, x, out, info)
-                return out
-        x, buf = route.stage_in_and_output(input_, input_.shape)
-        if algo == plan.NATIVE:
-            reduction.all_reduce_native(call, "all_reduce", comm, x, buf, info)
-        elif algo == plan.BYTES:
-            reduction.all_reduce_bytes(call, "all_reduce", comm, x, buf, info, self._workspace)
-        else:
-            hierarchical.all_reduce(
-                call, "all_reduce", self._nodes, x, buf, info, self._workspace, self._node_shm
-            )
-        return _into(out, route.result(buf))
-
-    def _plan(self, info, nbytes: int, route: Route) -> str:
-        host = route.staged or route.device.type == "cpu"
-        return plan.all_reduce_algorithm(
-            info,
-            nbytes,
-            self.allreduce_algo,
-            self.hierarchical,
-            self._nodes,
-            self._node_shm is not None and host,
-        )
+        return self._engine.all_reduce(input_, out, info)
 
     def all_reduce_algorithm(self, input_: torch.Tensor) -> str:
         """The algorithm :meth:`all_reduce` would use for ``input_``: ``shm``, ``native``,
         ``bytes`` or ``hierarchical`` (see :mod:`mpicomm.plan`). No MPI call."""
-        info = check_tensor(input_)
-        if self._shm is not None and input_.is_cpu and self._shm.sums(input_.dtype):
-            return plan.SHM
-        return self._plan(info, input_.nbytes, self._route(input_.device))
+        return self._engine.algorithm(input_, check_tensor(input_))
 
     def all_gather(
         self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None
@@ -418,8 +407,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         device), written into ``out``, which is returned; an ``out`` sharing memory with the
         input (torch.distributed's in-place gather) receives the result through fresh memory.
         """
-        if self._shm is not None and not self.validate:
-            result = self._shm.gather_fresh(input_, dim, out)  # the hot path of a small host tensor
+        hot = self._gather_fresh  # the hot path of a small host tensor
+        if hot is not None:
+            result = hot(input_, dim, out)
             if result is not None:
                 return result
         check_tensor(input_)
@@ -429,23 +419,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         if out is not None:
             check_out(out, x, _grown(x.shape, dim, x.shape[dim] * self.world_size))
         self.agree("all_gather", lambda: consistency.fingerprint("all_gather", input_, dim))
-        route = self._route(input_.device)
-        shape = stacked_shape(x.shape, self.world_size, dim)
-        if self._shm is not None and x.is_cpu:
-            x = readable(x).contiguous()
-            if dim == 0 and _writes_into(out, x, route):
-                return self._shm.all_gather(x, shape, out=out)
-            return _into(out, route.gathered(self._shm.all_gather(x, shape), dim))
-        x = route.stage_in(x, sync=False)
-        if dim == 0 and _writes_into(out, x, route):
-            buf = out
-        else:
-            buf = route.output(shape, x.dtype, sync=False)
-        route.ready()
-        self._call(
-            "all_gather", self.device_group, "Allgather", mpi_spec(x), mpi_spec(buf, x.numel())
-        )
-        return out if buf is out else _into(out, route.gathered(buf, dim))
+        return self._engine.all_gather(x, dim, out)
 
     def gather(
         self,
@@ -467,38 +441,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         if out is not None:
             check_out(out, x, _grown(x.shape, dim, x.shape[dim] * self.world_size))
         self.agree("gather", lambda: consistency.fingerprint("gather", input_, dim, root=dst))
-        route = self._route(input_.device)
-        root = self.rank == dst
-        if self._shm is not None and x.is_cpu:
-            shape = stacked_shape(x.shape, self.world_size, dim)
-            x = readable(x).contiguous()
-            target = out if root and dim == 0 and _writes_into(out, x, route) else None
-            counts = [x.numel()] * self.world_size
-            buf = self._shm.gatherv(x, counts, x.itemsize, shape, dst, out=target)
-            if not root or buf is target:
-                return buf
-            return _into(out, route.gathered(buf, dim))
-        if root:
-            x = route.stage_in(x, sync=False)
-            if dim == 0 and _writes_into(out, x, route):
-                buf = out
-            else:
-                shape = stacked_shape(x.shape, self.world_size, dim)
-                buf = route.output(shape, x.dtype, sync=False)
-            route.ready()
-        else:
-            x, buf = route.stage_in(x), None
-        self._call(
-            "gather",
-            self.device_group,
-            "Gather",
-            mpi_spec(x),
-            mpi_spec(buf, x.numel()) if root else None,
-            dst,
-        )
-        if not root or buf is out:
-            return buf
-        return _into(out, route.gathered(buf, dim))
+        return self._engine.gather(x, dim, dst, out)
 
     def all_gatherv(
         self,
@@ -515,9 +458,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         ``out``: a tensor (a list, one per input, for a list in) of the result's shape and the
         input's dtype and device, written and returned as :meth:`all_gather` does it.
         """
-        if self._shm is not None and not self.validate:
-            # the hot path of one tensor
-            result = self._shm.gatherv_fresh(input_, dim, sizes, out)
+        hot = self._gatherv_fresh  # the hot path of one tensor
+        if hot is not None:
+            result = hot(input_, dim, sizes, out)
             if result is not None:
                 return result
         tensors, sizes = check_row_tensors(input_, dim, sizes, self.world_size, self.rank)
@@ -534,28 +477,9 @@ class MPICommunicator(DeviceCommunicatorBase):
             "all_gatherv",
             lambda: consistency.fingerprint("all_gatherv", tensors, 0, sizes, rows_vary=True),
         )
-        outs = [self._gatherv(t, sizes, o) for t, o in zip(tensors, targets, strict=True)]
+        gatherv = self._engine.all_gatherv
+        outs = [gatherv(t, sizes, o) for t, o in zip(tensors, targets, strict=True)]
         return outs[0] if isinstance(input_, torch.Tensor) else outs
-
-    def _gatherv(
-        self, tensor: torch.Tensor, sizes: list[int], out: torch.Tensor | None
-    ) -> torch.Tensor:
-        shape = (sum(sizes), *tensor.shape[1:])
-        route = self._route(tensor.device)
-        if self._shm is not None and tensor.is_cpu:
-            x = readable(tensor).contiguous()
-            row = math.prod(x.shape[1:]) * x.itemsize
-            target = out if _writes_into(out, x, route) else None
-            return _into(out, self._shm.gatherv(x, sizes, row, shape, -1, out=target))
-        x = route.stage_in(tensor, sync=False)
-        buf = out if _writes_into(out, x, route) else route.output(shape, x.dtype, sync=False)
-        route.ready()
-        row = math.prod(x.shape[1:])
-        counts = [s * row for s in sizes]
-        self._call(
-            "all_gatherv", self.device_group, "Allgatherv", mpi_spec(x), vector_spec(buf, counts)
-        )
-        return out if buf is out else _into(out, route.result(buf))
 
     def reduce_scatter(
         self, input_: torch.Tensor, dim: int = -1, out: torch.Tensor | None = None
@@ -583,8 +507,9 @@ class MPICommunicator(DeviceCommunicatorBase):
         return self._reduce_scatter("reduce_scatterv", input_, dim, sizes, out)
 
     def _reduce_scatter(self, operation, input_, dim, sizes, out) -> torch.Tensor:
-        if self._shm is not None and not self.validate:
-            result = self._shm.scatter_fresh(input_, dim, sizes, operation, out)  # the hot path
+        hot = self._scatter_fresh  # the hot path
+        if hot is not None:
+            result = hot(input_, dim, sizes, operation, out)
             if result is not None:
                 return result
         info = check_tensor(input_)
@@ -603,32 +528,7 @@ class MPICommunicator(DeviceCommunicatorBase):
             mine = () if input_.dim() == 0 else _grown(input_.shape, dim, sizes[self.rank])
             check_out(out, input_, mine)
         self.agree(operation, lambda: consistency.fingerprint(operation, input_, dim, sizes))
-        shape = (sizes[self.rank], *moved.shape[1:])
-        counts = [s * math.prod(moved.shape[1:]) for s in sizes]
-        route = self._route(input_.device)
-        x = readable(moved).contiguous() if moved.is_cpu else moved
-        target = out if dim == 0 and input_.dim() > 0 and _writes_into(out, x, route) else None
-        result = None
-        if self._shm is not None and moved.is_cpu:
-            result = self._shm.reduce_scatter(x, counts, shape, operation, out=target)
-        if result is None:
-            x = route.stage_in(moved, sync=False)
-            buf = route.output(shape, x.dtype, sync=False) if target is None else target
-            route.ready()
-            algo = plan.flat_algorithm(info, x.nbytes, self.allreduce_algo)
-            comm = self.device_group
-            if algo == plan.NATIVE:
-                reduction.reduce_scatter_native(self._call, operation, comm, x, counts, buf, info)
-            else:
-                reduction.reduce_scatter_bytes(
-                    self._call, operation, comm, x, counts, buf, info, self._workspace
-                )
-            result = route.result(buf)
-        if result is target:
-            return result
-        if input_.dim() == 0:
-            return _into(out, result.reshape(()))
-        return _into(out, result if dim == 0 else result.movedim(0, dim).contiguous())
+        return self._engine.reduce_scatter(operation, input_, moved, dim, sizes, out, info)
 
     def broadcast(
         self, tensor: torch.Tensor, src: int = 0, out: torch.Tensor | None = None
@@ -645,34 +545,14 @@ class MPICommunicator(DeviceCommunicatorBase):
         if out is not None:
             check_out(out, tensor)
         self.agree("broadcast", lambda: consistency.fingerprint("broadcast", tensor, root=src))
-        if self._shm is not None and tensor.is_cpu:
-            if out is not None and _plain_host(out) and writable_into(out, tensor):
-                return self._shm.broadcast(tensor, src, out)
-            return _into(out, self._shm.broadcast(tensor, src))
-        route = self._route(tensor.device)
-        buf = route.output(tuple(tensor.shape), tensor.dtype)
-        if self.rank == src:
-            buf.copy_(tensor.detach())
-            sync_device(buf.device)
-        self._call("broadcast", self.device_group, "Bcast", mpi_spec(buf), src)
-        return _into(out, route.result(buf))
+        return self._engine.broadcast(tensor, src, out)
 
     def barrier(self) -> None:
         """Return once every rank of the group has entered it (no data): through the
         shared-memory segment when the group has one, else ``MPI_Barrier`` on the payload
         communicator; bounded by the timeout like any collective."""
         self.agree("barrier", lambda: consistency.fingerprint("barrier", _NOTHING))
-        if self._shm is not None:
-            if self.broken is not None:
-                raise CommunicationError(
-                    f"barrier on group {self._call.group!r}: the communicator is unusable "
-                    f"after an earlier failure ({self.broken})",
-                    operation="barrier",
-                    group=self._call.group,
-                )
-            self._shm.barrier()
-            return
-        self._call("barrier", self.device_group, "Barrier")
+        self._engine.barrier()
 
     # ----------------------------------------------------------------- point-to-point
     def send(self, tensor: torch.Tensor, dst: int | None = None) -> None:
@@ -684,7 +564,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         dst = (self.rank + 1) % self.world_size if dst is None else dst
         dst = check_peer(dst, self.world_size, self.rank, "dst")
         self.agree("send")
-        x = self._route(tensor.device).stage_in(tensor)
+        x = self._engine.route(tensor.device).stage_in(tensor)
         self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)
 
     def recv(
@@ -700,7 +580,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         src = (self.rank - 1) % self.world_size if src is None else src
         src = check_peer(src, self.world_size, self.rank, "src")
         self.agree("recv")
-        route = self._route(self.device)
+        route = self._engine.route(self.device)
         out = route.output(shape, dtype)
         message, status = self._call.probe("recv", self.device_group, src, _P2P_TAG)
         arrived, expected = status.Get_count(MPI.BYTE), out.numel() * dtype.itemsize
@@ -790,7 +670,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 "all_to_allv", input_, 0, rows_vary=True, splits=(send_rows, recv_rows)
             ),
         )
-        route = self._route(input_.device)
+        route = self._engine.route(input_.device)
         x, out = route.stage_in_and_output(input_, (sum(recv_rows), *input_.shape[1:]))
         row = math.prod(x.shape[1:])
         self._call(
@@ -827,11 +707,10 @@ class MPICommunicator(DeviceCommunicatorBase):
             return  # a forked child: the MPI communicators are the parent's to free
         self.all2all_manager.destroy()
         self._workspace.clear()
-        for transport in (self._shm, self._node_shm):
-            if transport is not None:
-                transport.close()
-        self._shm = self._node_shm = None
+        engine = self._engine
+        self._use(engine.plain())  # no hot path may touch the unmapped segment
         self._call.close()
+        engine.close()
         self._free_groups()
         tracking.untrack(self)
 
@@ -843,11 +722,6 @@ class MPICommunicator(DeviceCommunicatorBase):
 
 
 _NOTHING = torch.empty(0, dtype=torch.uint8)  # the fingerprinted tensor of a barrier
-
-
-def _plain_host(tensor: torch.Tensor) -> bool:
-    """A dense host tensor (what the shared-memory calls take without further checks)."""
-    return tensor.is_cpu and tensor.layout is torch.strided and not tensor.is_nested
 
 
 def _forked_text(pid: int) -> str:
@@ -872,21 +746,3 @@ os.register_at_fork(after_in_child=_after_fork_in_child)  # no MPI call: only ma
 def _grown(shape: torch.Size, dim: int, size: int) -> tuple[int, ...]:
     """``shape`` with entry ``dim`` replaced by ``size`` (a gather's or reduce_scatter's result)."""
     return (*shape[:dim], size, *shape[dim + 1 :])
-
-
-def _writes_into(out: torch.Tensor | None, x: torch.Tensor, route) -> bool:
-    """Whether a collective reading the contiguous host ``x`` may write its result straight into
-    the caller's ``out`` (already checked: the result's shape and dtype): ``out`` is plain host
-    memory MPI or shared memory can write, unstaged, sharing no memory with ``x`` (not even all
-    of it: MPI refuses a receive buffer that is the send buffer)."""
-    if out is None or not x.is_cpu or route.staged or not writable_into(out, x):
-        return False
-    return out.data_ptr() != x.data_ptr()
-
-
-def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
-    """``result``, copied into ``out`` first when the caller gave one that is not it."""
-    if out is None or out is result:
-        return result
-    out.copy_(result)
-    return out

@@ -1,4 +1,5 @@
-"""How one sum runs: the one place that chooses an all_reduce's (and reduce_scatter's) algorithm.
+"""Which engine a group holds (once, at construction), and how one sum runs: the one place that
+chooses a group's engine (:func:`engine_for`) and an all_reduce's (and reduce_scatter's) algorithm.
 
 ``native``
     MPI's own ``Allreduce`` / ``Reduce_scatter``, where MPI sums the dtype exactly as promised
@@ -15,6 +16,10 @@
 
 Every rank decides alike from the dtype, the size, the communicator's settings and its node split,
 so no agreement message is needed.
+
+The engines (:mod:`mpicomm.engines`): ``shm`` (a group on one node with a shared-memory segment),
+``hierarchical`` (a group that spans nodes: MPI, with the hierarchical sum) and ``mpi`` (MPI
+alone: every other group).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from .dtypes import DtypeInfo
 from .topology import NodeSplit
 
 NATIVE, BYTES, HIERARCHICAL, SHM = "native", "bytes", "hierarchical", "shm"
+MPI_ONLY = "mpi"  # the engine of a group that has neither a segment nor a node split
 
 log = logging.getLogger(__name__)
 _told_not_built: list[bool] = []  # [True] once the missing compiled core has been logged
@@ -106,6 +112,25 @@ def all_reduce_algorithm(
     if hierarchical_applies(info, nbytes, mode, nodes, node_memory):
         return HIERARCHICAL
     return flat_algorithm(info, nbytes, algo)
+
+
+def engine_for(
+    shm: str, built: bool, node_of: tuple[int, ...], hierarchical: str, staging: bool
+) -> str:
+    """The engine of a group (:mod:`mpicomm.engines`; decided once, at construction, alike on
+    every rank): ``shm`` where :func:`shm_wanted`, else ``hierarchical`` where the group spans
+    nodes and ``hierarchical`` (``MPICOMM_HIERARCHICAL``) is not ``0``, else ``mpi``.
+
+    ``shm``: ``MPICOMM_SHM`` or the ``shm=`` keyword; ``built``: the compiled core is importable;
+    ``node_of``: each rank's node index, 0 for the first rank's node (``(0,)`` for one rank);
+    ``staging``: ``MPICOMM_STAGING``. Raises ``ValueError`` as :func:`shm_wanted` does.
+    """
+    one_node = max(node_of) == 0
+    if shm_wanted(shm, built, len(node_of), one_node, staging):
+        return SHM
+    if not one_node and hierarchical != "0":
+        return HIERARCHICAL
+    return MPI_ONLY
 
 
 def shm_wanted(mode: str, built: bool, world: int, one_node: bool, staging: bool) -> bool:

@@ -199,7 +199,9 @@ def test_communicator_uses_hierarchy(comm, monkeypatch):
         calls.clear()
         n = plan.HIERARCHICAL_FROM // 2
         # the two-dimensional sum: two nodes of equal size (2+) with node segments
-        two_level = w >= 4 and w % 2 == 0 and c.transport is None and c._node_shm is not None
+        two_level = (
+            w >= 4 and w % 2 == 0 and c.transport is None and c._engine.node_transport is not None
+        )
         for dtype in (torch.bfloat16, torch.float32):
             calls.clear()
             out = c.all_reduce(torch.full((n,), float(r), dtype=dtype))

@@ -85,3 +85,18 @@ def test_no_missing_core_warning_where_shm_is_not_wanted_or_built(monkeypatch, c
     with caplog.at_level("WARNING", logger="mpicomm.plan"):
         plan.shm_wanted(*args)
     assert not [r for r in caplog.records if "not built" in r.getMessage()]
+
+
+def test_engine_for():
+    """One engine per group: shared memory on one node, hierarchical across nodes, else MPI."""
+    assert plan.engine_for("auto", True, (0, 0), "auto", False) == plan.SHM
+    assert plan.engine_for("auto", False, (0, 0), "auto", False) == plan.MPI_ONLY  # no core
+    assert plan.engine_for("auto", True, (0,), "auto", False) == plan.MPI_ONLY  # one rank
+    assert plan.engine_for("1", True, (0,), "auto", False) == plan.SHM
+    assert plan.engine_for("auto", True, (0, 0), "auto", True) == plan.MPI_ONLY  # staging
+    assert plan.engine_for("0", True, (0, 0), "auto", False) == plan.MPI_ONLY
+    assert plan.engine_for("auto", True, (0, 1), "auto", False) == plan.HIERARCHICAL
+    assert plan.engine_for("0", True, (0, 0, 1, 1), "1", False) == plan.HIERARCHICAL
+    assert plan.engine_for("auto", True, (0, 1), "0", False) == plan.MPI_ONLY
+    with pytest.raises(ValueError, match="spans nodes"):
+        plan.engine_for("1", True, (0, 1), "auto", False)
