@@ -14,7 +14,6 @@ planning, argument checks) lives in its own module.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import weakref
 
@@ -24,7 +23,7 @@ import torch
 from . import aborts, consistency, engines, logs, plan, tracking
 from ._mpi import MPI
 from .base import DeviceCommunicatorBase
-from .buffers import ResultMemory, Workspace, byte_spec, vector_spec
+from .buffers import ResultMemory, Workspace
 from .calls import Caller, created, duplicate
 from .config import ALLREDUCE_ALGOS, HIERARCHICAL_MODES, settings
 from .cuda import cuda_aware
@@ -54,8 +53,6 @@ from .validation import (
 )
 
 log = logging.getLogger("mpicomm")
-
-_P2P_TAG = 7
 
 
 class MPICommunicator(DeviceCommunicatorBase):
@@ -564,8 +561,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         dst = (self.rank + 1) % self.world_size if dst is None else dst
         dst = check_peer(dst, self.world_size, self.rank, "dst")
         self.agree("send")
-        x = self._engine.route(tensor.device).stage_in(tensor)
-        self._call("send", self.device_group, "Send", byte_spec(x), dst, _P2P_TAG)
+        self._engine.send(tensor, dst)
 
     def recv(
         self, size: torch.Size | tuple[int, ...], dtype: torch.dtype, src: int | None = None
@@ -580,20 +576,7 @@ class MPICommunicator(DeviceCommunicatorBase):
         src = (self.rank - 1) % self.world_size if src is None else src
         src = check_peer(src, self.world_size, self.rank, "src")
         self.agree("recv")
-        route = self._engine.route(self.device)
-        out = route.output(shape, dtype)
-        message, status = self._call.probe("recv", self.device_group, src, _P2P_TAG)
-        arrived, expected = status.Get_count(MPI.BYTE), out.numel() * dtype.itemsize
-        if arrived != expected:
-            self._call("recv", message, "Recv", [np.empty(arrived, np.uint8), MPI.BYTE])
-            raise CommunicationError(
-                f"recv on group {self._call.group!r}: the message from rank {src} has "
-                f"{arrived} bytes, but size={tuple(shape)} of {dtype} is {expected} bytes",
-                operation="recv",
-                group=self._call.group,
-            )
-        self._call("recv", message, "Recv", byte_spec(out))
-        return route.result(out)
+        return self._engine.recv(shape, dtype, src, self.device)
 
     # ----------------------------------------------------------------- MoE
     def dispatch(
@@ -670,17 +653,7 @@ class MPICommunicator(DeviceCommunicatorBase):
                 "all_to_allv", input_, 0, rows_vary=True, splits=(send_rows, recv_rows)
             ),
         )
-        route = self._engine.route(input_.device)
-        x, out = route.stage_in_and_output(input_, (sum(recv_rows), *input_.shape[1:]))
-        row = math.prod(x.shape[1:])
-        self._call(
-            "all_to_allv",
-            self.device_group,
-            "Alltoallv",
-            vector_spec(x, [r * row for r in send_rows]),
-            vector_spec(out, [r * row for r in recv_rows]),
-        )
-        return route.result(out)
+        return self._engine.all_to_allv(input_, send_rows, recv_rows)
 
     # ----------------------------------------------------------------- lifetime
     def prepare_communication_buffer_for_model(self, model: torch.nn.Module) -> None:

@@ -4,6 +4,7 @@ An engine moves the data of a call the communicator has already checked (argumen
 ``out=``): it stages a CUDA tensor through host memory where its :class:`~mpicomm.staging.Route`
 says so, runs MPI on the payload communicator and returns a fresh result (or writes ``out``). It
 makes the per-call choices that remain: a sum's algorithm by dtype and size (:mod:`mpicomm.plan`).
+Point-to-point and ``all_to_allv`` run here too, over MPI in every engine.
 
 :class:`MPIEngine` is the base with working defaults; the shared-memory engine
 (:mod:`mpicomm.engines.shm`) and the hierarchical one (:mod:`mpicomm.engines.hierarchical`)
@@ -16,14 +17,18 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .. import plan, reduction
 from .._mpi import MPI
-from ..buffers import ResultMemory, Workspace, mpi_spec, sync_device, vector_spec
+from ..buffers import ResultMemory, Workspace, byte_spec, mpi_spec, sync_device, vector_spec
 from ..calls import Caller
 from ..dtypes import DtypeInfo
+from ..errors import CommunicationError
 from ..staging import Route, readable, stacked_shape, writable_into
+
+_P2P_TAG = 7
 
 
 class Parts(NamedTuple):
@@ -220,6 +225,49 @@ class MPIEngine:
     def barrier(self) -> None:
         """Return once every rank has entered it."""
         self.call("barrier", self.comm, "Barrier")
+
+    # ----------------------------------------------------------------- point-to-point (every engine)
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Blocking send of ``tensor`` to rank ``dst``."""
+        x = self.route(tensor.device).stage_in(tensor)
+        self.call("send", self.comm, "Send", byte_spec(x), dst, _P2P_TAG)
+
+    def recv(
+        self, shape: tuple[int, ...], dtype: torch.dtype, src: int, device: torch.device
+    ) -> torch.Tensor:
+        """Blocking receive of a ``shape``/``dtype`` tensor from rank ``src``, on ``device``; a
+        message of another byte size is consumed, then raises :class:`CommunicationError`."""
+        route = self.route(device)
+        out = route.output(shape, dtype)
+        call = self.call
+        message, status = call.probe("recv", self.comm, src, _P2P_TAG)
+        arrived, expected = status.Get_count(MPI.BYTE), out.numel() * dtype.itemsize
+        if arrived != expected:
+            call("recv", message, "Recv", [np.empty(arrived, np.uint8), MPI.BYTE])
+            raise CommunicationError(
+                f"recv on group {call.group!r}: the message from rank {src} has "
+                f"{arrived} bytes, but size={tuple(shape)} of {dtype} is {expected} bytes",
+                operation="recv",
+                group=call.group,
+            )
+        call("recv", message, "Recv", byte_spec(out))
+        return route.result(out)
+
+    def all_to_allv(
+        self, input_: torch.Tensor, send_rows: list[int], recv_rows: list[int]
+    ) -> torch.Tensor:
+        """``send_rows[d]`` rows of ``input_`` to rank d; ``recv_rows[s]`` rows from rank s."""
+        route = self.route(input_.device)
+        x, out = route.stage_in_and_output(input_, (sum(recv_rows), *input_.shape[1:]))
+        row = math.prod(x.shape[1:])
+        self.call(
+            "all_to_allv",
+            self.comm,
+            "Alltoallv",
+            vector_spec(x, [r * row for r in send_rows]),
+            vector_spec(out, [r * row for r in recv_rows]),
+        )
+        return route.result(out)
 
 
 def writes_into(out: torch.Tensor | None, x: torch.Tensor, route: Route) -> bool:
