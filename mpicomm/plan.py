@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 _told_not_built: list[bool] = []  # [True] once the missing compiled core has been logged
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
-# sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won at
-# 64 MiB (1.25-1.47x) and tied or lost from 256 KiB to 16 MiB; see docs/benchmarks.md.
+# sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won only
+# from 64 MiB (docs/benchmarks.md).
 BYTES_ALLREDUCE_FROM = 64 << 20
 
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
@@ -52,8 +52,8 @@ _TORCH_CANNOT_ADD = {torch.uint16, torch.uint32, torch.uint64}
 # node holds AUTO_MIN_PER_NODE ranks. Measured at 2 hosts x 2 ranks (docs/multinode.md): the
 # two-dimensional sum beat MPI's Allreduce for float32 from 64 KiB to 4 MiB and the bytes
 # algorithm for bfloat16 at 64 KiB and 1 MiB, but not at 4 MiB, with no more bytes on the
-# network; at 2 hosts x 4 ranks the bytes algorithm, not node-aware, moved 1.44x the leader
-# algorithm's bytes.
+# network; at 2 hosts x 4 ranks the bytes algorithm, not node-aware, moved more bytes than the
+# leader algorithm.
 HIERARCHICAL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 AUTO_DTYPES = frozenset({torch.float16, torch.bfloat16})
 AUTO_MIN_PER_NODE = 4
