@@ -39,7 +39,7 @@ _told_not_built: list[bool] = []  # [True] once the missing compiled core has be
 
 # Message size (bytes) from which the bytes algorithm replaces MPI's Allreduce for dtypes MPI can
 # sum. Measured with `python -m mpicomm bench --crossover` (2 ranks, MPICH wheel): bytes won only
-# from 64 MiB (docs/benchmarks.md).
+# from 64 MiB (benchmarks/results/history/2026-11-24-mpi-core.md, "all_reduce algorithm crossover").
 BYTES_ALLREDUCE_FROM = 64 << 20
 
 # Dtypes whose elementwise add torch does not implement on every device: MPI only.
