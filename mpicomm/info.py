@@ -6,9 +6,10 @@ from __future__ import annotations
 import mpi4py
 import torch
 
+from . import plan
 from ._mpi import MPI
 from .buffers import HUGE_PAGES_FROM, RECYCLE_FROM, recycler, thp_mode
-from .config import huge_pages_on, recycle_on, shm_direct_on, shm_mode
+from .config import auto_flag, flag, huge_pages_on, recycle_on, shm_direct_on, shm_mode
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .shm import built as shm_built
 from .topology import default_device, node_topology
@@ -54,36 +55,47 @@ def _or_error(report_line) -> str:
 
 
 def transport_report(num_nodes: int) -> list[str]:
-    """Which transport each kind of group uses for host tensors (docs/shm.md)."""
+    """The engine each kind of group gets for host tensors, as :func:`mpicomm.plan.engine_for`
+    picks it from this process's settings (docs/architecture.md, "Engines"; docs/shm.md)."""
     try:
-        mode = shm_mode()
-    except ValueError as exc:
-        mode = f"unknown: {exc}"
-    if mode == "0":
-        one_node = "MPI (MPICOMM_SHM=0)"
-    elif not shm_built():
-        one_node = (
-            "MPI (the compiled core mpicomm.shm._core is not built: pip install -e . builds it)"
+        mode, direct = shm_mode(), shm_direct_on()
+        hierarchical, staging = (
+            auto_flag("MPICOMM_HIERARCHICAL"),
+            bool(flag("MPICOMM_STAGING", False)),
         )
-    else:
-        try:
-            direct = shm_direct_on()
-        except ValueError as exc:
-            direct = f"unknown: {exc}"
-        large = {
-            True: "large messages read from peers' tensors directly where the kernel allows it",
-            False: "large messages copied through the segment (MPICOMM_SHM_DIRECT=0)",
-        }.get(direct, direct)
-        one_node = f"shared memory (mpicomm.shm, compiled core built; {large})"
-    many = (
-        "MPI (node-aware all_reduce for 16-bit floats, MPICOMM_HIERARCHICAL: its steps inside "
-        "each node in shared memory where one-node groups use it)"
+    except ValueError as exc:
+        return [f"engines          unknown: {exc}"]
+    built = shm_built()
+    large = (
+        "large messages read from peers' tensors directly where the kernel allows it"
+        if direct
+        else "large messages copied through the segment (MPICOMM_SHM_DIRECT=0)"
     )
-    return [
-        f"one-node groups  {one_node}",
-        f"multi-node       {many}" + ("" if num_nodes > 1 else " (this job: one node)"),
-        "CUDA tensors     MPI (CUDA-aware, or staged through pinned host memory)",
-    ]
+    why_mpi = (
+        "MPICOMM_SHM=0"
+        if mode == "0"
+        else "the compiled core mpicomm.shm._core is not built: pip install -e . builds it"
+        if not built
+        else "MPICOMM_STAGING=1"
+    )
+    words = {
+        plan.SHM: f"shared memory (mpicomm.shm, compiled core built; {large})",
+        plan.HIERARCHICAL: "MPI, sums node-aware (MPICOMM_HIERARCHICAL: shared memory inside each "
+        "node where the core is built, MPI between nodes)",
+    }
+    lines = []
+    for label, node_of, why in (
+        ("one-node groups ", (0, 0), why_mpi),
+        ("multi-node      ", (0, 1), "MPICOMM_HIERARCHICAL=0"),
+    ):
+        try:
+            kind = plan.engine_for(mode, built, node_of, hierarchical, staging)
+            lines.append(f"{label} {words.get(kind, f'MPI ({why})')}")
+        except ValueError as exc:
+            lines.append(f"{label} refused: {exc}")
+    if num_nodes == 1:
+        lines[1] += " (this job: one node)"
+    return [*lines, "CUDA tensors     MPI (CUDA-aware, or staged through pinned host memory)"]
 
 
 def report(comm: MPI.Comm | None = None) -> str | None:

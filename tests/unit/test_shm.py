@@ -245,3 +245,23 @@ def test_info_says_which_transport(monkeypatch):
     monkeypatch.delenv("MPICOMM_SHM")
     monkeypatch.setattr(info, "shm_built", lambda: False)
     assert "not built" in info.transport_report(2)[0]
+
+
+def test_info_reports_the_engine_plan_picks(monkeypatch):
+    """The info lines come from plan.engine_for, so they name the reason a group gets MPI."""
+    from mpicomm import info
+
+    monkeypatch.setattr(info, "shm_built", lambda: True)
+    for name in ("MPICOMM_SHM", "MPICOMM_HIERARCHICAL", "MPICOMM_STAGING"):
+        monkeypatch.delenv(name, raising=False)
+    one_node, multi_node, _ = info.transport_report(2)
+    assert "shared memory" in one_node and "node-aware" in multi_node
+    monkeypatch.setenv("MPICOMM_HIERARCHICAL", "0")
+    assert "MPI (MPICOMM_HIERARCHICAL=0)" in info.transport_report(2)[1]
+    monkeypatch.delenv("MPICOMM_HIERARCHICAL")
+    monkeypatch.setenv("MPICOMM_STAGING", "1")
+    assert "MPI (MPICOMM_STAGING=1)" in info.transport_report(2)[0]
+    monkeypatch.delenv("MPICOMM_STAGING")
+    monkeypatch.setenv("MPICOMM_SHM", "1")
+    assert "refused" in info.transport_report(2)[1] and "spans nodes" in info.transport_report(2)[1]
+    assert info.transport_report(1)[1].endswith("(this job: one node)")
