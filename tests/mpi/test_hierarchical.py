@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mpicomm import hierarchical, plan, topology
+from tests.helpers import same_bits_everywhere
 
 MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
 TINY_ULP = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
@@ -79,9 +80,15 @@ def hier_comm(comm, layout: str, shm: str = "0"):
     return c
 
 
-def same_bits_everywhere(comm, t: torch.Tensor) -> bool:
-    mine = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return all(b == mine for b in comm.allgather(mine))
+def assert_sum_of(inputs: list[torch.Tensor], out: torch.Tensor, dtype, label) -> None:
+    """``out`` is the sum of ``inputs`` of ``dtype`` (16-bit floats within one ulp of the exact
+    sum, wider ones close to it), with the same bits on every rank."""
+    exact = torch.stack([t.double() for t in inputs]).sum(0)
+    if dtype in (torch.float16, torch.bfloat16):
+        assert within_one_ulp(out, exact), label
+    else:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    assert same_bits_everywhere(out), label
 
 
 @pytest.mark.mpi(min_size=2)
@@ -121,12 +128,7 @@ def test_all_reduce(comm, layout, dtype, node_memory):
             assert torch.equal(x, inputs[r])  # input untouched
             assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous()
             assert out.numel() == 0 or out.data_ptr() != x.data_ptr()
-            exact = torch.stack([t.double() for t in inputs]).sum(0)
-            if dtype in (torch.float16, torch.bfloat16):
-                assert within_one_ulp(out, exact), shape
-            else:
-                torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
-            assert same_bits_everywhere(comm, out), shape
+            assert_sum_of(inputs, out, dtype, shape)
     finally:
         c.destroy()
 
@@ -232,7 +234,7 @@ def test_node_local_steps_use_shared_memory(comm, monkeypatch):
             inputs = [make_input(i, (4099,), torch.bfloat16, seed=5) for i in range(w)]
             out = c.all_reduce(inputs[r])
             assert within_one_ulp(out, torch.stack([t.double() for t in inputs]).sum(0))
-            assert same_bits_everywhere(comm, out)
+            assert same_bits_everywhere(out)
             shared = seen[0] is not None
             assert shared == (shm == "auto" and r > 0), (shm, r)  # rank 0 is alone on its node
         finally:
@@ -259,17 +261,12 @@ def test_two_level(comm, layout, dtype, monkeypatch):
             inputs = [make_input(i, (n,), dtype, seed=n) for i in range(w)]
             out = c.all_reduce(inputs[r])
             assert ran, n
-            exact = torch.stack([t.double() for t in inputs]).sum(0)
-            if dtype in (torch.float16, torch.bfloat16):
-                assert within_one_ulp(out, exact), n
-            else:
-                torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
-            assert same_bits_everywhere(comm, out), n
+            assert_sum_of(inputs, out, dtype, n)
         x = make_input(r, (4101,), dtype, seed=1)
         x[r :: 3 * w] = float("nan") if r % 2 else float("inf")
         x[7 :: 5 * w] = -float("inf")
         out = c.all_reduce(x)
-        assert same_bits_everywhere(comm, out)
+        assert same_bits_everywhere(out)
         assert out.isnan().any() and out.isinf().any()
     finally:
         c.destroy()
