@@ -133,7 +133,9 @@ SUM_SAME(sum_f64, double, +)
 SUM_NARROW(sum_bf16, bf16_to_f32, f32_to_bf16)
 SUM_NARROW(sum_f16, f16_to_f32, f32_to_f16)
 
-/* SUM_NARROW without the rounding: float32 results (the wide kinds). */
+/* SUM_NARROW without the rounding: float32 results (the wide kinds), copied straight from the
+   accumulator; a shared macro staging them through SUM_NARROW's second buffer was measured
+   slower (docs/shm.md, "Measured"). */
 #define SUM_WIDE(NAME, TO32)                                                                    \
     __attribute__((target_clones("avx512f", "avx2", "default"))) void NAME(                    \
         void *dst_, void *dst2_, const void **src_, int w, size_t n) {                          \
