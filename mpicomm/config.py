@@ -135,13 +135,13 @@ def settings() -> Settings:
     """Read the ``MPICOMM_*`` variables now. Raises ``ValueError`` naming a malformed variable."""
     return Settings(
         cuda_aware=flag("MPICOMM_CUDA_AWARE", None),
-        staging=bool(flag("MPICOMM_STAGING", False)),
+        staging=staging_on(),
         validate=bool(flag("MPICOMM_VALIDATE", False)),
         timeout=_seconds("MPICOMM_TIMEOUT"),
         allreduce_algo=choice("MPICOMM_ALLREDUCE_ALGO", ALLREDUCE_ALGOS, "auto"),
         log_level=_log_level("MPICOMM_LOG_LEVEL"),
         huge_pages=huge_pages_on(),
-        hierarchical=auto_flag("MPICOMM_HIERARCHICAL"),
+        hierarchical=hierarchical_mode(),
         shm=shm_mode(),
         shm_direct=shm_direct_on(),
         recycle=recycle_on(),
@@ -164,6 +164,16 @@ def recycle_on() -> bool:
 def shm_mode() -> str:
     """``MPICOMM_SHM``: ``auto``, ``0`` or ``1``."""
     return auto_flag("MPICOMM_SHM")
+
+
+def staging_on() -> bool:
+    """``MPICOMM_STAGING``: every tensor through the host staging buffers (default off)."""
+    return bool(flag("MPICOMM_STAGING", False))
+
+
+def hierarchical_mode() -> str:
+    """``MPICOMM_HIERARCHICAL``: ``auto``, ``0`` or ``1``."""
+    return auto_flag("MPICOMM_HIERARCHICAL")
 
 
 def shm_direct_on() -> bool:

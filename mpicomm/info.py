@@ -9,7 +9,14 @@ import torch
 from . import plan
 from ._mpi import MPI
 from .buffers import HUGE_PAGES_FROM, RECYCLE_FROM, recycler, thp_mode
-from .config import auto_flag, flag, huge_pages_on, recycle_on, shm_direct_on, shm_mode
+from .config import (
+    hierarchical_mode,
+    huge_pages_on,
+    recycle_on,
+    shm_direct_on,
+    shm_mode,
+    staging_on,
+)
 from .cuda import cuda_awareness_report, loaded_libmpi
 from .shm import built as shm_built
 from .topology import default_device, node_topology
@@ -60,8 +67,8 @@ def transport_report(num_nodes: int) -> list[str]:
     try:
         mode, direct = shm_mode(), shm_direct_on()
         hierarchical, staging = (
-            auto_flag("MPICOMM_HIERARCHICAL"),
-            bool(flag("MPICOMM_STAGING", False)),
+            hierarchical_mode(),
+            staging_on(),
         )
     except ValueError as exc:
         return [f"engines          unknown: {exc}"]
