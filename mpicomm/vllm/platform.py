@@ -23,15 +23,21 @@ class MPICpuPlatform(CpuPlatform):
     def get_device_communicator_cls(cls) -> str:
         return COMMUNICATOR
 
+    # Until a config says the model runs eagerly (vLLM reads this when it builds its groups,
+    # after check_and_update_config; a worker process that never saw the config keeps True).
+    _custom_op_collectives: bool = True
+
     @classmethod
     def use_custom_op_collectives(cls) -> bool:
-        """True: vLLM calls its collectives as opaque custom ops (``torch.ops.vllm.*``).
+        """Whether vLLM calls its collectives as opaque custom ops (``torch.ops.vllm.*``).
 
-        vLLM's CPU platform answers False, so in compiled mode (vLLM's default) torch.compile
-        traces into the communicator's Python and C code; as custom ops the graph holds one
-        call per collective and mpicomm runs outside it (docs/vllm.md, "Compiled mode").
+        True when vLLM compiles: vLLM's CPU platform answers False, so torch.compile would trace
+        into the communicator's Python and C code; as custom ops the graph holds one call per
+        collective and mpicomm runs outside it (docs/vllm.md, "torch.compile"). False in eager
+        mode (``enforce_eager``, ``-cc.mode=none``), where the custom op's trip through torch's
+        dispatcher would only add its cost to every collective, as on vLLM's own CPU platform.
         """
-        return True
+        return cls._custom_op_collectives
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
@@ -49,6 +55,7 @@ class MPICpuPlatform(CpuPlatform):
         parallel_config = vllm_config.parallel_config
         backend = parallel_config.distributed_executor_backend
         super().check_and_update_config(vllm_config)
+        cls._custom_op_collectives = compiles(vllm_config)
         if backend == "external_launcher":
             parallel_config.distributed_executor_backend = backend
         if getattr(parallel_config, "enable_expert_parallel", False):
@@ -59,3 +66,11 @@ class MPICpuPlatform(CpuPlatform):
             from . import pipeline_fix
 
             pipeline_fix.install()
+
+
+def compiles(vllm_config) -> bool:
+    """Whether vLLM will compile the model of ``vllm_config`` (its final compilation mode, after
+    the CPU platform's own changes; ``enforce_eager`` sets it to ``NONE``)."""
+    from vllm.config import CompilationMode
+
+    return vllm_config.compilation_config.mode != CompilationMode.NONE

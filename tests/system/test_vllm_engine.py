@@ -224,5 +224,22 @@ def test_the_plugin_opts_into_custom_op_collectives_and_tensor_dicts():
     from mpicomm.vllm.platform import MPICpuPlatform
 
     assert CpuPlatform.use_custom_op_collectives() is False  # why the plugin says otherwise
-    assert MPICpuPlatform.use_custom_op_collectives() is True
+    assert MPICpuPlatform.use_custom_op_collectives() is True  # before any config: compiled
     assert VllmMPICommunicator.supports_tensor_dict is True
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_custom_op_collectives_only_when_vllm_compiles(monkeypatch, eager):
+    """In eager mode the custom op would only add torch's dispatcher to every collective: the
+    plugin answers as its config's compilation mode says."""
+    from vllm.config import CompilationConfig, CompilationMode, DeviceConfig, VllmConfig
+
+    from mpicomm.vllm.platform import MPICpuPlatform
+
+    monkeypatch.setattr(MPICpuPlatform, "_custom_op_collectives", not eager)  # restored after
+    mode = CompilationMode.NONE if eager else CompilationMode.VLLM_COMPILE
+    config = VllmConfig(
+        device_config=DeviceConfig(device="cpu"), compilation_config=CompilationConfig(mode=mode)
+    )
+    MPICpuPlatform.check_and_update_config(config)
+    assert MPICpuPlatform.use_custom_op_collectives() is (not eager)
