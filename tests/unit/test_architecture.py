@@ -233,7 +233,7 @@ def test_launch_scan_can_fail():
 
 def test_a_unit_test_cannot_start_a_job():
     """tests/unit/conftest.py fails a test that starts a launcher, before it starts: directly,
-    under ``timeout``, as a shell line; one process still runs."""
+    under ``timeout``, as a shell line, through ``os.system``; one process still runs."""
     launcher = LAUNCHERS[0]
     commands = [
         [launcher, "-n", "2", sys.executable, "-c", "pass"],
@@ -243,7 +243,10 @@ def test_a_unit_test_cannot_start_a_job():
     for command in commands:
         with pytest.raises(pytest.fail.Exception, match="tests/unit runs in one process"):
             subprocess.run(command, shell=isinstance(command, str), timeout=30)
+    with pytest.raises(pytest.fail.Exception, match="tests/unit runs in one process"):
+        os.system(commands[-1])
     subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=60)
+    assert os.system(f"{sys.executable} -c pass") == 0
 
 
 def test_a_unit_test_cannot_start_a_job_through_the_helpers():

@@ -1,8 +1,7 @@
 """mpicomm's torch custom operators (mpicomm.ops): fake shapes, eager results, torch.compile.
 
-Runs at any world size: ``pytest tests/unit/test_ops.py`` (1 rank) and
-``timeout 900 mpiexec -n 2 python -m pytest tests/unit/test_ops.py`` (every rank runs every test in
-the same order; the collectives pair up across ranks).
+One process, as everything in tests/unit: the operators run on a one-rank communicator (the
+collectives' multi-rank results are tested in tests/mpi/).
 """
 
 from __future__ import annotations
