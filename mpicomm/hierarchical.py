@@ -85,13 +85,17 @@ def _two_level(
     local.reduce_scatter(send, counts, (size,), operation, out=part)  # 16-bit: into float32
     done = workspace.tensor("done", (size,), out.dtype, device)
     nodes, node = split.num_nodes, split.node_index
-    if nodes == 2 and out.dtype is acc:
+    if nodes == 2 and plan.one_exchange(out.dtype, acc, send.numel() * send.element_size()):
         # one exchange of the whole chunk; both ranks add the same two values in node order
         theirs = workspace.tensor("tails", (size,), acc, device)
         other = 1 - node
         call(operation, split.peers, "Sendrecv", mpi_spec(part), other, 0, mpi_spec(theirs), other)
         first, second = (part, theirs) if node == 0 else (theirs, part)
-        torch.add(first, second, out=done)
+        if out.dtype is acc:
+            torch.add(first, second, out=done)
+        else:  # summed in acc, then rounded once by the copy (see below)
+            first.add_(second)
+            done.copy_(first)
     elif nodes == 2:
         # 16-bit results: half the chunk goes out in acc, the finished half comes back rounded
         # (a quarter fewer bytes on the network than exchanging the whole chunk in acc)

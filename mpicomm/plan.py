@@ -59,6 +59,11 @@ AUTO_DTYPES = frozenset({torch.float16, torch.bfloat16})
 AUTO_MIN_PER_NODE = 4
 HIERARCHICAL_FROM = 64 << 10
 NARROW_TWO_LEVEL_BELOW = 4 << 20
+# The two-dimensional sum of 16-bit floats over two nodes: below this many bytes (the 16-bit
+# tensor) the nodes exchange their float32 chunks whole, one network round trip; from it, half a
+# chunk goes out in float32 and the finished half comes back rounded, a quarter fewer bytes for a
+# second round trip (docs/multinode.md, "One exchange for small 16-bit sums").
+NARROW_ONE_EXCHANGE_BELOW = 128 << 10
 
 
 def flat_algorithm(info: DtypeInfo, nbytes: int, algo: str) -> str:
@@ -79,6 +84,12 @@ def two_level(nodes: NodeSplit, node_memory: bool) -> bool:
     steps run in shared memory (``node_memory``: this node's segment exists and the data is in
     host memory)."""
     return node_memory and nodes.uniform and nodes.smallest_node >= 2
+
+
+def one_exchange(dtype: torch.dtype, accumulate: torch.dtype, nbytes: int) -> bool:
+    """Whether the two-node step of the two-dimensional sum of ``nbytes`` of ``dtype`` (summed
+    in ``accumulate``) is one exchange of whole chunks rather than two of halves."""
+    return dtype is accumulate or nbytes < NARROW_ONE_EXCHANGE_BELOW
 
 
 def hierarchical_applies(

@@ -60,6 +60,21 @@ def test_all_reduce_algorithm(dtype, nbytes, mode, node_of, node_memory, want):
     assert got == want
 
 
+@pytest.mark.parametrize(
+    ("dtype", "nbytes", "want"),
+    [
+        (torch.float32, 64 << 20, True),  # sums in its own type: always whole chunks
+        (torch.bfloat16, 64 << 10, True),
+        (torch.float16, plan.NARROW_ONE_EXCHANGE_BELOW - 2, True),
+        (torch.bfloat16, plan.NARROW_ONE_EXCHANGE_BELOW, False),
+        (torch.bfloat16, 1 << 20, False),
+    ],
+)
+def test_one_exchange(dtype, nbytes, want):
+    """Two nodes: 16-bit sums exchange whole float32 chunks only while small."""
+    assert plan.one_exchange(dtype, dtype_info(dtype).accumulate, nbytes) is want
+
+
 def test_no_split_means_flat():
     info = dtype_info(torch.bfloat16)
     assert plan.all_reduce_algorithm(info, 1 << 30, "auto", "1", None) == plan.BYTES
