@@ -1,7 +1,7 @@
 """torch.distributed on the mpicomm backend beside gloo, the MPICommunicator it adapts, and raw MPI.
 
     mpiexec -n 2 python benchmarks/distributed_vs_gloo.py [--json out.json] [--quick]
-        [--sizes 4096,262144] [--ops all_reduce,broadcast]
+        [--sizes 4096,262144] [--ops all_reduce,broadcast] [--loop 200]
     python benchmarks/distributed_vs_gloo.py --adapter-cost [--json out.json]
 
 One job, four columns: the default group is gloo (TCP rendezvous on 127.0.0.1);
@@ -19,6 +19,11 @@ and the fastest call (on a loaded machine the fastest calls show the code's own 
 has all three for every column). float32
 tensors; the size is the tensor each rank passes (all_gather, gather: each rank's input;
 reduce_scatter, all_to_all: the whole input).
+
+``--loop N``: each column as blocks of N back-to-back calls instead (no barrier between calls,
+as a model's layers call them); the figures are per call, the medians over the rounds' blocks.
+With a barrier before every call, skew between the ranks and the first-call costs after a
+barrier weigh on the short calls.
 
 ``--adapter-cost`` (one process, no communication): each ``dist.*`` call and the group's method
 on a 4 KiB tensor with the group's communicator replaced by a stub that returns at once: what
@@ -219,6 +224,23 @@ def per_call_times(fns: dict, calls: int, rounds: int) -> dict[str, list[float]]
     return times
 
 
+def loop_times(fns: dict, iters: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of every column, from blocks of ``iters`` back-to-back calls (no
+    barrier between them: a pipeline of calls, as a model's layers make them), one block per
+    column and round, the columns in rotating order; a block's time is the slowest rank's."""
+    times = {c: [] for c in fns}
+    for r in range(rounds):
+        order = COLUMNS[r % len(COLUMNS) :] + COLUMNS[: r % len(COLUMNS)]
+        for column in order:
+            fn = fns[column]
+            WORLD.Barrier()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[column].append(slowest((time.perf_counter() - start) / iters))
+    return times
+
+
 def slowest(value: float) -> float:
     return WORLD.allreduce(value, op=MPI.MAX)
 
@@ -339,6 +361,9 @@ def main() -> None:
     ap.add_argument("--ops", help=f"comma-separated, from {','.join(OPS)}")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--adapter-cost", action="store_true", help="one process, no communication")
+    ap.add_argument(
+        "--loop", type=int, default=0, help="time blocks of N back-to-back calls (see loop_times)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's renamed collectives
@@ -357,7 +382,10 @@ def main() -> None:
             for fn in fns.values():  # warm-up: buffers, first-call costs
                 for _ in range(3):
                     fn()
-            times = per_call_times(fns, calls_per_round, rounds)
+            if args.loop:
+                times = loop_times(fns, args.loop, rounds)
+            else:
+                times = per_call_times(fns, calls_per_round, rounds)
             us = {c: slowest(statistics.median(t)) * 1e6 for c, t in times.items()}
             low = {c: slowest(statistics.quantiles(t, n=10)[0]) * 1e6 for c, t in times.items()}
             best = {c: slowest(min(t)) * 1e6 for c, t in times.items()}
@@ -388,6 +416,7 @@ def main() -> None:
             "cpu": cpu_line(),
             "load": os.getloadavg()[0],
             "rounds": rounds,
+            "loop": args.loop,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
