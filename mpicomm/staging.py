@@ -47,8 +47,11 @@ def writable_into(out: torch.Tensor, x: torch.Tensor) -> bool:
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The addresses ``[first, end)`` of the bytes ``t`` can reach (strides >= 0, as torch's)."""
     start = t.data_ptr()
-    if t.numel() == 0:
+    count = t.numel()
+    if count == 0:
         return start, start
+    if t.is_contiguous():
+        return start, start + count * t.element_size()
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
     return start, start + (last + 1) * t.element_size()
 
@@ -58,6 +61,8 @@ def overlaps_partly(a: torch.Tensor, b: torch.Tensor) -> bool:
     shape and strides): a result written into one while the other is read would read elements
     already overwritten. Compares addresses, not storages: two storages (two tensors made from
     one numpy array, say) may cover the same memory."""
+    if a is b:  # torch.distributed's in-place calls pass one tensor as input and output
+        return False
     if a.device != b.device:
         return False
     a_first, a_end = _span(a)
