@@ -66,10 +66,7 @@ def transport_report(num_nodes: int) -> list[str]:
     picks it from this process's settings (docs/architecture.md, "Engines"; docs/shm.md)."""
     try:
         mode, direct = shm_mode(), shm_direct_on()
-        hierarchical, staging = (
-            hierarchical_mode(),
-            staging_on(),
-        )
+        hierarchical, staging = hierarchical_mode(), staging_on()
     except ValueError as exc:
         return [f"engines          unknown: {exc}"]
     built = shm_built()
