@@ -48,7 +48,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if os.environ.get("MPICOMM_VLLM") != "0":
+    from mpicomm import config
+
+    if config.vllm_enabled():  # the launcher turns it on unless it is set
         print("vllm_tp_swap.py: run with MPICOMM_VLLM=0 (vLLM's own platform)", file=sys.stderr)
         return 2
     import torch
