@@ -75,13 +75,7 @@ def transport_report(num_nodes: int) -> list[str]:
         if direct
         else "large messages copied through the segment (MPICOMM_SHM_DIRECT=0)"
     )
-    why_mpi = (
-        "MPICOMM_SHM=0"
-        if mode == "0"
-        else "the compiled core mpicomm.shm._core is not built: pip install -e . builds it"
-        if not built
-        else "MPICOMM_STAGING=1"
-    )
+    why_mpi = plan.no_segment_reason(mode, built, True, staging)
     words = {
         plan.SHM: f"shared memory (mpicomm.shm, compiled core built; {large})",
         plan.HIERARCHICAL: "MPI, sums node-aware (MPICOMM_HIERARCHICAL: shared memory inside each "

@@ -154,23 +154,33 @@ def shm_wanted(mode: str, built: bool, world: int, one_node: bool, staging: bool
     """
     if mode == "0":
         return False
+    why = no_segment_reason(mode, built, one_node, staging)
     if mode == "1":
-        why = (
-            "the compiled core mpicomm.shm._core is not built"
-            if not built
-            else "the group spans nodes"
-            if not one_node
-            else "staging is forced (MPICOMM_STAGING=1)"
-            if staging
-            else None
-        )
         if why is not None:
             raise ValueError(f"MPICOMM_SHM=1 (shm=1) asks for shared memory, but {why}")
         return True
     wanted = world >= 2 and one_node and not staging
     if wanted and not built:
         warn_not_built()
-    return built and wanted
+    return wanted and why is None
+
+
+def no_segment_reason(mode: str, built: bool, one_node: bool, staging: bool) -> str | None:
+    """Why a group gets no shared-memory segment whatever its size (the words of
+    :func:`shm_wanted`'s refusal and of ``python -m mpicomm info``), ``None`` when nothing rules
+    one out. Arguments as for :func:`shm_wanted`."""
+    if mode == "0":
+        return "MPICOMM_SHM=0"
+    if not built:
+        return (
+            "the compiled core mpicomm.shm._core is not built (pip install -e . or "
+            "python setup.py build_ext --inplace builds it)"
+        )
+    if not one_node:
+        return "the group spans nodes"
+    if staging:
+        return "MPICOMM_STAGING=1 forces staging"
+    return None
 
 
 def warn_not_built() -> None:

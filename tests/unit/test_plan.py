@@ -115,3 +115,22 @@ def test_engine_for():
     assert plan.engine_for("auto", True, (0, 1), "0", False) == plan.MPI_ONLY
     with pytest.raises(ValueError, match="spans nodes"):
         plan.engine_for("1", True, (0, 1), "auto", False)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("auto", False, True, False), "not built"),
+        (("auto", True, False, False), "spans nodes"),
+        (("auto", True, True, True), "MPICOMM_STAGING=1"),
+    ],
+)
+def test_shm_refusal_gives_the_one_reason(args, words):
+    """MPICOMM_SHM=1's refusal and the info report word the reason alike: no_segment_reason."""
+    reason = plan.no_segment_reason(*args)
+    assert words in reason
+    mode, built, one_node, staging = args
+    with pytest.raises(ValueError) as err:
+        plan.shm_wanted("1", built, 2, one_node, staging)
+    assert str(err.value).endswith(reason)
+    assert plan.no_segment_reason("auto", True, True, False) is None

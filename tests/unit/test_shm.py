@@ -260,7 +260,7 @@ def test_info_reports_the_engine_plan_picks(monkeypatch):
     assert "MPI (MPICOMM_HIERARCHICAL=0)" in info.transport_report(2)[1]
     monkeypatch.delenv("MPICOMM_HIERARCHICAL")
     monkeypatch.setenv("MPICOMM_STAGING", "1")
-    assert "MPI (MPICOMM_STAGING=1)" in info.transport_report(2)[0]
+    assert "MPI (MPICOMM_STAGING=1 forces staging)" in info.transport_report(2)[0]
     monkeypatch.delenv("MPICOMM_STAGING")
     monkeypatch.setenv("MPICOMM_SHM", "1")
     assert "refused" in info.transport_report(2)[1] and "spans nodes" in info.transport_report(2)[1]
