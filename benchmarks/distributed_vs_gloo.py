@@ -208,13 +208,19 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
     }
 
 
+def rotated(columns: tuple | list, r: int) -> list:
+    """``columns`` started at the ``r``-th (round ``r``'s order: each column leads in turn)."""
+    k = r % len(columns)
+    return [*columns[k:], *columns[:k]]
+
+
 def per_call_times(fns: dict, calls: int, rounds: int) -> dict[str, list[float]]:
     """Seconds of every call of every column on this rank: the columns interleaved call by call
     (so a burst of load on the shared machine hits all of them alike), ``calls`` per column in
     each round, each call started together (a barrier)."""
     times = {c: [] for c in fns}
     for r in range(rounds):
-        order = COLUMNS[r % len(COLUMNS) :] + COLUMNS[: r % len(COLUMNS)]
+        order = rotated(COLUMNS, r)
         for _ in range(calls):
             for column in order:
                 WORLD.Barrier()  # no skew left over from the previous (maybe slower) column
@@ -230,7 +236,7 @@ def loop_times(fns: dict, iters: int, rounds: int) -> dict[str, list[float]]:
     column and round, the columns in rotating order; a block's time is the slowest rank's."""
     times = {c: [] for c in fns}
     for r in range(rounds):
-        order = COLUMNS[r % len(COLUMNS) :] + COLUMNS[: r % len(COLUMNS)]
+        order = rotated(COLUMNS, r)
         for column in order:
             fn = fns[column]
             WORLD.Barrier()
