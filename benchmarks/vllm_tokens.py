@@ -321,7 +321,14 @@ def report(args, samples: dict[str, list[float]], load: tuple[float, float, floa
             f"median: {best['mpicomm'][0] / best['vLLM'][0]:.2f}"
         )
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "samples": samples}, indent=1))
+        meta = {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "cpu": cpu_line(),
+            "cores": os.cpu_count(),
+            "load": [load[0], os.getloadavg()[0]],
+        }
+        out = {"args": vars(args), "meta": meta, "samples": samples}
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 

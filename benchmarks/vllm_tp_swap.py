@@ -134,7 +134,10 @@ def main(argv=None) -> int:
     )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rates": rates, "load": load, "calls": calls}, f)
+            meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_line(), "world": world}
+            json.dump(
+                {"args": vars(args), "meta": meta, "rates": rates, "load": load, "calls": calls}, f
+            )
     return 0
 
 
