@@ -23,7 +23,10 @@ network, the clients on the second host asking the first:
   FIRST`` with ``--node-rank 0`` on the first host (API server, engine core, worker 0) and
   ``--node-rank 1 --headless`` on the second (worker 1); its TP group across nodes is gloo.
 
-Each round starts each server in turn (fresh vLLM cache), waits for ``/health``, sends a warm-up,
+Each round starts each server in turn, each with empty caches (a fresh ``VLLM_CACHE_ROOT`` and
+``TORCHINDUCTOR_CACHE_DIR``: vLLM compiles some functions with inductor even in eager mode, at
+their first calls, and a cache left by the previous server would spare only the servers started
+after it), waits for ``/health``, sends a warm-up,
 then for each client count (``--clients``, default 1, 8, 32) runs that many clients at once,
 each sending ``--requests`` streaming completions one after another (``--tokens`` output tokens,
 ``ignore_eos``); then stops the server. Per server and client count: requests/s, output tokens/s
@@ -138,6 +141,7 @@ def start(kind: str, model: str, args, log: Path) -> tuple[list[subprocess.Popen
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "OMPI_"))}
     env.update(extra)
     env["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="vllm-cache-", dir=args.workdir)
+    env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-", dir=args.workdir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     procs = []
     with open(log, "wb") as sink:
