@@ -7,7 +7,8 @@
 #
 #   bash tests/system/multinode/run.sh [CHECK...]     default: all checks, in order
 #   checks: topology info check tp hierarchical slurm vllm vllm_slurm vllm_serve
-#   (also serve_bench: benchmarks/vllm_serve.py across the hosts; MCMN_SERVE_BENCH_ARGS adds options)
+#   (also serve_bench: benchmarks/vllm_serve.py across the hosts; MCMN_SERVE_BENCH_ARGS adds options,
+#   its samples and server logs are copied to MCMN_SERVE_BENCH_KEEP, default /var/tmp/mpicomm-serve-bench)
 #
 # Needs root, `ip netns`, and the project's venv active (mpiexec and python on PATH).
 # Environment (all optional):
@@ -248,6 +249,11 @@ check_serve_bench() {  # benchmarks/vllm_serve.py across the hosts (not in the d
     "$HERE/hostexec" "${HOSTS[1]}" "$MCMN_VLLM_PYTHON" "$ROOT/benchmarks/vllm_serve.py" \
         --hosts "$(IFS=,; echo "${HOSTS[*]}")" --workdir "$out" --out "$out/samples.json" \
         "${tok[@]}" ${MCMN_SERVE_BENCH_ARGS:-}
+    local rc=$? keep=${MCMN_SERVE_BENCH_KEEP:-/var/tmp/mpicomm-serve-bench}
+    # $out lives on the cluster's tmpfs, which `cluster.sh down` unmounts: keep samples and logs
+    mkdir -p "$keep" && cp "$out"/*.json "$out"/*.log "$keep"/ 2> /dev/null
+    log "serve_bench: samples and server logs kept in $keep"
+    return $rc
 }
 
 # ---- main ---------------------------------------------------------------------------------------
