@@ -11,14 +11,15 @@ the public ``torch.distributed`` functions); ``MPICommunicator`` is the same cal
 the adapter's cost is the ratio ``mpicomm / MPICommunicator``); ``backend`` is the mpicomm group's
 own method called directly, as torch's C++ layer calls it (the difference to ``mpicomm`` is
 torch's dispatch, the difference to ``MPICommunicator`` the adapter's); ``mpi`` is the plain mpi4py
-call on
-a duplicate of ``COMM_WORLD`` (no shared memory, no checks). For each operation and size the
+call on a duplicate of ``COMM_WORLD`` (no shared memory, no checks). For each operation and size the
 columns are timed in rotating order, round after round; a round is ``iters`` calls between
 barriers and its time is the slowest rank's. The table gives the median call, its 10th percentile
 and the fastest call (on a loaded machine the fastest calls show the code's own cost; the JSON
 has all three for every column). float32
 tensors; the size is the tensor each rank passes (all_gather, gather: each rank's input;
-reduce_scatter, all_to_all: the whole input).
+reduce_scatter, all_to_all: the whole input). ``all_gather_single`` and ``reduce_scatter_single``
+are torch 2.13's names for ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` (``--ops``
+takes either; the old names are measured in ``--adapter-cost``).
 
 ``--loop N``: each column as blocks of N back-to-back calls instead (no barrier between calls,
 as a model's layers call them); the figures are per call, the medians over the rounds' blocks.
@@ -28,8 +29,10 @@ barrier weigh on the short calls.
 ``--adapter-cost`` (one process, no communication): each ``dist.*`` call and the group's method
 on a 4 KiB tensor with the group's communicator replaced by a stub that returns at once: what
 torch's dispatch and the adapter's own code cost per call, apart from any wait for a peer (best
-of 7 runs of 2000 calls, the cases interleaved run by run). The same pair for gloo's ``all_reduce`` (``dist.all_reduce`` against
-its C++ backend's ``allreduce(...).wait()``, one rank) shows torch's dispatch of a C++ backend.
+of 7 runs of 2000 calls, the cases interleaved run by run). ``(old name)`` rows: torch 2.13's
+deprecated ``all_gather_into_tensor`` / ``reduce_scatter_tensor`` against the current name (the
+cost of the wrapper that warns on every call). The same pair for gloo's ``all_reduce``
+(``dist.all_reduce`` against its C++ backend's ``allreduce(...).wait()``, one rank) shows torch's dispatch of a C++ backend.
 """
 
 from __future__ import annotations
@@ -55,14 +58,23 @@ WORLD = MPI.COMM_WORLD
 SIZES = [8, 64, 512, 4096, 32768, 262144, 2 << 20, 16 << 20, 64 << 20]
 OPS = (
     "all_reduce",
-    "all_gather_into_tensor",
+    "all_gather_single",
     "all_gather",
-    "reduce_scatter_tensor",
+    "reduce_scatter_single",
     "broadcast",
     "all_to_all_single",
     "gather",
     "barrier",
 )
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor to all_gather_single and
+# reduce_scatter_single; the old names still work, through a wrapper that warns on every call
+# (its cost: --adapter-cost). The table times the current names, where torch has them.
+ALIASES = {
+    "all_gather_into_tensor": "all_gather_single",
+    "reduce_scatter_tensor": "reduce_scatter_single",
+}
+ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 COLUMNS = ("gloo", "mpicomm", "backend", "MPICommunicator", "mpi")
 TIMEOUT = timedelta(seconds=300)
 
@@ -116,10 +128,10 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
             "MPICommunicator": lambda: comm.all_reduce(x),
             "mpi": lambda: raw.Allreduce(MPI.IN_PLACE, a),
         }
-    if name == "all_gather_into_tensor":
+    if name == "all_gather_single":
 
         def on(g):
-            return lambda: dist.all_gather_into_tensor(out, x, group=g)
+            return lambda: ALL_GATHER_SINGLE(out, x, group=g)
 
         return {
             "gloo": on(gloo),
@@ -141,10 +153,10 @@ def calls(name: str, nbytes: int, gloo, group, comm, raw):
             "MPICommunicator": lambda: comm.all_gather(x, 0),
             "mpi": lambda: raw.Allgather(a, o),
         }
-    if name == "reduce_scatter_tensor":
+    if name == "reduce_scatter_single":
 
         def on(g):
-            return lambda: dist.reduce_scatter_tensor(part, x, group=g)
+            return lambda: REDUCE_SCATTER_SINGLE(part, x, group=g)
 
         return {
             "gloo": on(gloo),
@@ -293,17 +305,25 @@ def adapter_cost(path: str | None) -> None:
             lambda: dist.all_reduce(x, group=g),
             lambda: group.allreduce([x], _opts("AllreduceOptions")),
         ),
-        "all_gather_into_tensor": (
-            lambda: dist.all_gather_into_tensor(out, x, group=g),
+        "all_gather_single": (
+            lambda: ALL_GATHER_SINGLE(out, x, group=g),
             lambda: group.all_gather_single(out, x, _opts("AllgatherOptions")),
+        ),
+        "all_gather_into_tensor (old name)": (
+            lambda: dist.all_gather_into_tensor(out, x, group=g),
+            lambda: ALL_GATHER_SINGLE(out, x, group=g),
         ),
         "all_gather": (
             lambda: dist.all_gather([out], x, group=g),
             lambda: group.allgather([[out]], [x], _opts("AllgatherOptions")),
         ),
-        "reduce_scatter_tensor": (
-            lambda: dist.reduce_scatter_tensor(part, x, group=g),
+        "reduce_scatter_single": (
+            lambda: REDUCE_SCATTER_SINGLE(part, x, group=g),
             lambda: group.reduce_scatter_single(part, x, _opts("ReduceScatterOptions")),
+        ),
+        "reduce_scatter_tensor (old name)": (
+            lambda: dist.reduce_scatter_tensor(part, x, group=g),
+            lambda: REDUCE_SCATTER_SINGLE(part, x, group=g),
         ),
         "broadcast": (
             lambda: dist.broadcast(x, 0, group=g),
@@ -342,9 +362,8 @@ def adapter_cost(path: str | None) -> None:
     for name in cases:
         row = {"op": name, "dist_us": fastest[name, 0], "method_us": fastest[name, 1]}
         rows.append(row)
-        print(
-            f"{name:24s} dist.* {row['dist_us']:7.2f} us  group method {row['method_us']:7.2f} us"
-        )
+        second = "current name" if "(old name)" in name else "group method"
+        print(f"{name:34s} dist.* {row['dist_us']:7.2f} us  {second} {row['method_us']:7.2f} us")
     group.communicator = real
     comm.destroy()
     raw.Free()
@@ -378,7 +397,7 @@ def main() -> None:
         return
     gloo, group, comm, raw = setup()
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else SIZES
-    ops = args.ops.split(",") if args.ops else OPS
+    ops = [ALIASES.get(o, o) for o in args.ops.split(",")] if args.ops else OPS
     rounds = 2 if args.quick else args.rounds
     rows = []
     for name in ops:
