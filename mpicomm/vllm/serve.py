@@ -116,6 +116,46 @@ def make_async_llm(engine_args, client):
         EngineCoreClient.make_async_mp_client = original
 
 
+WARM_UP_PROMPT = [0, 1]
+"""Token ids of the warm-up prompt: two tokens, so its prefill is a batch of several tokens and
+its second output token a batch of one (vLLM compiles for each, docs/serving.md)."""
+
+
+async def warm_up(async_llm, vllm_config) -> float | None:
+    """Rank 0, before the server answers: one greedy request of two output tokens per data-parallel
+    replica, through the path a client's request takes; the seconds it took (``None`` for a model
+    that does not generate).
+
+    vLLM compiles some functions with inductor at their first call even in eager mode (the vocabulary
+    mask of its tensor-parallel embedding, once for several tokens and once for one); with an empty
+    inductor cache that takes seconds, which the server's first clients would otherwise wait for.
+    """
+    if vllm_config.model_config.runner_type != "generate":
+        return None
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    replicas = vllm_config.parallel_config.data_parallel_size
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    t0 = time.monotonic()
+
+    async def one(replica: int) -> None:
+        rank = replica if replicas > 1 else None
+        stream = async_llm.generate(
+            TokensPrompt(prompt_token_ids=list(WARM_UP_PROMPT)),
+            params,
+            f"mpicomm-warm-up-{replica}",
+            data_parallel_rank=rank,
+        )
+        async for _ in stream:
+            pass
+
+    await asyncio.gather(*(one(r) for r in range(replicas)))
+    took = time.monotonic() - t0
+    logger.info("warm-up: %d request(s) of 2 tokens in %.1f s", replicas, took)
+    return took
+
+
 async def serve(args, engine_args, client, listen_address: str, sock: socket.socket) -> None:
     """Rank 0: vLLM's app on ``sock`` until SIGTERM/SIGINT or the engine's failure."""
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
@@ -123,6 +163,7 @@ async def serve(args, engine_args, client, listen_address: str, sock: socket.soc
     client.start(asyncio.get_running_loop())
     async_llm = make_async_llm(engine_args, client)
     try:
+        await warm_up(async_llm, client.vllm_config)
         shutdown_task = await build_and_serve(async_llm, listen_address, sock, args)
     finally:
         async_llm.shutdown()

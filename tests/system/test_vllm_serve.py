@@ -290,6 +290,8 @@ def test_tp2_endpoints_answer(tp2, reference):
     assert [m.id for m in client(tp2).models.list().data] == [tp2.model]
     status, metrics = get(tp2.url + "/metrics")
     assert status == 200 and "vllm:num_requests_running" in metrics
+    # the server warmed up before answering (vLLM's first-call compilations: docs/serving.md)
+    assert "warm-up: 1 request(s) of 2 tokens" in tp2.text(), tp2.tail()
 
 
 @pytest.mark.timeout(600)
@@ -417,11 +419,14 @@ def dp2(model):
 
 @pytest.mark.timeout(START_LIMIT + 600)
 def test_dp2_greedy_completions_equal_offline_on_both_replicas(dp2, reference):
+    assert "warm-up: 2 request(s) of 2 tokens" in dp2.text(), dp2.tail()  # one per replica
+    before = engine_counts(get(dp2.url + "/metrics")[1])  # the warm-up's requests
     assert_completions_equal_offline(dp2, reference)
     texts = asyncio.run(streams(dp2, PROMPTS[:8]))
     assert texts == [r["text"] for r in reference["completions"][:8]]
-    counts = engine_counts(get(dp2.url + "/metrics")[1])
-    assert counts.get("0", 0) > 0 and counts.get("1", 0) > 0, counts  # both replicas served
+    after = engine_counts(get(dp2.url + "/metrics")[1])
+    served = {e: after[e] - before.get(e, 0.0) for e in after}
+    assert served.get("0", 0) > 0 and served.get("1", 0) > 0, served  # both replicas served
 
 
 @pytest.mark.timeout(120)
