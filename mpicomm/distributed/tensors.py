@@ -85,9 +85,6 @@ def joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     no lazy conj/neg bit, and lie back to back inside the first one's storage (the chunks of one
     buffer, ``list(buf.chunk(W))``): writing it writes them. ``None`` otherwise."""
     first = plain(tensors[0])
-    whole = _whole_base(first, tensors)
-    if whole is not None:
-        return whole
     dtype, at, total = first.dtype, first.data_ptr(), 0
     for t in tensors:
         if t.dtype != dtype or t.data_ptr() != at or not t.is_contiguous():
@@ -97,29 +94,26 @@ def joined(tensors: list[torch.Tensor]) -> torch.Tensor | None:
         n = t.numel()
         at += n * t.element_size()
         total += n
+    if _is_exactly(first._base, first, total):
+        return first._base  # the buffer they were chunked from: no view to make
     try:
         return first.as_strided((total,), (1,))  # raises past the first one's storage
     except RuntimeError:
         return None
 
 
-def _whole_base(first: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The 1-d buffer ``tensors`` were chunked from (``list(buf.chunk(W))``), itself, when the
-    chunks tile it exactly in order; ``None`` when that is not shown cheaply (:func:`joined` then
-    checks chunk by chunk). Making a view costs more than these checks."""
-    base = first._base
-    if base is None or base.dim() != 1 or base.dtype != first.dtype or base.requires_grad:
-        return None
-    if base.is_neg() or base.is_conj() or not base.is_contiguous():
-        return None
-    at, size = base.data_ptr(), base.element_size()
-    for t in tensors:
-        if t._base is not base or t.dim() != 1 or t.data_ptr() != at or t.stride(0) != 1:
-            return None
-        if t.is_neg() or t.is_conj():  # a chunk of a lazily negated view of the buffer
-            return None
-        at += t.numel() * size
-    return base if at == base.data_ptr() + base.numel() * size else None
+def _is_exactly(base: torch.Tensor | None, first: torch.Tensor, total: int) -> bool:
+    """Whether ``base`` is a plain 1-d tensor of ``first``'s dtype holding exactly the ``total``
+    elements from ``first`` on (cheaper to ask than making a view over them)."""
+    return (
+        base is not None
+        and base.dim() == 1
+        and base.dtype == first.dtype
+        and base.data_ptr() == first.data_ptr()
+        and base.numel() == total
+        and base.is_contiguous()
+        and not (base.requires_grad or base.is_neg() or base.is_conj())
+    )
 
 
 def flat_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
